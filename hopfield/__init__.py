@@ -1,0 +1,26 @@
+"""Hierarchical Hopfield networks: Lagrangian layers, synapses, one energy, continuous dynamics.
+
+    from hopfield import Layer, Network, DenseSynapse, lagrangians as lag
+"""
+
+from . import lagrangians, presets
+from .dynamics import DescentReport, NonFiniteStateError, NotConvergedError, Trajectory, relax, simulate
+from .layers import Layer
+from .network import Network
+from .synapses import DenseSynapse, Synapse
+
+__all__ = [
+    "DenseSynapse",
+    "DescentReport",
+    "Layer",
+    "Network",
+    "NonFiniteStateError",
+    "NotConvergedError",
+    "Synapse",
+    "Trajectory",
+    "lagrangians",
+    "presets",
+    "relax",
+    "simulate",
+]
+__version__ = "0.1.0"

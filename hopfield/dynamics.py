@@ -1,0 +1,256 @@
+"""Continuous-time dynamics with energy tracking, integrated by torchdiffeq.
+
+``simulate`` solves tau_A dx_A/dt = I_A(g) - x_A with any torchdiffeq method (adaptive, fixed-grid,
+``scipy_solver`` for stiff problems via Radau/BDF/LSODA, optionally the adjoint method) and returns a
+``Trajectory`` with the energy at every output time and a descent report. ``relax`` integrates until
+the network reaches a fixed point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torchdiffeq
+from torch import Tensor, nn
+
+from .network import Network, State
+
+__all__ = ["DescentReport", "NonFiniteStateError", "NotConvergedError", "Trajectory", "relax", "simulate"]
+
+
+def _solver_names() -> list[str]:
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        return sorted(SOLVERS)
+    except ImportError:  # layout changed: let torchdiffeq validate
+        return []
+
+
+ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5", "scipy_solver"}
+
+
+class NonFiniteStateError(FloatingPointError):
+    """A layer's state became NaN or infinite during a simulation."""
+
+    def __init__(self, layer: str, time: float):
+        self.layer, self.time = layer, time
+        super().__init__(
+            f"non-finite state in layer {layer!r} at t={time:.6g}: the dynamics diverged "
+            "(check the weights' scale, the time constants and the solver's step size)"
+        )
+
+
+class NotConvergedError(RuntimeError):
+    """``relax`` did not reach its tolerance; ``.state`` holds where it stopped."""
+
+    def __init__(self, msg: str, state: State, residual: float):
+        super().__init__(msg)
+        self.state, self.residual = state, residual
+
+
+class _Field(nn.Module):
+    """torchdiffeq's f(t, y) over a tuple of layer states; counts evaluations, checks finiteness."""
+
+    def __init__(self, net: Network, inputs: dict, clamped: tuple, check_finite: bool):
+        super().__init__()
+        self.net = net
+        self.names = list(net.layers)
+        self.inputs, self.clamped, self.check_finite = inputs, clamped, check_finite
+        self.nfe = 0
+
+    def state(self, y: tuple[Tensor, ...]) -> State:
+        return dict(zip(self.names, y))
+
+    def check(self, t, y) -> None:
+        # one cheap reduction per layer; the exact test runs only when the sum is not finite
+        for n, x in zip(self.names, y):
+            if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+                raise NonFiniteStateError(n, float(t))
+
+    def forward(self, t, y):
+        self.nfe += 1
+        if self.check_finite:
+            self.check(t, y)
+        dx = self.net._vector_field(self.state(y), self.inputs, self.clamped)
+        return tuple(dx[n] for n in self.names)
+
+
+@dataclass
+class DescentReport:
+    """Largest energy increase between consecutive outputs, absolute and relative to |E| there."""
+
+    max_rise: float
+    max_rise_rel: float
+    time: float
+    sample: int
+    tolerance: float
+    guaranteed: bool
+    caveats: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no relative rise exceeds ``tolerance``."""
+        return self.max_rise_rel <= self.tolerance
+
+    def __str__(self) -> str:
+        if self.max_rise <= 0:
+            head = "energy never rose"
+        else:
+            head = (f"largest energy rise {self.max_rise:.3g} ({self.max_rise_rel:.3g} relative) "
+                    f"at t={self.time:.4g}, sample {self.sample}")
+        verdict = "within" if self.ok else "BEYOND"
+        lines = [f"{head}; {verdict} tolerance {self.tolerance:.1g}"]
+        lines.append("descent guaranteed (symmetric synapses, convex Lagrangians)" if self.guaranteed
+                     else "descent NOT guaranteed:")
+        lines += [f"  - {c}" for c in self.caveats]
+        return "\n".join(lines)
+
+
+def descent_report(energy: Tensor, t: Tensor, tolerance: float, net: Network) -> DescentReport:
+    e = energy.detach().double()
+    if e.shape[0] < 2:
+        rise = rel = torch.zeros(1, *e.shape[1:], dtype=e.dtype)
+    else:
+        rise = e[1:] - e[:-1]
+        rel = rise / e[:-1].abs().clamp_min(torch.finfo(e.dtype).tiny)
+    k = int(rel.argmax())
+    step, sample = divmod(k, rel.shape[1]) if rel.ndim == 2 else (k, 0)
+    return DescentReport(
+        max_rise=float(rise.max()), max_rise_rel=max(float(rel.max()), 0.0),
+        time=float(t[min(step + 1, len(t) - 1)]), sample=sample, tolerance=tolerance,
+        guaranteed=net.descent_guaranteed, caveats=net.descent_caveats(),
+    )
+
+
+@dataclass
+class Trajectory:
+    """A solution: output times ``t`` (T,), ``states`` per layer (T, batch, *shape), ``energy`` (T, batch)."""
+
+    t: Tensor
+    states: State
+    energy: Tensor | None
+    nfe: int
+    method: str
+    descent: DescentReport | None
+
+    def final(self) -> State:
+        return {n: s[-1] for n, s in self.states.items()}
+
+    def table(self, rows: int = 11) -> str:
+        """Energy over time: mean, min and max over the batch, at up to ``rows`` output times."""
+        if self.energy is None:
+            raise ValueError("this trajectory was simulated with track_energy=False")
+        idx = torch.linspace(0, len(self.t) - 1, min(rows, len(self.t))).round().long().unique()
+        lines = [f"{'t':>10}  {'E mean':>14}  {'E min':>14}  {'E max':>14}"]
+        for i in idx.tolist():
+            e = self.energy[i].detach().double()
+            lines.append(f"{float(self.t[i]):>10.4g}  {float(e.mean()):>14.7g}  {float(e.min()):>14.7g}  "
+                         f"{float(e.max()):>14.7g}")
+        return "\n".join(lines)
+
+    def plot(self, path, title: str | None = None):
+        """Save a PNG of energy against time (and of E - E_final on a log scale); returns the path."""
+        from .plot import plot_energy
+
+        return plot_energy(self, path, title=title)
+
+
+def _check_method(method: str) -> None:
+    names = _solver_names()
+    if names and method not in names:
+        raise ValueError(f"unknown solver {method!r}; torchdiffeq offers {names}")
+
+
+def _odeint(func, y0, t, *, method, rtol, atol, options, adjoint, adjoint_options):
+    kw = dict(rtol=rtol, atol=atol, method=method, options=options)
+    if adjoint:
+        params = tuple(p for p in func.parameters() if p.requires_grad)
+        params += tuple(i for i in func.inputs.values() if i.requires_grad)
+        return torchdiffeq.odeint_adjoint(func, y0, t, adjoint_params=params, **kw, **(adjoint_options or {}))
+    return torchdiffeq.odeint(func, y0, t, **kw)
+
+
+def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: str = "dopri5",
+             rtol: float = 1e-7, atol: float = 1e-9, options: dict | None = None, adjoint: bool = False,
+             adjoint_options: dict | None = None, inputs: Mapping[str, Tensor] | None = None,
+             clamped: Iterable[str] = (), track_energy: bool = True, check_finite: bool = True,
+             descent_tol: float | None = None) -> Trajectory:
+    """Integrate tau_A dx_A/dt = I_A - x_A from ``state`` over the output times ``t`` (1-D, increasing).
+
+    ``method``/``rtol``/``atol``/``options`` go to ``torchdiffeq.odeint`` (``adjoint=True``: to
+    ``odeint_adjoint``, O(1) memory in the number of steps, gradients w.r.t. the network's parameters and
+    any input currents that require grad). For stiff time-constant ratios use
+    ``method="scipy_solver", options={"solver": "Radau"}`` (or "BDF", "LSODA"), which has no gradient.
+    ``inputs`` are constant external currents per layer; ``clamped`` layers are held at their initial
+    state. With ``track_energy`` the energy is evaluated at every output time and the descent report
+    compares consecutive values with ``descent_tol`` (default max(10 rtol, 100 eps) for adaptive
+    methods, 1e-6 for fixed grids, relative to |E|).
+    """
+    net.check_state(state)
+    inputs, clamped = net._check_inputs(inputs, clamped)
+    _check_method(method)
+    t = torch.as_tensor(t)
+    if t.ndim != 1 or len(t) < 1 or (len(t) > 1 and not bool((t[1:] > t[:-1]).all())):
+        raise ValueError("t must be a 1-D tensor of strictly increasing output times")
+    names = list(net.layers)
+    y0 = tuple(state[n] for n in names)
+    t = t.to(device=y0[0].device, dtype=y0[0].dtype if y0[0].is_floating_point() else torch.float64)
+    func = _Field(net, inputs, clamped, check_finite)
+    ys = _odeint(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, adjoint=adjoint,
+                 adjoint_options=adjoint_options)
+    states = dict(zip(names, ys))
+    if check_finite:  # the solver may stop on a non-finite step before evaluating it
+        for k in range(len(t)):
+            func.check(t[k], tuple(s[k] for s in ys))
+    energy = report = None
+    if track_energy:
+        energy = torch.stack([net.energy({n: s[k] for n, s in states.items()}, inputs) for k in range(len(t))])
+        if descent_tol is None:
+            eps = torch.finfo(energy.dtype).eps
+            descent_tol = max(10 * rtol, 100 * eps) if method in ADAPTIVE else 1e-6
+        report = descent_report(energy, t, descent_tol, net)
+    return Trajectory(t=t, states=states, energy=energy, nfe=func.nfe, method=method, descent=report)
+
+
+def _max_speed(func: _Field, y) -> float:
+    dx = func(0.0, y)
+    return float(torch.stack([d.abs().amax() for d in dx]).amax())
+
+
+def relax(net: Network, state: Mapping[str, Tensor], tol: float = 1e-6, *, t_max: float = 1e4,
+          method: str = "dopri5", rtol: float = 1e-7, atol: float = 1e-9, options: dict | None = None,
+          inputs: Mapping[str, Tensor] | None = None, clamped: Iterable[str] = ()) -> State:
+    """Integrate until every unit's |dx/dt| < ``tol`` and return that state (a fixed point to ``tol``).
+
+    Integrates over horizons that double (starting at the largest tau) and checks max |dx/dt| after each;
+    raises ``NotConvergedError`` (carrying the state reached) if ``t_max`` comes first, as it does for
+    networks that oscillate. Runs without autograd: the fixed point is returned detached (differentiate
+    through ``simulate`` instead). Any torchdiffeq method works, e.g. ``"scipy_solver"`` with
+    ``options={"solver": "Radau"}`` for small stiff networks.
+    """
+    net.check_state(state)
+    inputs, clamped = net._check_inputs(inputs, clamped)
+    _check_method(method)
+    if not tol > 0:
+        raise ValueError(f"relax: tol must be > 0, got {tol}")
+    names = list(net.layers)
+    func = _Field(net, inputs, clamped, check_finite=True)
+    with torch.no_grad():
+        y = tuple(state[n].detach() for n in names)
+        t, horizon = 0.0, max(layer.tau for layer in net.layers.values())
+        speed = _max_speed(func, y)
+        while not speed < tol:
+            if t >= t_max:
+                raise NotConvergedError(
+                    f"relax: max |dx/dt| = {speed:.3g} > tol = {tol:g} at t_max = {t_max:g}; the network may "
+                    "oscillate (asymmetric synapses) or relax slower than t_max", dict(zip(names, y)), speed)
+            t_next = min(t + horizon, t_max)
+            grid = torch.tensor([t, t_next], dtype=torch.float64)
+            y = tuple(s[-1] for s in _odeint(func, y, grid, method=method, rtol=rtol, atol=atol,
+                                             options=options, adjoint=False, adjoint_options=None))
+            t, horizon = t_next, 2 * horizon
+            speed = _max_speed(func, y)
+    return dict(zip(names, y))

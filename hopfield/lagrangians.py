@@ -1,0 +1,453 @@
+"""Lagrangians L(x) of neuron layers and their activations g = dL/dx in closed form.
+
+A Lagrangian maps a batched state x of shape (batch, *shape) to one value per sample, shape (batch,),
+summing over every non-batch element. ``axis`` arguments index the layer's own shape (not the batch
+axis): ``axis=-1`` is the last (channel) axis, ``axis=-2`` the token axis of a token x channel state, and
+a non-negative axis ``k`` means axis ``k`` of the layer shape (axis ``k + 1`` of the batched tensor).
+
+Each Lagrangian says whether its Hessian is positive semi-definite everywhere (``convex``), which the
+energy-descent theorem needs (Krotov 2021, Eq. 18); when it is not, ``caveat`` says where it fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Lagrangian",
+    "exp",
+    "gelu",
+    "identity",
+    "layernorm",
+    "relu",
+    "repu",
+    "sigmoid",
+    "softmax",
+    "spherical",
+    "symbolic",
+    "tanh",
+]
+
+Axis = int | Sequence[int]
+
+
+def _sum_per_sample(v: Tensor) -> Tensor:
+    return v.reshape(v.shape[0], -1).sum(-1)
+
+
+def _batched_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+    """Map layer-shape axes to axes of the batched tensor of rank ``ndim`` (batch axis first)."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    rank = ndim - 1
+    out = []
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ValueError(f"axis {a} is out of range for a layer state of rank {rank}")
+        out.append(a + ndim if a < 0 else a + 1)
+    if len(set(out)) != len(out):
+        raise ValueError(f"repeated axis in {axis}")
+    return tuple(sorted(out))
+
+
+class Lagrangian:
+    """Base class. Subclasses implement ``__call__`` (per-sample L) and ``activation`` (dL/dx).
+
+    ``hvp(x, v)`` is the Hessian-vector product d^2L/dx^2 . v, by forward-mode differentiation of the
+    closed-form activation unless a subclass gives it in closed form (separable Lagrangians do).
+    """
+
+    name: str = "lagrangian"
+    convex: bool = True
+    caveat: str | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def activation(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def hvp(self, x: Tensor, v: Tensor) -> Tensor:
+        return torch.func.jvp(self.activation, (x,), (v,))[1]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class _Separable(Lagrangian):
+    """L(x) = sum_i phi(x_i): activation phi'(x), diagonal Hessian phi''(x)."""
+
+    def phi(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def curvature(self, x: Tensor) -> Tensor:
+        """phi''(x), the diagonal of the Hessian."""
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _sum_per_sample(self.phi(x))
+
+    def hvp(self, x: Tensor, v: Tensor) -> Tensor:
+        return self.curvature(x) * v
+
+
+class _Identity(_Separable):
+    name = "identity()"
+
+    def phi(self, x):
+        return 0.5 * x * x
+
+    def activation(self, x):
+        return x
+
+    def curvature(self, x):
+        return torch.ones_like(x)
+
+
+class _RePU(_Separable):
+    def __init__(self, n: float):
+        if not n > 1:
+            raise ValueError(f"repu(n) needs n > 1 for a differentiable activation, got n={n}")
+        self.n = float(n)
+        self.name = "relu()" if n == 2 else f"repu({n:g})"
+
+    def phi(self, x):
+        return torch.relu(x) ** self.n / self.n
+
+    def activation(self, x):
+        r = torch.relu(x)
+        return r if self.n == 2 else r ** (self.n - 1)
+
+    def curvature(self, x):
+        if self.n == 2:
+            return (x > 0).to(x.dtype)
+        return (self.n - 1) * torch.relu(x) ** (self.n - 2) * (x > 0)
+
+
+class _Exp(_Separable):
+    def __init__(self, beta: float):
+        if not beta > 0:
+            raise ValueError(f"exp(beta) needs beta > 0, got {beta}")
+        self.beta = float(beta)
+        self.name = f"exp(beta={beta:g})"
+
+    def phi(self, x):
+        return torch.exp(self.beta * x) / self.beta
+
+    def activation(self, x):
+        return torch.exp(self.beta * x)
+
+    def curvature(self, x):
+        return self.beta * torch.exp(self.beta * x)
+
+
+class _Tanh(_Separable):
+    def __init__(self, beta: float):
+        if not beta > 0:
+            raise ValueError(f"tanh(beta) needs beta > 0, got {beta}")
+        self.beta = float(beta)
+        self.name = "tanh()" if beta == 1 else f"tanh(beta={beta:g})"
+
+    def phi(self, x):
+        # log cosh(b x) / b, overflow-free: |y| + log1p(exp(-2|y|)) - log 2
+        y = (self.beta * x).abs()
+        return (y + F.softplus(-2 * y) - math.log(2.0)) / self.beta
+
+    def activation(self, x):
+        return torch.tanh(self.beta * x)
+
+    def curvature(self, x):
+        return self.beta * (1 - torch.tanh(self.beta * x) ** 2)
+
+
+class _Sigmoid(_Separable):
+    def __init__(self, beta: float):
+        if not beta > 0:
+            raise ValueError(f"sigmoid(beta) needs beta > 0, got {beta}")
+        self.beta = float(beta)
+        self.name = "sigmoid()" if beta == 1 else f"sigmoid(beta={beta:g})"
+
+    def phi(self, x):
+        return F.softplus(self.beta * x) / self.beta
+
+    def activation(self, x):
+        return torch.sigmoid(self.beta * x)
+
+    def curvature(self, x):
+        s = torch.sigmoid(self.beta * x)
+        return self.beta * s * (1 - s)
+
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_SQRT2_PI = math.sqrt(2.0 / math.pi)
+
+
+class _GELU(_Separable):
+    """Phi(x) = 1/4 (x^2 + (x^2 - 1) erf(x/sqrt2) + x sqrt(2/pi) exp(-x^2/2)), Phi' = exact GELU."""
+
+    name = "gelu()"
+    convex = False
+    caveat = (
+        "gelu(): the Hessian GELU'(x) is negative for x < -0.7518, so energy descent is not guaranteed "
+        "once a unit of that layer goes below it"
+    )
+
+    def phi(self, x):
+        gauss = _SQRT2_PI * torch.exp(-0.5 * x * x)
+        x2 = x * x
+        # For x < 0 write erf = erfc(-x/sqrt2) - 1 so that the tail does not cancel catastrophically.
+        pos = x2 + (x2 - 1) * torch.erf(x * _SQRT1_2)
+        neg = 1 + (x2 - 1) * torch.erfc(-x * _SQRT1_2)
+        return 0.25 * (torch.where(x >= 0, pos, neg) + x * gauss)
+
+    def activation(self, x):
+        return F.gelu(x)
+
+    def curvature(self, x):
+        cdf = 0.5 * torch.erfc(-x * _SQRT1_2)
+        pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return cdf + x * pdf
+
+
+class _Softmax(Lagrangian):
+    """L = (1/beta) sum logsumexp(beta x, axis): activation softmax(beta x, axis)."""
+
+    def __init__(self, beta: float, axis: Axis):
+        if not beta > 0:
+            raise ValueError(f"softmax(beta, axis) needs beta > 0, got {beta}")
+        self.beta, self.axis = float(beta), axis
+        self.name = f"softmax(beta={beta:g}, axis={axis})"
+
+    def __call__(self, x):
+        dims = _batched_axes(self.axis, x.ndim)
+        return _sum_per_sample(torch.logsumexp(self.beta * x, dim=dims)) / self.beta
+
+    def activation(self, x):
+        dims = _batched_axes(self.axis, x.ndim)
+        if len(dims) == 1:
+            return torch.softmax(self.beta * x, dim=dims[0])
+        z = self.beta * x
+        return torch.exp(z - torch.logsumexp(z, dim=dims, keepdim=True))
+
+    def hvp(self, x, v):
+        dims = _batched_axes(self.axis, x.ndim)
+        p = self.activation(x)
+        return self.beta * p * (v - (p * v).sum(dims, keepdim=True))
+
+
+def _as_tensor_like(value, x: Tensor) -> Tensor | float:
+    return value.to(dtype=x.dtype, device=x.device) if isinstance(value, Tensor) else value
+
+
+class _LayerNorm(Lagrangian):
+    """L = sum over groups of D gamma sqrt(Var(x) + eps) + sum delta x, D = number of normalised units.
+
+    Activation: gamma (x - mean) / sqrt(Var + eps) + delta, LayerNorm with a scalar gain (Energy
+    Transformer / HAMUX convention). The Hessian has the zero mode x - mean (iMixer Eq. 13).
+    """
+
+    def __init__(self, gamma: float, delta, axis: Axis, eps: float):
+        if isinstance(gamma, Tensor) and gamma.numel() != 1:
+            raise ValueError(
+                "layernorm(gamma=...) must be a scalar: a per-unit gain is not the gradient of any "
+                "Lagrangian of this form; fold it into the adjacent synapse instead"
+            )
+        gamma = float(gamma)
+        if not gamma >= 0:
+            raise ValueError(f"layernorm(gamma) needs gamma >= 0 for a convex Lagrangian, got {gamma}")
+        if not eps > 0:
+            raise ValueError(f"layernorm(eps) needs eps > 0, got {eps}")
+        self.gamma, self.delta, self.axis, self.eps = gamma, delta, axis, float(eps)
+        self.name = f"layernorm(gamma={gamma:g}, axis={axis}, eps={eps:g})"
+
+    def _std(self, x, dims):
+        return torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + self.eps)
+
+    def __call__(self, x):
+        dims = _batched_axes(self.axis, x.ndim)
+        d = math.prod(x.shape[i] for i in dims)
+        out = _sum_per_sample(d * self.gamma * self._std(x, dims))
+        if self._has_delta():
+            out = out + _sum_per_sample(_as_tensor_like(self.delta, x) * x)
+        return out
+
+    def _has_delta(self) -> bool:
+        return isinstance(self.delta, Tensor) or self.delta != 0
+
+    def activation(self, x):
+        dims = _batched_axes(self.axis, x.ndim)
+        trailing = dims == tuple(range(x.ndim - len(dims), x.ndim))
+        if trailing:  # fused kernel
+            g = F.layer_norm(x, x.shape[dims[0]:], eps=self.eps)
+        else:
+            g = (x - x.mean(dim=dims, keepdim=True)) / self._std(x, dims)
+        if self.gamma != 1.0:
+            g = self.gamma * g
+        if self._has_delta():
+            g = g + _as_tensor_like(self.delta, x)
+        return g
+
+    def hvp(self, x, v):
+        # H v = gamma/s (P v - n (n . P v)/D), n = normalised x, P = centring, s = sqrt(Var + eps)
+        dims = _batched_axes(self.axis, x.ndim)
+        d = math.prod(x.shape[i] for i in dims)
+        s = self._std(x, dims)
+        n = (x - x.mean(dim=dims, keepdim=True)) / s
+        pv = v - v.mean(dim=dims, keepdim=True)
+        return self.gamma / s * (pv - n * (n * pv).sum(dims, keepdim=True) / d)
+
+
+class _Spherical(Lagrangian):
+    """L = gamma sqrt(sum x^2 + eps) + sum delta x over each group: activation gamma x / ||x||_eps + delta."""
+
+    def __init__(self, gamma: float, delta, axis: Axis, eps: float):
+        gamma = float(gamma)
+        if not gamma >= 0:
+            raise ValueError(f"spherical(gamma) needs gamma >= 0 for a convex Lagrangian, got {gamma}")
+        if not eps > 0:
+            raise ValueError(f"spherical(eps) needs eps > 0, got {eps}")
+        self.gamma, self.delta, self.axis, self.eps = gamma, delta, axis, float(eps)
+        self.name = f"spherical(gamma={gamma:g}, axis={axis}, eps={eps:g})"
+
+    def _norm(self, x, dims):
+        return torch.sqrt((x * x).sum(dim=dims, keepdim=True) + self.eps)
+
+    def __call__(self, x):
+        dims = _batched_axes(self.axis, x.ndim)
+        out = _sum_per_sample(self.gamma * self._norm(x, dims))
+        if isinstance(self.delta, Tensor) or self.delta != 0:
+            out = out + _sum_per_sample(_as_tensor_like(self.delta, x) * x)
+        return out
+
+    def activation(self, x):
+        dims = _batched_axes(self.axis, x.ndim)
+        g = self.gamma * x / self._norm(x, dims)
+        if isinstance(self.delta, Tensor) or self.delta != 0:
+            g = g + _as_tensor_like(self.delta, x)
+        return g
+
+    def hvp(self, x, v):
+        dims = _batched_axes(self.axis, x.ndim)
+        r = self._norm(x, dims)
+        return self.gamma / r * (v - x * (x * v).sum(dims, keepdim=True) / r**2)
+
+
+class _Symbolic(_Separable):
+    """Separable Lagrangian from a sympy expression phi(x): phi' and phi'' by sympy, lambdified to torch."""
+
+    def __init__(self, expr, symbol: sympy.Symbol | None, name: str | None, convex: bool | None):
+        expr = sympy.sympify(expr)
+        free = sorted(expr.free_symbols, key=str)
+        if symbol is None:
+            if len(free) != 1:
+                raise ValueError(
+                    f"symbolic({expr}): give `symbol=` - the expression must have exactly one free symbol, "
+                    f"found {[str(s) for s in free]}"
+                )
+            symbol = free[0]
+        elif set(free) - {symbol}:
+            raise ValueError(f"symbolic({expr}): free symbols other than {symbol}: {set(free) - {symbol}}")
+        self.expr, self.symbol = expr, symbol
+        self.d1 = sympy.simplify(sympy.diff(expr, symbol))
+        self.d2 = sympy.simplify(sympy.diff(expr, symbol, 2))
+        self._phi, self._d1, self._d2 = (self._lambdify(e) for e in (expr, self.d1, self.d2))
+        self.name = name or f"symbolic({expr})"
+        self.convex = self._decide_convexity() if convex is None else bool(convex)
+        if not self.convex:
+            self.caveat = f"{self.name}: phi''(x) = {self.d2} takes negative values, descent not guaranteed"
+
+    def _lambdify(self, e) -> Callable[[Tensor], Tensor]:
+        f = sympy.lambdify(self.symbol, e, modules="torch")
+
+        def call(x: Tensor) -> Tensor:
+            out = f(x)
+            return out.expand_as(x) if isinstance(out, Tensor) else torch.full_like(x, float(out))
+
+        return call
+
+    def _decide_convexity(self) -> bool:
+        """phi'' >= 0 by sympy where it can decide, else on a dense float64 grid over [-50, 50]."""
+        try:
+            negative = sympy.solveset(self.d2 < 0, self.symbol, domain=sympy.S.Reals)
+            return negative is sympy.S.EmptySet
+        except (NotImplementedError, TypeError, ValueError):
+            grid = torch.linspace(-50, 50, 200_001, dtype=torch.float64)
+            return bool((self._d2(grid) >= -1e-12).all())
+
+    def phi(self, x):
+        return self._phi(x)
+
+    def activation(self, x):
+        return self._d1(x)
+
+    def curvature(self, x):
+        return self._d2(x)
+
+
+def identity() -> Lagrangian:
+    """L = 1/2 sum x^2, g = x."""
+    return _Identity()
+
+
+def relu() -> Lagrangian:
+    """L = 1/2 sum relu(x)^2, g = relu(x)."""
+    return _RePU(2)
+
+
+def repu(n: float) -> Lagrangian:
+    """L = 1/n sum relu(x)^n, g = relu(x)^(n-1) (rectified polynomial, Krotov & Hopfield 2016)."""
+    return _RePU(n)
+
+
+def exp(beta: float = 1.0) -> Lagrangian:
+    """L = 1/beta sum exp(beta x), g = exp(beta x)."""
+    return _Exp(beta)
+
+
+def tanh(beta: float = 1.0) -> Lagrangian:
+    """L = 1/beta sum log cosh(beta x), g = tanh(beta x)."""
+    return _Tanh(beta)
+
+
+def sigmoid(beta: float = 1.0) -> Lagrangian:
+    """L = 1/beta sum softplus(beta x), g = sigmoid(beta x)."""
+    return _Sigmoid(beta)
+
+
+def softmax(beta: float = 1.0, axis: Axis = -1) -> Lagrangian:
+    """L = 1/beta sum logsumexp(beta x, axis), g = softmax(beta x, axis)."""
+    return _Softmax(beta, axis)
+
+
+def layernorm(gamma: float = 1.0, delta=0.0, axis: Axis = -1, eps: float = 1e-5) -> Lagrangian:
+    """L = D gamma sqrt(Var(x) + eps) + sum delta x per group, g = gamma (x - mean)/sqrt(Var + eps) + delta.
+
+    ``gamma`` is a scalar; ``axis`` an int or a tuple of axes (e.g. ``(-2, -1)`` normalises the whole
+    token x channel matrix); ``delta`` a float or a tensor broadcastable to the layer shape.
+    """
+    return _LayerNorm(gamma, delta, axis, eps)
+
+
+def spherical(gamma: float = 1.0, axis: Axis = -1, eps: float = 1e-5, delta=0.0) -> Lagrangian:
+    """L = gamma sqrt(sum x^2 + eps) + sum delta x per group, g = gamma x / sqrt(sum x^2 + eps) + delta."""
+    return _Spherical(gamma, delta, axis, eps)
+
+
+def gelu() -> Lagrangian:
+    """L = sum Phi(x) with Phi' = exact (erf) GELU; not convex: GELU' < 0 below x = -0.7518."""
+    return _GELU()
+
+
+def symbolic(expr, symbol=None, *, name: str | None = None, convex: bool | None = None) -> Lagrangian:
+    """Separable L = sum phi(x) from a sympy expression (or a string sympy can parse) in one symbol.
+
+    Activation phi' and curvature phi'' are derived by sympy and lambdified to torch. Convexity is
+    decided by sympy (phi'' < 0 has no real solution) or, if sympy cannot decide, on a dense grid;
+    pass ``convex=`` to state it yourself.
+    """
+    return _Symbolic(expr, symbol, name, convex)

@@ -1,0 +1,60 @@
+"""A neuron layer: a state shape, a Lagrangian and a time constant."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .lagrangians import Lagrangian
+
+__all__ = ["Layer"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Neurons x of shape ``shape`` (per sample) with Lagrangian L and time constant tau.
+
+    Their activation is g = dL/dx and their own energy the Legendre term <x, g> - L(x)
+    (Krotov 2021, Eq. 17).
+    """
+
+    shape: tuple[int, ...]
+    lagrangian: Lagrangian
+    tau: float = 1.0
+
+    def __post_init__(self):
+        shape = (self.shape,) if isinstance(self.shape, int) else tuple(self.shape)
+        if not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+            raise ValueError(f"Layer shape must be a non-empty tuple of positive ints, got {self.shape!r}")
+        if not isinstance(self.lagrangian, Lagrangian):
+            raise TypeError(
+                f"Layer lagrangian must be a hopfield.lagrangians.Lagrangian, got {type(self.lagrangian).__name__}"
+            )
+        tau = float(self.tau)
+        if not (math.isfinite(tau) and tau > 0):
+            raise ValueError(f"Layer tau must be finite and > 0, got {self.tau!r}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "tau", tau)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def activation(self, x: Tensor) -> Tensor:
+        return self.lagrangian.activation(x)
+
+    def energy(self, x: Tensor, g: Tensor | None = None) -> Tensor:
+        """Legendre energy <x, g> - L(x) per sample, shape (batch,)."""
+        g = self.activation(x) if g is None else g
+        return (x * g).reshape(x.shape[0], -1).sum(-1) - self.lagrangian(x)
+
+    def init(self, batch: int, *, scale: float = 1.0, generator: torch.Generator | None = None,
+             dtype: torch.dtype | None = None, device=None) -> Tensor:
+        """A state of shape (batch, *shape): ``scale`` * N(0, 1) draws (zeros when scale == 0)."""
+        shape = (batch, *self.shape)
+        if scale == 0:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return scale * torch.randn(shape, generator=generator, dtype=dtype, device=device)

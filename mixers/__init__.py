@@ -1,0 +1,1 @@
+"""mixers package."""
