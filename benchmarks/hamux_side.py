@@ -224,22 +224,31 @@ def _machine_busy_seconds():
 
 def time_best(fn, *args, repeats=3, inner=1):
     """Time `repeats` runs of `inner` calls each (the caller has warmed up). Returns a dict with the best
-    wall time, every repeat's wall time, the cores this process kept busy (its CPU time over wall time)
-    and the cores other processes on the machine kept busy meanwhile (a shared machine skews timings)."""
-    walls = []
-    wall0, cpu0, busy0 = time.perf_counter(), _cpu_seconds(), _machine_busy_seconds()
+    wall time and, for every repeat, its wall time, the cores this process kept busy (its CPU time over
+    wall time) and the cores other processes on the machine kept busy meanwhile (a shared machine skews
+    timings); cpu_util and other_processes_cores are those of the best repeat."""
+    walls, owns, others = [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, cpu0, busy0 = time.perf_counter(), _cpu_seconds(), _machine_busy_seconds()
         for _ in range(inner):
             out = fn(*args)
         _block(out)
-        walls.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        own = (_cpu_seconds() - cpu0) / wall
+        busy1 = _machine_busy_seconds()
+        walls.append(wall)
+        owns.append(own)
+        others.append(None if busy0 is None or busy1 is None else max((busy1 - busy0) / wall - own, 0.0))
         del out
-    elapsed = max(time.perf_counter() - wall0, 1e-12)
-    own = (_cpu_seconds() - cpu0) / elapsed
-    busy1 = _machine_busy_seconds()
-    other = None if busy0 is None or busy1 is None else max((busy1 - busy0) / elapsed - own, 0.0)
-    return {"best_s": min(walls), "repeats_s": walls, "cpu_util": own, "other_processes_cores": other}
+    i = min(range(repeats), key=walls.__getitem__)
+    return {
+        "best_s": walls[i],
+        "cpu_util": owns[i],
+        "other_processes_cores": others[i],
+        "repeats_s": walls,
+        "cpu_util_per_repeat": owns,
+        "other_processes_cores_per_repeat": others,
+    }
 
 
 def _load_str(tm) -> str:

@@ -4,7 +4,15 @@
 """
 
 from . import lagrangians, presets
-from .dynamics import DescentReport, NonFiniteStateError, NotConvergedError, Trajectory, relax, simulate
+from .dynamics import (
+    DescentReport,
+    NonFiniteStateError,
+    NotConvergedError,
+    StepUnderflowError,
+    Trajectory,
+    relax,
+    simulate,
+)
 from .layers import Layer
 from .network import Network
 from .synapses import DenseSynapse, Synapse
@@ -16,6 +24,7 @@ __all__ = [
     "Network",
     "NonFiniteStateError",
     "NotConvergedError",
+    "StepUnderflowError",
     "Synapse",
     "Trajectory",
     "lagrangians",

@@ -8,6 +8,7 @@ the network reaches a fixed point.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -17,7 +18,15 @@ from torch import Tensor, nn
 
 from .network import Network, State
 
-__all__ = ["DescentReport", "NonFiniteStateError", "NotConvergedError", "Trajectory", "relax", "simulate"]
+__all__ = [
+    "DescentReport",
+    "NonFiniteStateError",
+    "NotConvergedError",
+    "StepUnderflowError",
+    "Trajectory",
+    "relax",
+    "simulate",
+]
 
 
 def _solver_names() -> list[str]:
@@ -43,6 +52,19 @@ class NonFiniteStateError(FloatingPointError):
         )
 
 
+class StepUnderflowError(FloatingPointError):
+    """The adaptive solver's step size underflowed: the state blows up (finite time) or is too stiff."""
+
+    def __init__(self, time: float, sizes: dict[str, float]):
+        self.time, self.sizes = time, sizes
+        worst = max(sizes, key=sizes.get)
+        self.layer = worst
+        super().__init__(
+            f"the solver's step size underflowed at t={time:.6g}; largest |x| is {sizes[worst]:.3g} in layer "
+            f"{worst!r}: the state is blowing up (an energy unbounded below) or the problem is too stiff for "
+            "this method (try method='scipy_solver', options={'solver': 'Radau'})")
+
+
 class NotConvergedError(RuntimeError):
     """``relax`` did not reach its tolerance; ``.state`` holds where it stopped."""
 
@@ -60,6 +82,7 @@ class _Field(nn.Module):
         self.names = list(net.layers)
         self.inputs, self.clamped, self.check_finite = inputs, clamped, check_finite
         self.nfe = 0
+        self.last = (0.0, ())  # time and states of the latest evaluation, for error messages
 
     def state(self, y: tuple[Tensor, ...]) -> State:
         return dict(zip(self.names, y))
@@ -72,6 +95,7 @@ class _Field(nn.Module):
 
     def forward(self, t, y):
         self.nfe += 1
+        self.last = (t, y)
         if self.check_finite:
             self.check(t, y)
         dx = self.net._vector_field(self.state(y), self.inputs, self.clamped)
@@ -96,7 +120,9 @@ class DescentReport:
         return self.max_rise_rel <= self.tolerance
 
     def __str__(self) -> str:
-        if self.max_rise <= 0:
+        if math.isnan(self.max_rise):
+            head = "the energy became non-finite (overflow): is it bounded below?"
+        elif self.max_rise <= 0:
             head = "energy never rose"
         else:
             head = (f"largest energy rise {self.max_rise:.3g} ({self.max_rise_rel:.3g} relative) "
@@ -166,11 +192,18 @@ def _check_method(method: str) -> None:
 
 def _odeint(func, y0, t, *, method, rtol, atol, options, adjoint, adjoint_options):
     kw = dict(rtol=rtol, atol=atol, method=method, options=options)
-    if adjoint:
-        params = tuple(p for p in func.parameters() if p.requires_grad)
-        params += tuple(i for i in func.inputs.values() if i.requires_grad)
-        return torchdiffeq.odeint_adjoint(func, y0, t, adjoint_params=params, **kw, **(adjoint_options or {}))
-    return torchdiffeq.odeint(func, y0, t, **kw)
+    try:
+        if adjoint:
+            params = tuple(p for p in func.parameters() if p.requires_grad)
+            params += tuple(i for i in func.inputs.values() if i.requires_grad)
+            return torchdiffeq.odeint_adjoint(func, y0, t, adjoint_params=params, **kw, **(adjoint_options or {}))
+        return torchdiffeq.odeint(func, y0, t, **kw)
+    except AssertionError as err:
+        if "underflow in dt" not in str(err):
+            raise
+        t_last, y_last = func.last
+        sizes = {n: float(x.detach().abs().max()) for n, x in zip(func.names, y_last)}
+        raise StepUnderflowError(float(t_last), sizes) from err
 
 
 def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: str = "dopri5",
@@ -202,6 +235,8 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
     ys = _odeint(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, adjoint=adjoint,
                  adjoint_options=adjoint_options)
     states = dict(zip(names, ys))
+    for n in clamped:  # held exactly (the solver's interpolation would add round-off)
+        states[n] = y0[names.index(n)].unsqueeze(0).expand_as(states[n])
     if check_finite:  # the solver may stop on a non-finite step before evaluating it
         for k in range(len(t)):
             func.check(t[k], tuple(s[k] for s in ys))
@@ -221,9 +256,13 @@ def _max_speed(func: _Field, y) -> float:
 
 
 def relax(net: Network, state: Mapping[str, Tensor], tol: float = 1e-6, *, t_max: float = 1e4,
-          method: str = "dopri5", rtol: float = 1e-7, atol: float = 1e-9, options: dict | None = None,
-          inputs: Mapping[str, Tensor] | None = None, clamped: Iterable[str] = ()) -> State:
+          method: str = "dopri5", rtol: float | None = None, atol: float | None = None,
+          options: dict | None = None, inputs: Mapping[str, Tensor] | None = None,
+          clamped: Iterable[str] = ()) -> State:
     """Integrate until every unit's |dx/dt| < ``tol`` and return that state (a fixed point to ``tol``).
+
+    The solver's own error sets a floor under the speed it can reach, so ``rtol`` defaults to
+    min(1e-6, tol / 100) and ``atol`` to rtol / 100.
 
     Integrates over horizons that double (starting at the largest tau) and checks max |dx/dt| after each;
     raises ``NotConvergedError`` (carrying the state reached) if ``t_max`` comes first, as it does for
@@ -236,6 +275,8 @@ def relax(net: Network, state: Mapping[str, Tensor], tol: float = 1e-6, *, t_max
     _check_method(method)
     if not tol > 0:
         raise ValueError(f"relax: tol must be > 0, got {tol}")
+    rtol = min(1e-6, tol / 100) if rtol is None else rtol
+    atol = rtol / 100 if atol is None else atol
     names = list(net.layers)
     func = _Field(net, inputs, clamped, check_finite=True)
     with torch.no_grad():

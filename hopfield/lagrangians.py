@@ -337,6 +337,19 @@ class _Spherical(Lagrangian):
         return self.gamma / r * (v - x * (x * v).sum(dims, keepdim=True) / r**2)
 
 
+def _scalar_safe(fn):
+    """torch functions take tensors; lambdified code also calls them on constants such as sqrt(2)."""
+
+    def call(a):
+        return fn(a) if isinstance(a, Tensor) else fn(torch.tensor(float(a), dtype=torch.float64)).item()
+
+    return call
+
+
+_SCALAR_SAFE = {name: _scalar_safe(getattr(torch, name)) for name in (
+    "sqrt", "exp", "log", "erf", "erfc", "tanh", "cosh", "sinh", "sin", "cos", "abs", "sigmoid")}
+
+
 class _Symbolic(_Separable):
     """Separable Lagrangian from a sympy expression phi(x): phi' and phi'' by sympy, lambdified to torch."""
 
@@ -362,7 +375,7 @@ class _Symbolic(_Separable):
             self.caveat = f"{self.name}: phi''(x) = {self.d2} takes negative values, descent not guaranteed"
 
     def _lambdify(self, e) -> Callable[[Tensor], Tensor]:
-        f = sympy.lambdify(self.symbol, e, modules="torch")
+        f = sympy.lambdify(self.symbol, e, modules=[_SCALAR_SAFE, "torch"])
 
         def call(x: Tensor) -> Tensor:
             out = f(x)

@@ -124,7 +124,9 @@ class DenseSynapse(Synapse):
             return
         std = self.init_std if self.init_std is not None else 1.0 / math.sqrt(n_a)
         if self._init_weight is not None:
-            w = torch.as_tensor(self._init_weight, dtype=torch.get_default_dtype()).clone()
+            w = torch.as_tensor(self._init_weight).detach().clone()
+            if not w.is_floating_point():
+                w = w.to(torch.get_default_dtype())
             if w.shape != (n_b, n_a):
                 raise ValueError(f"{where}: weight has shape {tuple(w.shape)}, expected (n_b, n_a) = {(n_b, n_a)}")
         else:

@@ -1,0 +1,295 @@
+"""Simulation: energy descent (property-based), pseudo-energy rises, relax, adjoint, solvers, errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hopfield import (
+    DenseSynapse,
+    Layer,
+    Network,
+    NonFiniteStateError,
+    NotConvergedError,
+    StepUnderflowError,
+    presets,
+)
+from hopfield import lagrangians as lag
+
+
+BOUNDED = ["tanh", "sigmoid", "softmax", "layernorm", "spherical"]  # activations bounded in norm
+UNBOUNDED = ["identity", "relu"]
+
+
+def _convex_lagrangian(draw, axis, bounded):
+    # The descent theorem also needs E bounded below (Krotov 2021). E is, if no synapse couples two
+    # layers whose activations are both unbounded: the synapse term is then at most linear in the
+    # unbounded activation, whose Legendre term grows quadratically. exp and repu(n > 2) are left out:
+    # next to an unbounded activation E is unbounded below and the state blows up in finite time.
+    kind = draw(st.sampled_from(BOUNDED if bounded else BOUNDED + UNBOUNDED))
+    return {
+        "identity": lambda: lag.identity(),
+        "relu": lambda: lag.relu(),
+        "tanh": lambda: lag.tanh(),
+        "sigmoid": lambda: lag.sigmoid(),
+        "softmax": lambda: lag.softmax(beta=draw(st.floats(0.5, 2.0)), axis=axis),
+        "layernorm": lambda: lag.layernorm(gamma=draw(st.floats(0.5, 2.0)), axis=axis),
+        "spherical": lambda: lag.spherical(axis=axis),
+    }[kind]()
+
+
+@st.composite
+def random_networks(draw):
+    """Chains of 2-5 layers or stars, random small token x channel shapes, convex Lagrangians, random
+    symmetric weights, time constants including stiff ratios (1 : 0.01)."""
+    kind = draw(st.sampled_from(["chain", "star"]))
+    depth = draw(st.integers(2, 5)) if kind == "chain" else draw(st.integers(3, 4))
+    other = draw(st.integers(1, 4))
+    axis = draw(st.sampled_from([-1, -2]))
+    sizes = [draw(st.integers(1, 5)) for _ in range(depth)]
+    taus = [1.0] + [draw(st.sampled_from([1.0, 0.3, 0.1, 0.01])) for _ in range(depth - 1)]
+    names = [f"l{k}" for k in range(depth)]
+
+    def shape(n):
+        return (n, other) if axis == -2 else (other, n)
+
+    # chain: even layers bounded; star: the centre (layer 0) bounded
+    bounded = [k % 2 == 0 if kind == "chain" else k == 0 for k in range(depth)]
+    layers = {n: Layer(shape(s), _convex_lagrangian(draw, axis, b), tau)
+              for n, s, tau, b in zip(names, sizes, taus, bounded)}
+    pairs = list(zip(names, names[1:])) if kind == "chain" else [(names[0], n) for n in names[1:]]
+    scale = draw(st.floats(0.3, 2.0))
+    syn = [DenseSynapse(a, b, axis=axis, init_std=scale) for a, b in pairs]
+    seed = draw(st.integers(0, 2**31 - 1))
+    torch.manual_seed(seed)
+    net = Network(layers, syn).double()
+    return net, seed
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_networks())
+def test_energy_never_rises_beyond_solver_tolerance(case):
+    net, seed = case
+    assert net.descent_guaranteed, net.descent_caveats()
+    state = net.init_state(3, scale=1.5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        traj = net.simulate(state, torch.linspace(0, 2, 21, dtype=torch.float64), rtol=1e-9, atol=1e-11)
+    assert traj.descent.ok, str(traj.descent)
+    e = traj.energy
+    assert (e[1:] - e[:-1] <= 1e-7 * e[:-1].abs().clamp_min(1.0)).all()
+    # and at every output time the rate predicted by Eq. 18 is <= 0 and matches finite differences
+    rate = torch.stack([net.energy_rate({n: s[k] for n, s in traj.states.items()}) for k in range(21)])
+    assert (rate <= 1e-12).all()
+
+
+def test_eq18_rate_matches_the_simulated_energy_curve():
+    torch.manual_seed(0)
+    net = presets.chain([5, 4, 3], other=(3,), lagrangians=[lag.layernorm(), lag.tanh(), lag.softmax()],
+                        taus=[1.0, 0.5, 0.3]).double()
+    state = net.init_state(2)
+    t = torch.linspace(0, 1, 401, dtype=torch.float64)
+    with torch.no_grad():
+        traj = net.simulate(state, t, rtol=1e-11, atol=1e-13)
+    rate = torch.stack([net.energy_rate({n: s[k] for n, s in traj.states.items()}) for k in range(len(t))])
+    # trapezoidal integral of dE/dt reproduces the energy change
+    integral = torch.cumulative_trapezoid(rate, t, dim=0)
+    change = traj.energy[1:] - traj.energy[0]
+    assert (integral - change).abs().max() < 1e-5 * change.abs().max()
+
+
+def test_asymmetric_network_pseudo_energy_rises_and_is_reported():
+    # two scalar identity units: E = (a^2 + b^2)/2 - (w + u)/2 a b, adot = u b - a, bdot = w a - b;
+    # with w = 2, u = 0 and (a, b) = (1, 2): dE/dt = (a - b)(b - 3a) = 1 > 0
+    layers = {"a": Layer((1,), lag.identity()), "b": Layer((1,), lag.identity())}
+    syn = DenseSynapse("a", "b", symmetric=False, weight=torch.tensor([[2.0]], dtype=torch.float64))
+    net = Network(layers, [syn]).double()
+    with torch.no_grad():
+        syn.weight_fb.zero_()
+    state = {"a": torch.tensor([[1.0]], dtype=torch.float64), "b": torch.tensor([[2.0]], dtype=torch.float64)}
+    with torch.no_grad():
+        traj = net.simulate(state, torch.linspace(0, 0.5, 11), rtol=1e-10, atol=1e-12)
+    rep = traj.descent
+    assert rep.max_rise > 0 and not rep.ok and not rep.guaranteed
+    assert any("'a-b' is asymmetric" in c for c in rep.caveats)
+    assert "BEYOND" in str(rep) and "NOT guaranteed" in str(rep)
+    # the same network made symmetric (u = w) descends
+    with torch.no_grad():
+        syn.weight_fb.copy_(syn.weight.T)
+        assert net.simulate(state, torch.linspace(0, 0.5, 11), rtol=1e-10, atol=1e-12).descent.max_rise <= 0
+
+
+def test_relax_reaches_a_fixed_point_where_state_equals_currents():
+    torch.manual_seed(1)
+    net = presets.chain([6, 5, 4], other=(3,), lagrangians=[lag.layernorm(), lag.tanh(), lag.softmax()],
+                        taus=[1.0, 0.5, 0.2]).double()
+    state = net.init_state(2)
+    inputs = {"x0": torch.randn(2, 3, 6, dtype=torch.float64)}
+    tol = 1e-8
+    fp = net.relax(state, tol=tol, inputs=inputs)
+    cur = net.currents(fp, inputs)
+    for n, layer in net.layers.items():
+        assert (fp[n] - cur[n]).abs().max() < layer.tau * tol  # tau |xdot| = |I - x|
+    # a relaxed state is not moved any more
+    assert all((net.relax(fp, tol=tol, inputs=inputs)[n] == fp[n]).all() for n in fp)
+
+
+def test_relax_raises_with_the_state_when_it_cannot_converge():
+    # an antisymmetric coupling of two linear units rotates and decays slowly: not converged by t_max
+    layers = {"a": Layer((2,), lag.identity(), 1.0), "b": Layer((2,), lag.identity(), 1.0)}
+    syn = DenseSynapse("a", "b", symmetric=False, weight=torch.eye(2, dtype=torch.float64) * 50)
+    net = Network(layers, [syn]).double()
+    with torch.no_grad():
+        syn.weight_fb.copy_(-syn.weight.T)
+    with pytest.raises(NotConvergedError, match="t_max = 2") as e:
+        net.relax(net.init_state(2), tol=1e-12, t_max=2.0, rtol=1e-8, atol=1e-10)
+    assert set(e.value.state) == {"a", "b"} and e.value.residual > 1e-12
+
+
+def test_clamped_layer_is_held_and_inputs_enter_the_energy():
+    torch.manual_seed(2)
+    net = presets.chain([4, 3], other=(2,), lagrangians=[lag.tanh(), lag.relu()]).double()
+    state = net.init_state(2)
+    inputs = {"x1": torch.ones(1, 2, 3, dtype=torch.float64)}
+    with torch.no_grad():
+        traj = net.simulate(state, torch.linspace(0, 2, 21), inputs=inputs, clamped=("x0",), rtol=1e-9, atol=1e-11)
+    assert (traj.states["x0"] == state["x0"]).all()  # exactly
+    assert traj.descent.ok
+    assert "input:x1" in net.energy_terms(state, inputs)
+
+
+def _grads(net, state, adjoint):
+    net.zero_grad()
+    traj = net.simulate(state, torch.linspace(0, 1, 3, dtype=torch.float64), rtol=1e-10, atol=1e-12,
+                        adjoint=adjoint, track_energy=False)
+    loss = sum((s[-1] ** 2).sum() for s in traj.states.values())
+    loss.backward()
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def test_gradients_through_simulate_agree_between_adjoint_and_direct():
+    torch.manual_seed(3)
+    net = presets.chain([5, 4, 3], other=(2,), lagrangians=[lag.layernorm(), lag.tanh(), lag.softmax()],
+                        taus=[1.0, 0.3, 0.1], bias=True).double()
+    state = net.init_state(2)
+    direct = _grads(net, state, adjoint=False)
+    adj = _grads(net, state, adjoint=True)
+    for d, a in zip(direct, adj):
+        assert d.abs().max() > 0
+        assert (d - a).abs().max() < 1e-6 * d.abs().max()
+
+
+def test_gradcheck_through_a_short_simulation():
+    torch.manual_seed(4)
+    net = presets.chain([3, 2], other=(1,), lagrangians=[lag.tanh(), lag.sigmoid()]).double()
+    state = net.init_state(2)
+    w = net.synapses[0].weight
+
+    def final(weight):
+        with torch.no_grad():
+            w.copy_(weight)
+        traj = net.simulate(state, torch.tensor([0.0, 0.5], dtype=torch.float64), method="rk4",
+                            options={"step_size": 0.05}, track_energy=False)
+        return traj.states["x1"][-1]
+
+    # torch.func.functional_call would be cleaner; the check below differentiates through w itself
+    w0 = w.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        w.copy_(w0)
+    out = net.simulate(state, torch.tensor([0.0, 0.5], dtype=torch.float64), method="rk4",
+                       options={"step_size": 0.05}, track_energy=False).states["x1"][-1].sum()
+    (g,) = torch.autograd.grad(out, w)
+    eps = 1e-6
+    num = torch.zeros_like(g)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            d = torch.zeros_like(w0)
+            d[i, j] = eps
+            num[i, j] = (final(w0 + d).sum() - final(w0 - d).sum()) / (2 * eps)
+    assert (g - num).abs().max() < 1e-7
+
+
+FIXED = {"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams"}
+
+
+@pytest.mark.parametrize("method", ["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler",
+                                    "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams",
+                                    "fixed_adams", "scipy_solver"])
+def test_every_torchdiffeq_method_runs_and_agrees(method):
+    torch.manual_seed(5)
+    net = presets.chain([4, 3, 2], other=(2,), lagrangians=[lag.layernorm(), lag.tanh(), lag.softmax()],
+                        taus=[1.0, 0.5, 0.25]).double()
+    state = net.init_state(2)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net.simulate(state, t, rtol=1e-11, atol=1e-13)
+        # Adams-Bashforth's small stability region needs the finer step on this problem
+        opts = {"step_size": 1e-4 if method == "explicit_adams" else 1e-3} if method in FIXED else None
+        low_order = method in ("adaptive_heun", "fehlberg2", "bosh3")
+        traj = net.simulate(state, t, method=method, rtol=1e-6 if low_order else 1e-8,
+                            atol=1e-8 if low_order else 1e-10, options=opts)
+    tol = 1e-2 if method == "euler" else 1e-4 if low_order else 1e-5
+    for n in net.layers:
+        assert (traj.states[n] - ref.states[n]).abs().max() < tol, n
+
+
+def test_stiff_network_with_scipy_radau_matches_dopri5():
+    torch.manual_seed(6)
+    net = presets.chain([3, 3, 2], other=(1,), lagrangians=[lag.identity(), lag.tanh(), lag.softmax()],
+                        taus=[1.0, 1e-2, 1e-4]).double()
+    state = net.init_state(2)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net.simulate(state, t, rtol=1e-8, atol=1e-10)
+        stiff = net.simulate(state, t, method="scipy_solver", options={"solver": "Radau"}, rtol=1e-8, atol=1e-10)
+    assert stiff.nfe < ref.nfe / 3  # the point of an implicit solver: dopri5 is stability-limited here
+    for n in net.layers:
+        assert (stiff.states[n] - ref.states[n]).abs().max() < 1e-6
+    assert stiff.descent.ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_diverging_network_names_the_layer_and_time(dtype):
+    layers = {"a": Layer((2,), lag.exp(1.0), 1.0), "b": Layer((2,), lag.exp(1.0), 1.0)}
+    net = Network(layers, [DenseSynapse("a", "b", weight=torch.full((2, 2), 5.0))]).to(dtype)
+    with pytest.raises((NonFiniteStateError, StepUnderflowError)) as e, torch.no_grad():
+        net.simulate(net.init_state(1), torch.linspace(0, 50, 3, dtype=dtype))
+    assert e.value.layer in ("a", "b") and 0 < e.value.time <= 50
+    assert f"layer {e.value.layer!r}" in str(e.value) and "at t=" in str(e.value)
+    # a state that is already non-finite is caught at the first evaluation
+    state = net.init_state(1)
+    state["b"][0, 1] = float("nan")
+    with pytest.raises(NonFiniteStateError, match="layer 'b' at t=0"), torch.no_grad():
+        net.simulate(state, torch.linspace(0, 1, 3, dtype=dtype))
+
+
+def test_finite_time_blow_up_gives_a_clear_error():
+    # identity - repu(3): E ~ -w^2 x1^4 / 2 is unbounded below and x1 grows like x1^2
+    layers = {"a": Layer((1,), lag.identity()), "b": Layer((1,), lag.repu(3))}
+    net = Network(layers, [DenseSynapse("a", "b", weight=torch.ones(1, 1, dtype=torch.float64))]).double()
+    state = {"a": torch.full((1, 1), 2.0, dtype=torch.float64), "b": torch.full((1, 1), 2.0, dtype=torch.float64)}
+    with pytest.raises(StepUnderflowError, match=r"step size underflowed at t=.*in layer '(a|b)'"), torch.no_grad():
+        net.simulate(state, torch.linspace(0, 10, 3, dtype=torch.float64))
+
+
+def test_unknown_solver_and_bad_times():
+    net = presets.chain([2, 2])
+    with pytest.raises(ValueError, match="unknown solver 'rk45'.*dopri5"):
+        net.simulate(net.init_state(1), torch.linspace(0, 1, 3), method="rk45")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        net.simulate(net.init_state(1), torch.tensor([0.0, 1.0, 0.5]))
+
+
+def test_float32_simulation_and_energy_plot(tmp_path):
+    torch.manual_seed(7)
+    net = presets.imixer_chain(tokens=8, channels=6, internal=4, hidden=5, hidden_lagrangian=lag.relu())
+    state = net.init_state(3)
+    with torch.no_grad():
+        traj = net.simulate(state, torch.linspace(0, 2, 21), rtol=1e-5, atol=1e-7)
+    assert traj.energy.dtype == torch.float32 and traj.descent.ok
+    png = traj.plot(tmp_path / "energy.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = traj.table(rows=5)
+    assert len(table.splitlines()) == 6 and "E mean" in table
+    assert math.isclose(float(table.splitlines()[1].split()[1]), float(traj.energy[0].mean()), rel_tol=1e-6)
