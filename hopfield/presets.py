@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from . import lagrangians as lag
-from .layers import Layer
 from .lagrangians import Lagrangian
+from .layers import Layer
 from .network import Network
 from .synapses import DenseSynapse
 
-__all__ = ["chain", "imixer_chain", "lchain", "mixing", "star"]
+__all__ = ["chain", "imixer_chain", "lchain", "mixing", "spectral_rescale", "star"]
 
 
 def _shape(other: Sequence[int], axis: int, n: int) -> tuple[int, ...]:
@@ -69,13 +71,27 @@ def mixing(tokens: int = 196, channels: int = 512, hidden: int | None = None, *,
                  lagrangians=[lag.layernorm(axis=norm_axis), hidden_lagrangian or lag.gelu()])
 
 
+def spectral_rescale(net: Network, coeff: float, skip: int = 1) -> Network:
+    """Scale the weight of every synapse after the first ``skip`` to spectral norm ``coeff`` (in place).
+
+    Between two unbounded (GELU) layers a synapse of norm s gives a loop gain of about (1.13 s)^2; above 1
+    the energy is unbounded below and the state diverges. The iMixer bounds it the same way (spectral
+    normalisation of its F block, coeff 0.9).
+    """
+    with torch.no_grad():
+        for syn in list(net.synapses)[skip:]:
+            syn.weight.mul_(coeff / torch.linalg.matrix_norm(syn.weight, ord=2))
+    return net
+
+
 def lchain(widths: Sequence[int], *, tokens: int = 196, channels: int = 512, axis: int = -2,
            hidden_lagrangian: Lagrangian | None = None, norm_axis=-1, taus: Sequence[float] | None = None,
-           symmetric: bool = True, bias: bool = False) -> Network:
+           symmetric: bool = True, bias: bool = False, coeff: float | None = 0.9) -> Network:
     """The L-layer chain v - x1 - ... - x_{L-1} behind the L-layer iMixer (iMixer paper Appendix B).
 
     ``widths`` are the hidden layers' sizes along ``axis`` (tokens for -2); layer names v, x1, x2, ...
     and time constants 10^-k by default (each layer faster than the one before: the adiabatic order).
+    Synapses between hidden layers start at spectral norm ``coeff`` (None: leave them as drawn).
     """
     widths = list(widths)
     if not widths:
@@ -86,22 +102,24 @@ def lchain(widths: Sequence[int], *, tokens: int = 196, channels: int = 512, axi
     other = (channels,) if axis == -2 else (tokens,)
     names = ["v"] + [f"x{k}" for k in range(1, len(widths) + 1)]
     hid = hidden_lagrangian or lag.gelu()
-    return chain([first, *widths], other=other, axis=axis, names=names, taus=taus, symmetric=symmetric,
-                 bias=bias, lagrangians=[lag.layernorm(axis=norm_axis)] + [hid] * len(widths))
+    net = chain([first, *widths], other=other, axis=axis, names=names, taus=taus, symmetric=symmetric,
+                bias=bias, lagrangians=[lag.layernorm(axis=norm_axis)] + [hid] * len(widths))
+    return net if coeff is None else spectral_rescale(net, coeff)
 
 
 def imixer_chain(tokens: int = 196, channels: int = 512, internal: int | None = None, hidden: int | None = None,
                  *, hidden_lagrangian: Lagrangian | None = None, norm_axis=-1, taus=(1.0, 0.1, 0.01),
-                 symmetric: bool = True, bias: bool = False) -> Network:
+                 symmetric: bool = True, bias: bool = False, coeff: float | None = 0.9) -> Network:
     """The 3-layer token chain v - x - h of the iMixer (iMixer paper Sec. 4, Eqs. 15-19).
 
     v (S, C) LayerNorm; x (internal, C) and h (hidden, C) GELU by default; internal = C/2 and
-    hidden = internal (h_ratio 1) by default; tau_v >> tau_x >> tau_h.
+    hidden = internal (h_ratio 1) by default; tau_v >> tau_x >> tau_h; the x - h weight starts at
+    spectral norm ``coeff`` as the iMixer's F block.
     """
     internal = internal or channels // 2
     hidden = hidden or internal
     net = lchain([internal, hidden], tokens=tokens, channels=channels, hidden_lagrangian=hidden_lagrangian,
-                 norm_axis=norm_axis, taus=taus, symmetric=symmetric, bias=bias)
+                 norm_axis=norm_axis, taus=taus, symmetric=symmetric, bias=bias, coeff=coeff)
     # name the layers as the paper does
     return Network({"v": net.layers["v"], "x": net.layers["x1"], "h": net.layers["x2"]},
                    [_renamed(s, {"v": "v", "x1": "x", "x2": "h"}) for s in net.synapses])

@@ -16,12 +16,13 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
    || ! "$vpy" -c "import torch, torchvision, timm, torchdiffeq, hopfield" >/dev/null 2>&1; then
     echo "[setup] installing into $venv (first time: a few minutes, about 6 GB)"
-    "$vpy" -m pip install --quiet --upgrade pip
     # torch and torchvision from the registry in one resolve, so their builds match. PIP_FIND_LINKS is
     # emptied so that a local CPU-only torch wheel (which the registry's torchvision cannot import
-    # against) is never picked up.
-    PIP_FIND_LINKS="" "$vpy" -m pip install --quiet torch torchvision
-    PIP_FIND_LINKS="" "$vpy" -m pip install --quiet -e ".[train,dev]"
+    # against) is never picked up; warnings about unreachable extra indexes are filtered out.
+    pip_install() { PIP_FIND_LINKS="" "$vpy" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+    pip_install --upgrade pip
+    pip_install torch torchvision
+    pip_install -e ".[train,dev]"
     echo "$want" > "$stamp"
 fi
 

@@ -18,7 +18,6 @@ from hopfield import (
 )
 from hopfield import lagrangians as lag
 
-
 BOUNDED = ["tanh", "sigmoid", "softmax", "layernorm", "spherical"]  # activations bounded in norm
 UNBOUNDED = ["identity", "relu"]
 
@@ -275,7 +274,7 @@ def test_finite_time_blow_up_gives_a_clear_error():
 
 def test_unknown_solver_and_bad_times():
     net = presets.chain([2, 2])
-    with pytest.raises(ValueError, match="unknown solver 'rk45'.*dopri5"):
+    with pytest.raises(ValueError, match=r"unknown solver 'rk45'.*dopri5"):
         net.simulate(net.init_state(1), torch.linspace(0, 1, 3), method="rk45")
     with pytest.raises(ValueError, match="strictly increasing"):
         net.simulate(net.init_state(1), torch.tensor([0.0, 1.0, 0.5]))
