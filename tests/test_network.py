@@ -196,3 +196,35 @@ def test_unknown_and_duplicate_layer_names():
         net.vector_field(net.init_state(2), clamped=("q",))
     with pytest.raises(ValueError, match="tau must be finite and > 0"):
         Layer((4,), lag.identity(), tau=0.0)
+
+
+class QuadraticLateral(Synapse):
+    """A custom synapse: E = -1/2 sum g_a M g_a with a symmetric M (lateral coupling inside one layer)."""
+
+    def __init__(self, a, n):
+        super().__init__()
+        self.layers = (a,)
+        m = torch.randn(n, n, dtype=torch.float64) * 0.3
+        self.m = torch.nn.Parameter(m + m.T)
+
+    def energy(self, g):
+        ga = g[self.layers[0]]
+        return -0.5 * ((ga @ self.m) * ga).reshape(ga.shape[0], -1).sum(-1)
+
+
+def test_any_module_returning_an_energy_is_a_synapse():
+    torch.manual_seed(8)
+    layers = {"v": Layer((3, 4), lag.tanh(), 1.0), "h": Layer((3, 5), lag.softmax(), 0.2)}
+    net = Network(layers, [DenseSynapse("v", "h"), QuadraticLateral("v", 4)]).double()
+    state = net.init_state(2)
+    cur = net.currents(state)
+    g = net.activations(state)
+    assert torch.allclose(cur["v"], g["h"] @ net.synapses[0].weight + g["v"] @ net.synapses[1].m)
+    assert net.descent_guaranteed
+    with torch.no_grad():
+        traj = net.simulate(state, torch.linspace(0, 3, 16, dtype=torch.float64), rtol=1e-9, atol=1e-11)
+    assert traj.descent.ok and traj.energy[-1].max() < traj.energy[0].min()
+    rate = net.energy_rate(state)
+    _, dedt = torch.func.jvp(lambda v, h: net.energy({"v": v, "h": h}), (state["v"], state["h"]),
+                             tuple(net.vector_field(state).values()))
+    assert (rate - dedt).abs().max() < 1e-10
