@@ -54,7 +54,11 @@ def _contract(w: Tensor, g: Tensor, axis: int, transpose: bool = False) -> Tenso
     if axis == g.ndim - 1:
         return g @ w if transpose else g @ w.T
     if axis == g.ndim - 2:
-        return (w.T if transpose else w) @ g
+        # a batched GEMM against the broadcast weight: torch.matmul would copy g transposed first
+        m = w.T if transpose else w
+        g3 = g.reshape(-1, g.shape[-2], g.shape[-1])
+        out = torch.bmm(m.unsqueeze(0).expand(g3.shape[0], -1, -1), g3)
+        return out.reshape(*g.shape[:-2], m.shape[0], g.shape[-1])
     out = torch.movedim(g, axis, -1)
     out = out @ w if transpose else out @ w.T
     return torch.movedim(out, -1, axis)
