@@ -162,7 +162,7 @@ def render(r: dict) -> str:
     row("RK4, 100 steps, no energy: wall s", r["rk4_wall_s_without_energy"], "wall_s_without_energy")
     lines += [
         "",
-        "(for evaluations / s the ratio is HAMUX time / torch time: above 1 means torch is faster)",
+        "(every ratio is torch time / HAMUX time, per evaluation for the first row: below 1 means torch is faster)",
         "",
         f"- energy tracking cost, RK4 with energy at all 101 grid points: {100 * ov_rk4:.1f}%",
         f"- energy tracking cost, dopri5 (rtol 1e-5) with 51 outputs, {r['dopri5_nfe']} evaluations: "
