@@ -118,17 +118,10 @@ def imixer_chain(tokens: int = 196, channels: int = 512, internal: int | None = 
     """
     internal = internal or channels // 2
     hidden = hidden or internal
-    net = lchain([internal, hidden], tokens=tokens, channels=channels, hidden_lagrangian=hidden_lagrangian,
-                 norm_axis=norm_axis, taus=taus, symmetric=symmetric, bias=bias, coeff=coeff)
-    # name the layers as the paper does
-    return Network({"v": net.layers["v"], "x": net.layers["x1"], "h": net.layers["x2"]},
-                   [_renamed(s, {"v": "v", "x1": "x", "x2": "h"}) for s in net.synapses])
-
-
-def _renamed(syn: DenseSynapse, names: dict[str, str]) -> DenseSynapse:
-    out = DenseSynapse(names[syn.layers[0]], names[syn.layers[1]], axis=syn.axis, bias=syn.has_bias,
-                       symmetric=syn.symmetric, weight=syn.weight.detach())
-    return out
+    hid = hidden_lagrangian or lag.gelu()
+    net = chain([tokens, internal, hidden], other=(channels,), axis=-2, names=["v", "x", "h"], taus=taus,
+                symmetric=symmetric, bias=bias, lagrangians=[lag.layernorm(axis=norm_axis), hid, hid])
+    return net if coeff is None else spectral_rescale(net, coeff)
 
 
 def star(tokens: int = 196, channels: int = 512, token_hidden: int | None = None,
