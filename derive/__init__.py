@@ -1,1 +1,44 @@
-"""derive package."""
+"""Architecture derivation: the adiabatic and discrete-time limits of hierarchical Hopfield networks.
+
+    from derive import adiabatic, discretize
+    field = adiabatic(net)              # tau_v dv/dt = F^v(v) - alpha v, every fast layer eliminated
+    block = discretize(net, n_iter=2)   # v <- v + F^v(v): an nn.Module whose parameters are net's synapses
+    print(block.explain())              # the update rule it implements
+"""
+
+from .adiabatic import Branch, ReducedField, adiabatic
+from .discrete import DerivedBlock, DiscreteConfig, SolveCertificate, discretize
+from .models import (
+    KINDS,
+    DerivedMixer,
+    DerivedMixerConfig,
+    block_network,
+    derived_block,
+    from_reference,
+    from_timm,
+    load_reference_block,
+    to_reference,
+    to_timm,
+)
+from .spectral import SoftSpectralNorm
+
+__all__ = [
+    "KINDS",
+    "Branch",
+    "DerivedBlock",
+    "DerivedMixer",
+    "DerivedMixerConfig",
+    "DiscreteConfig",
+    "ReducedField",
+    "SoftSpectralNorm",
+    "SolveCertificate",
+    "adiabatic",
+    "block_network",
+    "derived_block",
+    "discretize",
+    "from_reference",
+    "from_timm",
+    "load_reference_block",
+    "to_reference",
+    "to_timm",
+]

@@ -15,9 +15,10 @@ from .dynamics import (
 )
 from .layers import Layer
 from .network import Network
-from .synapses import DenseSynapse, Synapse
+from .synapses import Affine, DenseSynapse, Synapse
 
 __all__ = [
+    "Affine",
     "DenseSynapse",
     "DescentReport",
     "Layer",

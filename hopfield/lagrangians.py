@@ -63,8 +63,10 @@ class Lagrangian:
     """
 
     name: str = "lagrangian"
+    symbol: str = "g"  # how derived update rules write the activation (LN, GELU, ...)
     convex: bool = True
     caveat: str | None = None
+    lipschitz: float = math.inf  # an upper bound on the activation's Lipschitz constant (largest slope)
 
     def __call__(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -98,6 +100,8 @@ class _Separable(Lagrangian):
 
 class _Identity(_Separable):
     name = "identity()"
+    symbol = ""
+    lipschitz = 1.0
 
     def phi(self, x):
         return 0.5 * x * x
@@ -115,6 +119,8 @@ class _RePU(_Separable):
             raise ValueError(f"repu(n) needs n > 1 for a differentiable activation, got n={n}")
         self.n = float(n)
         self.name = "relu()" if n == 2 else f"repu({n:g})"
+        self.symbol = "ReLU" if n == 2 else f"ReLU^{n - 1:g}"
+        self.lipschitz = 1.0 if n == 2 else math.inf
 
     def phi(self, x):
         return torch.relu(x) ** self.n / self.n
@@ -135,6 +141,7 @@ class _Exp(_Separable):
             raise ValueError(f"exp(beta) needs beta > 0, got {beta}")
         self.beta = float(beta)
         self.name = f"exp(beta={beta:g})"
+        self.symbol = "exp"
 
     def phi(self, x):
         return torch.exp(self.beta * x) / self.beta
@@ -152,6 +159,7 @@ class _Tanh(_Separable):
             raise ValueError(f"tanh(beta) needs beta > 0, got {beta}")
         self.beta = float(beta)
         self.name = "tanh()" if beta == 1 else f"tanh(beta={beta:g})"
+        self.symbol, self.lipschitz = "tanh", float(beta)
 
     def phi(self, x):
         # log cosh(b x) / b, overflow-free: |y| + log1p(exp(-2|y|)) - log 2
@@ -171,6 +179,7 @@ class _Sigmoid(_Separable):
             raise ValueError(f"sigmoid(beta) needs beta > 0, got {beta}")
         self.beta = float(beta)
         self.name = "sigmoid()" if beta == 1 else f"sigmoid(beta={beta:g})"
+        self.symbol, self.lipschitz = "sigmoid", float(beta) / 4
 
     def phi(self, x):
         return F.softplus(self.beta * x) / self.beta
@@ -191,6 +200,9 @@ class _GELU(_Separable):
     """Phi(x) = 1/4 (x^2 + (x^2 - 1) erf(x/sqrt2) + x sqrt(2/pi) exp(-x^2/2)), Phi' = exact GELU."""
 
     name = "gelu()"
+    symbol = "GELU"
+    # GELU' = Phi_N(x) + x phi(x) peaks where phi(x)(2 - x^2) = 0, at x = sqrt(2): 1.1289...
+    lipschitz = 0.5 * math.erfc(-1.0) + math.sqrt(2.0) * math.exp(-1.0) / math.sqrt(2 * math.pi)
     convex = False
     caveat = (
         "gelu(): the Hessian GELU'(x) is negative for x < -0.7518, so energy descent is not guaranteed "
@@ -222,6 +234,7 @@ class _Softmax(Lagrangian):
             raise ValueError(f"softmax(beta, axis) needs beta > 0, got {beta}")
         self.beta, self.axis = float(beta), axis
         self.name = f"softmax(beta={beta:g}, axis={axis})"
+        self.symbol, self.lipschitz = "softmax", float(beta)
 
     def __call__(self, x):
         dims = _batched_axes(self.axis, x.ndim)
@@ -264,6 +277,7 @@ class _LayerNorm(Lagrangian):
             raise ValueError(f"layernorm(eps) needs eps > 0, got {eps}")
         self.gamma, self.delta, self.axis, self.eps = gamma, delta, axis, float(eps)
         self.name = f"layernorm(gamma={gamma:g}, axis={axis}, eps={eps:g})"
+        self.symbol = "LN"
 
     def _std(self, x, dims):
         return torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + self.eps)
@@ -313,6 +327,7 @@ class _Spherical(Lagrangian):
             raise ValueError(f"spherical(eps) needs eps > 0, got {eps}")
         self.gamma, self.delta, self.axis, self.eps = gamma, delta, axis, float(eps)
         self.name = f"spherical(gamma={gamma:g}, axis={axis}, eps={eps:g})"
+        self.symbol = "Sph"
 
     def _norm(self, x, dims):
         return torch.sqrt((x * x).sum(dim=dims, keepdim=True) + self.eps)
@@ -370,6 +385,7 @@ class _Symbolic(_Separable):
         self.d2 = sympy.simplify(sympy.diff(expr, symbol, 2))
         self._phi, self._d1, self._d2 = (self._lambdify(e) for e in (expr, self.d1, self.d2))
         self.name = name or f"symbolic({expr})"
+        self.symbol = name or "phi'"
         self.convex = self._decide_convexity() if convex is None else bool(convex)
         if not self.convex:
             self.caveat = f"{self.name}: phi''(x) = {self.d2} takes negative values, descent not guaranteed"

@@ -177,8 +177,7 @@ class Network(nn.Module):
             if not l.lagrangian.convex:
                 out.append(f"layer {n!r}: " + (l.lagrangian.caveat or f"{l.lagrangian} is not convex"))
         for syn in self.synapses:
-            if not syn.symmetric:
-                out.append(f"synapse {syn.name!r} is asymmetric: its energy is a pseudo-energy")
+            out.extend(syn.caveats())
         return out
 
     @property

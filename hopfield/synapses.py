@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 from .layers import Layer
 
-__all__ = ["DenseSynapse", "Synapse"]
+__all__ = ["Affine", "DenseSynapse", "Synapse"]
+
+FORMS = ("tied", "untied", "broken")
 
 
 class Synapse(nn.Module):
@@ -36,6 +38,10 @@ class Synapse(nn.Module):
 
     def energy(self, g: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def caveats(self) -> list[str]:
+        """Why this synapse's currents are not the negative gradient of its ``energy``; empty when they are."""
+        return [] if self.symmetric else [f"synapse {self.name!r} is asymmetric: its energy is a pseudo-energy"]
 
     def currents(self, g: dict[str, Tensor]) -> dict[str, Tensor]:
         """-dE_syn/dg_A for every coupled layer A, by autograd (differentiable when grad is enabled)."""
@@ -73,6 +79,32 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).reshape(a.shape[0], -1).sum(-1)
 
 
+class Affine(nn.Module):
+    """g -> weight * g + bias, with ``weight`` and ``bias`` of ``shape`` broadcast against a layer state.
+
+    A LayerNorm affine (timm's per-channel gamma, beta; the parallelized Mixer's per-element one) is not the
+    gradient of any Lagrangian with a scalar gain, so it lives here, on the synapse side of the visible
+    layer: W (gamma * LN(v) + beta) = (W diag gamma) LN(v) + W beta. One ``Affine`` may be shared by
+    several synapses (one LayerNorm feeding two branches).
+    """
+
+    def __init__(self, shape: int | tuple[int, ...]):
+        super().__init__()
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, g: Tensor) -> Tensor:
+        return torch.addcmul(self.bias, g, self.weight)
+
+    def has_unit_gain(self) -> bool:
+        """gamma == 1 everywhere: then a tied synapse's feedback W^T g_b is still the energy's gradient."""
+        return bool(torch.all(self.weight.detach() == 1))
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}"
+
+
 class DenseSynapse(Synapse):
     """Dense coupling of layers a and b along one axis of their states; all other axes must match.
 
@@ -80,30 +112,65 @@ class DenseSynapse(Synapse):
     summed over every other axis. ``weight`` has shape (n_b, n_a). Currents: W g_a (+ bias) into b,
     W^T g_b into a.
 
-    ``symmetric=False`` adds a separate feedback matrix ``weight_fb`` (n_a, n_b), and ``bias_fb`` with
-    ``bias=True``: currents V g_b (+ bias_fb) into a. What ``energy`` then returns is the pseudo-energy
-    -1/2 g_b.(W g_a) - 1/2 g_a.(V g_b) - bias.g_b - bias_fb.g_a, equal to the energy when V = W^T and
-    bias_fb = 0; descent is not guaranteed.
+    The feedback current into a has one of three forms (``form``; ``symmetric`` is a shorthand for
+    "tied" / "untied"):
+
+    - ``"tied"``: W^T g_b, the energy's own gradient (Krotov's symmetric synapse);
+    - ``"untied"``: a free matrix ``weight_fb`` V (n_a, n_b): V g_b;
+    - ``"broken"``: (W^T + ``weight_break``) g_b, the parallelized Mixer's symmetry-breaking term W2
+      (Karakida, Ota, Taki 2024), starting at 0 so that it begins as the tied synapse.
+
+    ``bias`` adds a current into b, ``bias_fb`` one into a (by default only when the form is not tied).
+    ``affine`` (a shape, or an ``Affine`` to share) puts gamma * g_a + beta in place of g_a in the forward
+    current, W (gamma * g_a + beta) + bias: a LayerNorm affine folded into the interaction. Unless the form
+    is tied and the gain 1 (beta and the biases are fine), ``energy`` is a pseudo-energy:
+    -1/2 g_b.(W g~_a) - 1/2 g_a.(V g_b) - bias.g_b - bias_fb.g_a with g~_a = gamma * g_a + beta and V the
+    feedback matrix; ``caveats`` says why, and descent is not guaranteed.
     """
 
     def __init__(self, a: str, b: str, axis: int = -1, bias: bool = False, symmetric: bool = True, *,
+                 form: str | None = None, bias_fb: bool | None = None, affine: tuple[int, ...] | Affine | None = None,
                  weight: Tensor | None = None, init_std: float | None = None):
         super().__init__()
+        where = f"DenseSynapse('{a}', '{b}')"
         if a == b:
-            raise ValueError(f"DenseSynapse('{a}', '{b}'): a synapse must couple two different layers")
+            raise ValueError(f"{where}: a synapse must couple two different layers")
         if not isinstance(axis, int):
-            raise TypeError(f"DenseSynapse('{a}', '{b}'): axis must be an int, got {axis!r}")
+            raise TypeError(f"{where}: axis must be an int, got {axis!r}")
+        form = form if form is not None else ("tied" if symmetric else "untied")
+        if form not in FORMS:
+            raise ValueError(f"{where}: form must be one of {FORMS}, got {form!r}")
         self.layers = (a, b)
         self.axis = axis
+        self.form = form
+        self.symmetric = form == "tied"
         self.has_bias = bool(bias)
-        self.symmetric = bool(symmetric)
+        self.has_bias_fb = bool(bias and form != "tied") if bias_fb is None else bool(bias_fb)
+        if affine is None or isinstance(affine, Affine):
+            self.affine = affine
+        else:
+            self.affine = Affine(affine)
         self._init_weight = weight
         self.init_std = init_std
         self._baxis: int | None = None  # axis of the batched state, set by bind
 
     def extra_repr(self) -> str:
         a, b = self.layers
-        return f"{a!r} -> {b!r}, axis={self.axis}, bias={self.has_bias}, symmetric={self.symmetric}"
+        return (f"{a!r} -> {b!r}, axis={self.axis}, form={self.form!r}, bias={self.has_bias}, "
+                f"bias_fb={self.has_bias_fb}")
+
+    def caveats(self) -> list[str]:
+        why = []
+        if self.form == "untied":
+            why.append("its feedback matrix is free (untied)")
+        elif self.form == "broken":
+            why.append("its feedback carries the symmetry-breaking term weight_break")
+        if self.affine is not None and self.form == "tied" and not self.affine.has_unit_gain():
+            why.append("the LayerNorm gain gamma on its forward side is not 1, so the tied feedback W^T g_b is "
+                       "not the energy's gradient (that would be gamma * W^T g_b)")
+        if not why:
+            return []
+        return [f"synapse {self.name!r}: " + "; ".join(why) + ", so its energy is a pseudo-energy"]
 
     def bind(self, layers: dict[str, Layer]) -> None:
         a, b = self.layers
@@ -139,37 +206,64 @@ class DenseSynapse(Synapse):
         self._init_weight = None
         if self.has_bias:
             self.bias = nn.Parameter(torch.zeros(n_b))
-        if not self.symmetric:
+        if self.has_bias_fb:
+            self.bias_fb = nn.Parameter(torch.zeros(n_a))
+        if self.form == "untied":
             self.weight_fb = nn.Parameter(torch.randn(n_a, n_b) * (1.0 / math.sqrt(n_b)))
-            if self.has_bias:
-                self.bias_fb = nn.Parameter(torch.zeros(n_a))
+        elif self.form == "broken":
+            self.weight_break = nn.Parameter(torch.zeros(n_a, n_b))
+        if self.affine is not None:
+            try:
+                torch.broadcast_shapes(self.affine.weight.shape, sa)
+            except RuntimeError:
+                raise ValueError(f"{where}: affine of shape {tuple(self.affine.weight.shape)} does not broadcast "
+                                 f"against layer {a!r} of shape {sa}") from None
 
-    def _forward_current(self, ga: Tensor) -> Tensor:
-        out = _contract(self.weight, ga, self._baxis)
+    def feedback_weight(self) -> Tensor:
+        """The matrix V (n_a, n_b) of the feedback current V g_b: W^T, weight_fb or W^T + weight_break."""
+        if self.form == "tied":
+            return self.weight.T
+        if self.form == "untied":
+            return self.weight_fb
+        return self.weight.T + self.weight_break
+
+    def forward_current(self, ga: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Current into b: W (gamma * g_a + beta) + bias, W = ``weight`` when given (e.g. spectrally normalised)."""
+        if self.affine is not None:
+            ga = self.affine(ga)
+        out = _contract(self.weight if weight is None else weight, ga, self._baxis)
         if self.has_bias:
             out = out + _along(self.bias, self._baxis, ga.ndim)
         return out
 
-    def _feedback_current(self, gb: Tensor) -> Tensor:
-        if self.symmetric:
-            return _contract(self.weight, gb, self._baxis, transpose=True)
-        out = _contract(self.weight_fb, gb, self._baxis)
-        if self.has_bias:
+    def feedback_current(self, gb: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Current into a: V g_b + bias_fb, V = ``weight`` (n_a, n_b) when given, else ``feedback_weight()``."""
+        if weight is not None:
+            out = _contract(weight, gb, self._baxis)
+        elif self.form == "tied":
+            out = _contract(self.weight, gb, self._baxis, transpose=True)
+        elif self.form == "untied":
+            out = _contract(self.weight_fb, gb, self._baxis)
+        else:
+            out = _contract(self.weight, gb, self._baxis, transpose=True) + _contract(self.weight_break, gb,
+                                                                                     self._baxis)
+        if self.has_bias_fb:
             out = out + _along(self.bias_fb, self._baxis, gb.ndim)
         return out
 
     def energy(self, g: dict[str, Tensor]) -> Tensor:
         a, b = self.layers
         ga, gb = g[a], g[b]
-        if self.symmetric:
-            return -_dot(gb, self._forward_current(ga))
-        e = -0.5 * _dot(gb, _contract(self.weight, ga, self._baxis))
-        e = e - 0.5 * _dot(ga, _contract(self.weight_fb, gb, self._baxis))
+        ga_in = self.affine(ga) if self.affine is not None else ga
+        e = -_dot(gb, _contract(self.weight, ga_in, self._baxis))
+        if self.form != "tied":
+            e = 0.5 * e - 0.5 * _dot(ga, _contract(self.feedback_weight(), gb, self._baxis))
         if self.has_bias:
             e = e - _dot(gb, _along(self.bias, self._baxis, gb.ndim).expand_as(gb))
+        if self.has_bias_fb:
             e = e - _dot(ga, _along(self.bias_fb, self._baxis, ga.ndim).expand_as(ga))
         return e
 
     def currents(self, g: dict[str, Tensor]) -> dict[str, Tensor]:
         a, b = self.layers
-        return {b: self._forward_current(g[a]), a: self._feedback_current(g[b])}
+        return {b: self.forward_current(g[a]), a: self.feedback_current(g[b])}

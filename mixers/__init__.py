@@ -1,1 +1,43 @@
-"""mixers package."""
+"""Hand-written reference modules of the Mixer family in plain PyTorch, with timm's names.
+
+    from mixers import MlpMixer, MixerConfig, iMlp, LiMlp
+    import timm, mixers  # importing mixers registers vmixer_*, imixer_*, limixer_*, paramixer_* with timm
+    model = timm.create_model("imixer_s16_224", num_classes=10, h_ratio=2)
+
+Layers (`mixers.layers`): `Mlp`, `SpectralNormLinear`, `iMlp` (iMixer Eq. 30), `LiMlp` (iMixer Appendix B),
+`SymMlp`, `AsymMlp` (parallelized Mixer). Models (`mixers.models`): `MixerBlock`, `IMixerBlock`, `LiMixerBlock`,
+`ParaMixerBlock`, `MixerConfig`, `MlpMixer`.
+"""
+
+from .layers import AsymMlp, LiMlp, Mlp, SpectralNormLinear, SymMlp, iMlp
+from .models import (
+    BLOCK_TYPES,
+    MODEL_NAMES,
+    IMixerBlock,
+    LiMixerBlock,
+    MixerBlock,
+    MixerConfig,
+    MlpMixer,
+    ParaMixerBlock,
+    PatchStem,
+    build_token_mixer,
+)
+
+__all__ = [
+    "BLOCK_TYPES",
+    "MODEL_NAMES",
+    "AsymMlp",
+    "IMixerBlock",
+    "LiMixerBlock",
+    "LiMlp",
+    "MixerBlock",
+    "MixerConfig",
+    "Mlp",
+    "MlpMixer",
+    "ParaMixerBlock",
+    "PatchStem",
+    "SpectralNormLinear",
+    "SymMlp",
+    "build_token_mixer",
+    "iMlp",
+]

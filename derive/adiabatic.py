@@ -1,0 +1,261 @@
+"""The adiabatic limit: eliminate the fast layers of a hierarchical Hopfield network.
+
+With tau_A -> 0 for every hidden layer A, each hidden state sits on its fixed point given the layers above it
+(iMixer paper Eqs. 21-22, Appendix B Eqs. 33-35). The synapse graph must be a tree rooted at the visible
+layer v. For a fast layer A with parent P and children C (Eqs. 38-41):
+
+    G^A = xi^(A,P) g^P (+ bias)              the current from the parent          (Eq. 41)
+    H^A = xi^(P,A) g^A (+ bias)              the current sent back to the parent  (Eq. 41)
+    F^A = sum_C H^C o S^C o G^C              A's feedback from its subtree        (Eqs. 39-40)
+    S^A = (1 - F^A)^-1                       x^A solves x^A = G^A + F^A(x^A)      (Eq. 38)
+    S^A = identity when A is a leaf          x^A = G^A (explicit)                 (Eq. 11, 35)
+
+and the slow layer moves by the reduced vector field
+
+    tau_v dv/dt = F^v(v) - alpha v,          F^v = sum_B H^B o S^B o G^B          (Eqs. 12, 33, 42)
+
+where alpha = 1 is the network's own decay and any alpha gives the same flow of LN(v) when L_v is a
+LayerNorm Lagrangian, whose Hessian annihilates v (Eq. 13). Leaves make the 2-layer Mixer step, a chain makes
+the iMixer's nested inverses, a star (two leaves) the parallelized Mixer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hopfield import Network
+from hopfield.synapses import DenseSynapse
+
+__all__ = ["Branch", "ReducedField", "adiabatic"]
+
+# maps a branch to the matrices its G and H use (None: the synapse's own), e.g. spectrally normalised ones
+WeightFn = Callable[["Branch"], tuple[Tensor | None, Tensor | None]]
+
+
+@dataclass
+class Branch:
+    """Fast layer ``node`` hanging off ``parent`` through ``synapse``, with its own subtree ``children``."""
+
+    parent: str
+    node: str
+    synapse: DenseSynapse
+    children: list[Branch] = field(default_factory=list)
+    depth: int = 1  # 1 for a layer coupled to the visible one
+
+    @property
+    def down(self) -> bool:
+        """True when the synapse's forward current (a -> b) runs parent -> node."""
+        return self.synapse.layers == (self.parent, self.node)
+
+    @property
+    def implicit(self) -> bool:
+        """x^A = (1 - F^A)^-1 (G^A) needs a solve exactly when A has a subtree (Eq. 38)."""
+        return bool(self.children)
+
+    def walk(self) -> Iterable[Branch]:
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def G(self, g_parent: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Current from the parent into this layer, xi^(A,P) g^P (+ bias) (Eq. 41)."""
+        if self.down:
+            return self.synapse.forward_current(g_parent, weight)
+        return self.synapse.feedback_current(g_parent, weight)
+
+    def H(self, g_node: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Current from this layer back into the parent, xi^(P,A) g^A (+ bias) (Eq. 41)."""
+        if self.down:
+            return self.synapse.feedback_current(g_node, weight)
+        return self.synapse.forward_current(g_node, weight)
+
+
+def _tree(net: Network, visible: str, fast: Iterable[str] | None) -> list[Branch]:
+    if visible not in net.layers:
+        raise ValueError(f"adiabatic: unknown visible layer {visible!r}; layers are {list(net.layers)}")
+    fast = [n for n in net.layers if n != visible] if fast is None else list(fast)
+    for n in fast:
+        if n not in net.layers:
+            raise ValueError(f"adiabatic: unknown fast layer {n!r}; layers are {list(net.layers)}")
+        if n == visible:
+            raise ValueError(f"adiabatic: the visible layer {visible!r} cannot also be fast")
+    slow = [n for n in net.layers if n not in fast and n != visible]
+    if slow:
+        raise ValueError(f"adiabatic: layers {slow} are neither visible nor fast; one slow layer is supported")
+    adjacency: dict[str, list[DenseSynapse]] = {n: [] for n in net.layers}
+    for syn in net.synapses:
+        if not isinstance(syn, DenseSynapse):
+            raise TypeError(f"adiabatic: synapse {syn.name!r} is a {type(syn).__name__}; the limit is derived "
+                            "for DenseSynapse couplings (two layers, one axis)")
+        a, b = syn.layers
+        adjacency[a].append(syn)
+        adjacency[b].append(syn)
+
+    seen = {visible}
+
+    def grow(parent: str, via: DenseSynapse, depth: int) -> Branch:
+        node = via.layers[1] if via.layers[0] == parent else via.layers[0]
+        if node in seen:
+            raise ValueError(f"adiabatic: synapse {via.name!r} closes a loop through layer {node!r}; the "
+                             "elimination needs a tree rooted at the visible layer")
+        seen.add(node)
+        br = Branch(parent, node, via, depth=depth)
+        br.children = [grow(node, s, depth + 1) for s in adjacency[node] if s is not via]
+        return br
+
+    branches = [grow(visible, s, 1) for s in adjacency[visible]]
+    unreached = [n for n in net.layers if n not in seen]
+    if unreached:
+        raise ValueError(f"adiabatic: layers {unreached} are not connected to the visible layer {visible!r}")
+    return branches
+
+
+class ReducedField:
+    """The visible layer's vector field after the adiabatic elimination of every fast layer.
+
+    ``solver`` picks how the fast layers are solved: ``"fixed_point"`` solves each implicit
+    x^A = (1 - F^A)^-1 (z) by x^0 = z, x^(a+1) = z + F^A(x^a), ``n_iter`` times (the i-ResNet inverse of the
+    iMixer, Eq. 29), nested as the tree; ``"newton"`` solves all fast layers' fixed-point equations
+    x_A = (currents into A) jointly (Eqs. 34-35, straight from the network's own currents) by Newton's method
+    with the exact Jacobian, to ``tol``: the reference, independent of the nested recursion.
+    """
+
+    def __init__(self, net: Network, visible: str = "v", fast: Iterable[str] | None = None, *,
+                 alpha: float = 0.0, solver: str = "newton", n_iter: int = 50, tol: float = 1e-12,
+                 max_newton: int = 50):
+        if solver not in ("fixed_point", "newton"):
+            raise ValueError(f"ReducedField: solver must be 'fixed_point' or 'newton', got {solver!r}")
+        self.net, self.visible = net, visible
+        self.branches = _tree(net, visible, fast)
+        self.alpha, self.solver, self.n_iter, self.tol, self.max_newton = float(alpha), solver, n_iter, tol, max_newton
+        self.tau = net.layers[visible].tau
+
+    def act(self, name: str, x: Tensor) -> Tensor:
+        return self.net.layers[name].activation(x)
+
+    def feedback(self, name: str, children: list[Branch], x: Tensor, weight: WeightFn | None = None,
+                 on_solve=None) -> Tensor:
+        """F^A(x) = sum over children C of H^C(S^C(G^C(g^A(x)))) (Eqs. 39-40; F^v for the visible layer)."""
+        g = self.act(name, x)
+        out = None
+        for br in children:
+            wg, wh = weight(br) if weight else (None, None)
+            xc = self.solve(br, br.G(g, wg), weight, on_solve)
+            h = br.H(self.act(br.node, xc), wh)
+            out = h if out is None else out + h
+        return out if out is not None else torch.zeros_like(x)
+
+    def solve(self, br: Branch, z: Tensor, weight: WeightFn | None = None, on_solve=None) -> Tensor:
+        """x^A with x^A = z + F^A(x^A) (Eq. 38); x^A = z for a leaf."""
+        if not br.implicit:
+            return z
+
+        def F(x):
+            return self.feedback(br.node, br.children, x, weight, on_solve)
+
+        if self.solver == "fixed_point" or not br.implicit:
+            x = z
+            iterates = [x]
+            for _ in range(self.n_iter):
+                x = z + F(x)
+                if on_solve is not None:
+                    iterates.append(x)
+            if on_solve is not None:
+                on_solve(br, iterates)
+            return x
+        raise RuntimeError("ReducedField.solve: the 'newton' solver works on all fast layers at once (forcing)")
+
+    def forcing(self, v: Tensor) -> Tensor:
+        """F^v(v): the total current into the visible layer on the slow manifold."""
+        if self.solver == "newton":
+            return self.net.currents(self.slow_manifold(v))[self.visible]
+        return self.feedback(self.visible, self.branches, v)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """dv/dt = (F^v(v) - alpha v) / tau_v (Eqs. 12, 33)."""
+        f = self.forcing(v)
+        return (f - self.alpha * v) / self.tau if self.alpha else f / self.tau
+
+    def slow_manifold(self, v: Tensor) -> dict[str, Tensor]:
+        """Every layer's state on the slow manifold for visible state v (Eqs. 34-35)."""
+        out = {self.visible: v}
+
+        def fill(name: str, x: Tensor, children: list[Branch]):
+            g = self.act(name, x)
+            for br in children:
+                xc = self.solve(br, br.G(g)) if self.solver == "fixed_point" else br.G(g)
+                out[br.node] = xc
+                fill(br.node, xc, br.children)
+
+        fill(self.visible, v, self.branches)
+        if self.solver == "newton":
+            out = _newton(self.net, out, self.visible, self.tol, self.max_newton)
+        return out
+
+    def energy(self, v: Tensor) -> Tensor:
+        """The reduced network's Lyapunov function, for leaf branches (2-layer steps and the star):
+
+            E(v) = [<v, g_v> - L_v(v)] - sum_B sum Phi_B(G^B(g_v))        (Krotov & Hopfield 2020, Eq. 3
+                                                                             with h integrated out)
+        Along dv/dt = F^v(v) - v it never increases when L_v is convex and every branch is tied
+        (dE/dt = -tau_v vdot^T Hess(L_v) vdot), whatever the hidden Lagrangians.
+        """
+        if any(br.implicit for br in self.branches):
+            raise ValueError("ReducedField.energy is defined for leaf branches only (2-layer steps and stars)")
+        vis = self.net.layers[self.visible]
+        g = vis.activation(v)
+        e = vis.energy(v, g)
+        for br in self.branches:
+            e = e - self.net.layers[br.node].lagrangian(br.G(g))
+        return e
+
+    def caveats(self) -> list[str]:
+        """Why E(v) of ``energy`` need not decrease (empty when it must)."""
+        out = []
+        vis = self.net.layers[self.visible].lagrangian
+        if not vis.convex:
+            out.append(f"visible layer {self.visible!r}: {vis.caveat or 'not convex'}")
+        for br in self.branches:
+            for b in br.walk():
+                out.extend(b.synapse.caveats())
+        return out
+
+
+def _newton(net: Network, start: dict[str, Tensor], visible: str, tol: float, max_iter: int) -> dict[str, Tensor]:
+    """Solve x_A = (currents into A) for every layer A but ``visible`` (held), per sample, by Newton's method."""
+    fast = [n for n in net.layers if n != visible]
+    shapes = [net.layers[n].shape for n in fast]
+    sizes = [net.layers[n].size for n in fast]
+    v = start[visible].detach()
+    batch = v.shape[0]
+
+    def residual(flat: Tensor, v1: Tensor) -> Tensor:  # one sample: flat fast state -> x - currents(x)
+        parts = torch.split(flat, sizes)
+        state = {n: p.reshape(1, *sh) for n, p, sh in zip(fast, parts, shapes)}
+        state[visible] = v1.unsqueeze(0)
+        cur = net.currents(state)
+        return torch.cat([(state[n] - cur[n]).reshape(-1) for n in fast])
+
+    x = torch.cat([start[n].detach().reshape(batch, -1) for n in fast], dim=1)
+    scale = max(1.0, float(x.abs().max()))
+    jac_fn = torch.func.vmap(torch.func.jacrev(residual))
+    res_fn = torch.func.vmap(residual)
+    with torch.enable_grad():
+        for _ in range(max_iter):
+            r = res_fn(x, v)
+            if float(r.detach().abs().max()) <= tol * scale:
+                parts = torch.split(x, sizes, dim=1)
+                out = {n: p.reshape(batch, *sh) for n, p, sh in zip(fast, parts, shapes)}
+                out[visible] = start[visible]
+                return out
+            x = (x - torch.linalg.solve(jac_fn(x, v), r.unsqueeze(-1)).squeeze(-1)).detach()
+    raise RuntimeError(f"Newton's method on the fast layers {fast} did not reach tol {tol:g} in {max_iter} steps")
+
+
+def adiabatic(net: Network, visible: str = "v", fast: Iterable[str] | None = None, **kwargs) -> ReducedField:
+    """Take tau -> 0 for the ``fast`` layers (default: all but ``visible``); see ``ReducedField``."""
+    return ReducedField(net, visible, fast, **kwargs)

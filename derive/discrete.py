@@ -1,0 +1,334 @@
+"""The discrete-time limit: one Euler step of the reduced vector field is a residual block.
+
+    v <- v + (dt / tau_v) (F^v(v) - alpha v)                                   (iMixer paper Eqs. 12-14)
+
+With dt = tau_v and alpha = 0 (allowed by the LayerNorm zero mode, Eq. 13) this is v + F^v(v): the Mixer's
+token or channel step for a 2-layer network (Eq. 14), the iMixer token mixer for the v - x - h chain (Eq. 30),
+the L-layer iMixer for longer chains (Eq. 42), and the parallelized Mixer for the star s - v - c.
+Each implicit solve (1 - F^A)^-1 becomes ``n_iter`` fixed-point iterations (Eq. 29), with the matrices
+inside F^A softly spectrally normalised so that F^A can contract. ``splitting="sequential"`` takes the Euler
+step one group of branches at a time (Lie-Trotter splitting: tokens, then channels, i.e. the vanilla Mixer
+block); ``"parallel"`` takes it over all branches at once (the parallelized Mixer).
+
+The block's parameters are the network's own interaction matrices (``block.net``): a tied network gives
+a weight-tied block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+from torch import Tensor, nn
+
+from hopfield import Network
+
+from .adiabatic import Branch, ReducedField
+from .spectral import SoftSpectralNorm
+
+__all__ = ["DerivedBlock", "DiscreteConfig", "SolveCertificate", "discretize"]
+
+
+@dataclass
+class DiscreteConfig:
+    """How the reduced flow becomes a block. ``dt=None`` means dt = tau_v (Eq. 14)."""
+
+    n_iter: int = 2
+    dt: float | None = None
+    alpha: float = 0.0
+    splitting: str = "parallel"
+    groups: Sequence[Sequence[str]] | None = None  # sequential: hidden layers per sub-step; default one per branch
+    spectral_norm: bool = True
+    coeff: float = 0.9
+    n_power: int = 8
+    drop_path: float = 0.0
+    steps: int = 1  # Euler steps per block, same weights (the parallelized Mixer's n_iter)
+
+    def __post_init__(self):
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"DiscreteConfig.steps must be an int >= 1, got {self.steps!r}")
+        if self.splitting not in ("parallel", "sequential"):
+            raise ValueError(f"DiscreteConfig.splitting must be 'parallel' or 'sequential', got {self.splitting!r}")
+        if not (isinstance(self.n_iter, int) and self.n_iter >= 0):
+            raise ValueError(f"DiscreteConfig.n_iter must be an int >= 0, got {self.n_iter!r}")
+        if self.dt is not None and not self.dt > 0:
+            raise ValueError(f"DiscreteConfig.dt must be > 0, got {self.dt!r}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"DiscreteConfig.drop_path must be in [0, 1), got {self.drop_path!r}")
+
+
+@dataclass
+class SolveCertificate:
+    """A fixed-point solve x = z + F^A(x): an upper bound on Lip(F^A), and what was measured."""
+
+    layer: str
+    n_iter: int
+    lipschitz_bound: float
+    ratios: list[float] = field(default_factory=list)  # measured ||x^(a+1) - x^a|| / ||x^a - x^(a-1)||
+
+    @property
+    def certified(self) -> bool:
+        return self.lipschitz_bound < 1
+
+    def __str__(self) -> str:
+        verdict = "contraction certified" if self.certified else "NOT certified to contract"
+        s = f"FPA^{self.layer}: Lip(F^{self.layer}) <= {self.lipschitz_bound:.4g} ({verdict}), n_iter={self.n_iter}"
+        if self.ratios:
+            s += f"; measured residual ratios {', '.join(f'{r:.3g}' for r in self.ratios)}"
+        return s
+
+
+def _key(br: Branch) -> str:
+    a, b = br.synapse.layers
+    return f"{a}_{b}"
+
+
+class DerivedBlock(nn.Module):
+    """One discrete step of the visible layer of ``net`` after the adiabatic limit; see the module doc."""
+
+    def __init__(self, net: Network, visible: str = "v", config: DiscreteConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or DiscreteConfig()
+        self.net = net
+        self.visible = visible
+        self.field = ReducedField(net, visible, solver="fixed_point", n_iter=cfg.n_iter, alpha=cfg.alpha)
+        self.scale = (cfg.dt if cfg.dt is not None else self.field.tau) / self.field.tau
+        self.branches = self.field.branches
+        self.spectral = nn.ModuleDict()
+        if cfg.spectral_norm:
+            for top in self.branches:
+                for br in top.walk():
+                    if br.depth < 2:
+                        continue
+                    syn = br.synapse
+                    self.spectral[_key(br)] = SoftSpectralNorm(tuple(syn.weight.shape), cfg.coeff, cfg.n_power)
+                    if syn.form != "tied":
+                        self.spectral[_key(br) + "_fb"] = SoftSpectralNorm(tuple(syn.weight.shape[::-1]),
+                                                                           cfg.coeff, cfg.n_power)
+        names = [br.node for br in self.branches]
+        if cfg.splitting == "parallel":
+            self.groups = [names]
+        else:
+            self.groups = [list(g) for g in cfg.groups] if cfg.groups is not None else [[n] for n in names]
+            flat = [n for g in self.groups for n in g]
+            if sorted(flat) != sorted(names):
+                raise ValueError(f"DiscreteConfig.groups {self.groups} must list each of the visible layer's "
+                                 f"neighbours {names} exactly once")
+        self.drop_path = nn.ModuleDict()
+        if cfg.drop_path > 0:
+            from timm.layers import DropPath
+
+            for n in names:
+                self.drop_path[n] = DropPath(cfg.drop_path)
+        self.record = False
+        self.trace: list[dict] = []
+
+    # ------------------------------------------------------------------ the step
+    def _weights(self, br: Branch) -> tuple[Tensor | None, Tensor | None]:
+        """(matrix of G, matrix of H) for this branch, spectrally normalised inside contractions."""
+        key = _key(br)
+        if key not in self.spectral:
+            return None, None
+        syn = br.synapse
+        w = self.spectral[key](syn.weight)
+        v = w.T if syn.form == "tied" else self.spectral[key + "_fb"](syn.feedback_weight())
+        return (w, v) if br.down else (v, w)
+
+    def _on_solve(self, br: Branch, iterates: list[Tensor]) -> None:
+        self.trace.append({"layer": br.node, "iterates": [x.detach() for x in iterates]})
+
+    def branch_update(self, br: Branch, g: Tensor) -> Tensor:
+        """H^B(S^B(G^B(g_v))): branch B's current into the visible layer."""
+        wg, wh = self._weights(br)
+        on = self._on_solve if self.record else None
+        x = self.field.solve(br, br.G(g, wg), self._weights, on)
+        return br.H(self.field.act(br.node, x), wh)
+
+    def forward(self, v: Tensor) -> Tensor:
+        if self.record:
+            self.trace = []
+        by_name = {br.node: br for br in self.branches}
+        alpha = self.config.alpha / len(self.groups)
+        for _ in range(self.config.steps):
+            for group in self.groups:
+                g = self.field.act(self.visible, v)
+                out = v if not alpha else v - (self.scale * alpha) * v
+                for name in group:
+                    upd = self.branch_update(by_name[name], g)
+                    if self.scale != 1:
+                        upd = self.scale * upd
+                    if name in self.drop_path:
+                        upd = self.drop_path[name](upd)
+                    out = out + upd
+                v = out
+        return v
+
+    def penalty(self) -> Tensor:
+        """sum ||W_break||^2 over symmetry-breaking synapses (times lambda in the loss; Karakida et al. 2024)."""
+        terms = [br.synapse.weight_break.square().sum() for top in self.branches for br in top.walk()
+                 if br.synapse.form == "broken"]
+        return sum(terms) if terms else torch.zeros(())
+
+    # ------------------------------------------------------------------ contraction
+    def _slope(self, name: str) -> float:
+        return self.net.layers[name].lagrangian.lipschitz
+
+    def _gain(self, br: Branch, side: str) -> float:
+        aff = br.synapse.affine
+        if aff is None or (side == "G") != br.down:
+            return 1.0
+        return float(aff.weight.detach().abs().max())
+
+    def _lip(self, parent: str, children: list[Branch], norm) -> float:
+        total = 0.0
+        for br in children:
+            wg, wh = norm(br)
+            lip_s = 1.0
+            if br.implicit:
+                f = self._lip(br.node, br.children, norm)
+                lip_s = 1.0 / (1.0 - f) if f < 1 else math.inf
+            total += wh * self._slope(br.node) * lip_s * wg * self._gain(br, "G") * self._slope(parent)
+        return total
+
+    def _exact_norms(self, br: Branch) -> tuple[float, float]:
+        syn = br.synapse
+        key = _key(br)
+        if key in self.spectral:
+            nf = self.spectral[key].bound(syn.weight.detach())
+            nb = nf if syn.form == "tied" else self.spectral[key + "_fb"].bound(syn.feedback_weight().detach())
+        else:
+            nf = float(torch.linalg.matrix_norm(syn.weight.detach(), ord=2))
+            nb = float(torch.linalg.matrix_norm(syn.feedback_weight().detach(), ord=2))
+        return (nf, nb) if br.down else (nb, nf)
+
+    def certificate(self, v: Tensor | None = None) -> list[SolveCertificate]:
+        """Every implicit solve's bound Lip(F^A) <= prod ||W|| x largest activation slope (composed through
+        nested inverses as 1 / (1 - Lip)); with a state ``v`` also the measured contraction ratios."""
+        out = []
+        for top in self.branches:
+            for br in top.walk():
+                if br.implicit:
+                    out.append(SolveCertificate(br.node, self.config.n_iter,
+                                                self._lip(br.node, br.children, self._exact_norms)))
+        if v is not None and out:
+            was = self.record
+            self.record = True
+            try:
+                with torch.no_grad():
+                    self(v)
+            finally:
+                self.record = was
+            by_layer = {c.layer: c for c in out}
+            for rec in self.trace:
+                xs = rec["iterates"]
+                d = [float((b - a).norm()) for a, b in zip(xs, xs[1:])]
+                ratios = [d1 / d0 for d0, d1 in zip(d, d[1:]) if d0 > 0]
+                c = by_layer[rec["layer"]]
+                if not c.ratios:  # first call of the solve (nested solves are called many times)
+                    c.ratios = ratios
+        return out
+
+    def certified_coeff(self, target: float = 1.0) -> float:
+        """The largest spectral-norm coefficient c with every Lip(F^A) bound < ``target`` when every normalised
+        matrix has norm c (soft normalisation caps them there)."""
+        solves = [br for top in self.branches for br in top.walk() if br.implicit]
+        if not solves:
+            return math.inf
+
+        def worst(c):
+            return max(self._lip(br.node, br.children, lambda _: (c, c)) for br in solves)
+
+        lo, hi = 0.0, 1.0
+        while worst(hi) < target:
+            hi *= 2
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if worst(mid) < target else (lo, mid)
+        return lo
+
+    def set_coeff(self, coeff: float) -> None:
+        self.config.coeff = float(coeff)
+        for sn in self.spectral.values():
+            sn.coeff = float(coeff)
+
+    # ------------------------------------------------------------------ explanation
+    def rule(self) -> tuple[list[sympy.Expr], dict[str, sympy.Expr]]:
+        """The update as sympy expressions: one assignment per sub-step, and F^A for every implicit solve."""
+        nc = {"commutative": False}
+        wheres: dict[str, sympy.Expr] = {}
+
+        def act(name, x):
+            sym = self.net.layers[name].lagrangian.symbol
+            return sympy.Function(sym)(x) if sym else x
+
+        def xi(to, frm):
+            return sympy.Symbol(f"xi^({to},{frm})", **nc)
+
+        def current(br: Branch, into: str, frm: str, gx):
+            syn = br.synapse
+            forward = syn.layers == (frm, into)
+            if forward and syn.affine is not None:
+                gx = sympy.Function(f"Affine^({into},{frm})")(gx)
+            e = xi(into, frm) * gx
+            if (forward and syn.has_bias) or (not forward and syn.has_bias_fb):
+                e = e + sympy.Symbol(f"b^({into},{frm})", **nc)
+            return e
+
+        def branch(br: Branch, gp):
+            z = current(br, br.node, br.parent, gp)
+            if br.implicit:
+                x = sympy.Symbol(br.node, **nc)
+                wheres[br.node] = sum((branch(c, act(br.node, x)) for c in br.children), sympy.S.Zero)
+                z = sympy.Function(f"FPA_{self.config.n_iter}^{br.node}")(z)
+            return current(br, br.parent, br.node, act(br.node, z))
+
+        v = sympy.Symbol(self.visible, **nc)
+        by_name = {br.node: br for br in self.branches}
+        steps = []
+        for group in self.groups:
+            upd = sum((branch(by_name[n], act(self.visible, v)) for n in group), sympy.S.Zero)
+            if self.scale != 1:
+                upd = sympy.nsimplify(self.scale) * upd
+            alpha = self.config.alpha / len(self.groups)
+            if alpha:
+                upd = upd - sympy.nsimplify(self.scale * alpha) * v
+            steps.append(v + upd)
+        return steps * self.config.steps, wheres
+
+    def explain(self, latex: bool = False) -> str:
+        """The update rule in readable math (plain text, or LaTeX with ``latex=True``)."""
+        steps, wheres = self.rule()
+        fmt = sympy.latex if latex else sympy.sstr
+        arrow = r" \leftarrow " if latex else " <- "
+        lines = [self.visible + arrow + fmt(s) for s in steps]
+        for name, f in wheres.items():
+            lines.append(("  where " if not latex else r"\quad F^{" + name + "}(" + name + ") = ")
+                         + (f"F^{name}({name}) = " if not latex else "") + fmt(f))
+        notes = []
+        for top in self.branches:
+            for br in top.walk():
+                syn = br.synapse
+                a, b = syn.layers
+                if syn.form == "tied":
+                    notes.append(f"xi^({a},{b}) = xi^({b},{a})^T (tied)")
+                elif syn.form == "broken":
+                    notes.append(f"xi^({a},{b}) = xi^({b},{a})^T + W_break (symmetry breaking)")
+                if _key(br) in self.spectral:
+                    which = f"xi^({b},{a})" + (f", xi^({a},{b})" if syn.form != "tied" else "")
+                    notes.append(f"{which}: soft spectral norm <= {self.config.coeff:g}")
+        if not latex and notes:
+            lines.append("  with " + "; ".join(notes))
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return f"splitting={self.config.splitting!r}, n_iter={self.config.n_iter}\n" + self.explain()
+
+
+def discretize(net: Network, visible: str = "v", config: DiscreteConfig | None = None, **kwargs) -> DerivedBlock:
+    """The derived block of ``net``: ``config`` or its fields as keyword arguments (see ``DiscreteConfig``)."""
+    if config is not None and kwargs:
+        raise TypeError("discretize: pass either config or keyword arguments, not both")
+    return DerivedBlock(net, visible, config or DiscreteConfig(**kwargs))

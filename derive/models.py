@@ -1,0 +1,362 @@
+"""Derived Mixer-family blocks and models, and their interop with timm and the hand-written ``mixers``.
+
+Each block kind is a hierarchical Hopfield network on a token x channel state v (S, C) with the LayerNorm
+Lagrangian (eps 1e-6) and GELU hidden layers, discretised by ``derive.discretize``:
+
+| kind        | network (hidden layers; axis)                                   | splitting  | gives                  |
+|-------------|-----------------------------------------------------------------|------------|------------------------|
+| "mixer"     | s (T, C) on tokens, c (S, 4C) on channels, untied + biases      | sequential | timm's MixerBlock      |
+| "imixer"    | chain v - x (T, C) - h (T h_r, C) on tokens, c on channels      | sequential | iMixer block (Eq. 30)  |
+| "limixer"   | chain v - x1 - ... - x_{L-1} on tokens, c on channels           | sequential | L-layer iMixer (Eq. 42)|
+| "paramixer" | star s - v - c, tied / untied / broken, one shared LN affine     | parallel   | parallelized Mixer     |
+
+LayerNorm affines (timm's per-channel gamma, beta; the parallelized Mixer's per-element ones) are not part
+of any Lagrangian with a scalar gain: they sit on the forward side of the synapse leaving v
+(``hopfield.Affine``): W (gamma * LN(v) + beta) = (W diag gamma) LN(v) + W beta. For the token synapse the
+per-channel gamma is a diagonal factor along the other (channel) axis, for the channel synapse along its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from hopfield import Affine, DenseSynapse, Layer, Network
+from hopfield import lagrangians as lag
+
+from .discrete import DerivedBlock, DiscreteConfig
+
+__all__ = ["KINDS", "DerivedMixer", "DerivedMixerConfig", "block_network", "derived_block", "from_reference",
+           "from_timm", "load_reference_block", "to_reference", "to_timm"]
+
+KINDS = ("mixer", "imixer", "limixer", "paramixer")
+LN_EPS = 1e-6
+
+
+
+def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
+                  depth: int = 4, form: str = "untied", norm: str = "matrix", bias: bool | None = None) -> Network:
+    """The hierarchical Hopfield network whose discrete-time limit is a ``kind`` block (see the module doc)."""
+    if kind not in KINDS:
+        raise ValueError(f"block_network: kind must be one of {KINDS}, got {kind!r}")
+    tokens_dim, channels_dim = int(mlp_ratio[0] * dim), int(mlp_ratio[1] * dim)
+    gelu = lag.gelu()
+    if kind == "paramixer":
+        if norm not in ("matrix", "channel"):
+            raise ValueError(f"block_network: norm must be 'matrix' or 'channel', got {norm!r}")
+        bias = False if bias is None else bias
+        bias_fb = bias and form != "tied"  # a tied MLP's bias sits before its GELU only, to stay a gradient
+        axis = (-2, -1) if norm == "matrix" else -1
+        affine = Affine((seq_len, dim) if norm == "matrix" else (dim,))  # one LayerNorm for both branches
+        layers = {"v": Layer((seq_len, dim), lag.layernorm(axis=axis, eps=LN_EPS), 1.0),
+                  "s": Layer((tokens_dim, dim), gelu, 0.01),
+                  "c": Layer((seq_len, channels_dim), gelu, 0.01)}
+        syn = [DenseSynapse("v", "s", axis=-2, form=form, bias=bias, bias_fb=bias_fb, affine=affine),
+               DenseSynapse("v", "c", axis=-1, form=form, bias=bias, bias_fb=bias_fb, affine=affine)]
+        return Network(layers, syn)
+    bias = True if bias is None else bias
+    ln = lag.layernorm(axis=-1, eps=LN_EPS)  # timm: per token, over channels
+    if kind == "mixer":
+        widths = [tokens_dim]
+    elif kind == "imixer":
+        widths = [tokens_dim, int(tokens_dim * h_ratio)]
+    else:
+        if depth < 3:
+            raise ValueError(f"block_network: an L-layer iMixer needs depth >= 3, got {depth}")
+        widths = [tokens_dim] + [int(tokens_dim * h_ratio)] * (depth - 2)
+    names = ["s"] if kind == "mixer" else (["x", "h"] if kind == "imixer" else [f"x{k}" for k in
+                                                                              range(1, len(widths) + 1)])
+    layers = {"v": Layer((seq_len, dim), ln, 1.0)}
+    for k, (n, w) in enumerate(zip(names, widths), start=1):
+        layers[n] = Layer((w, dim), gelu, 10.0 ** -k)
+    layers["c"] = Layer((seq_len, channels_dim), gelu, 0.1)
+    chain = ["v", *names]
+    syn = [DenseSynapse(a, b, axis=-2, form="untied", bias=bias, bias_fb=bias, affine=(dim,) if a == "v" else None)
+           for a, b in zip(chain, chain[1:])]
+    syn.append(DenseSynapse("v", "c", axis=-1, form="untied", bias=bias, bias_fb=bias, affine=(dim,)))
+    return Network(layers, syn)
+
+
+def derived_block(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
+                  depth: int = 4, form: str = "untied", norm: str = "matrix", bias: bool | None = None,
+                  n_iter: int = 2, n_power: int = 8, coeff: float = 0.9, steps: int = 1,
+                  drop_path: float = 0.0) -> DerivedBlock:
+    """``kind``'s network discretised with its splitting: sequential (tokens, then channels) for the Mixer and
+    iMixers, parallel for the parallelized Mixer."""
+    form = {"symmetric": "tied", "symmetry_breaking": "broken"}.get(form, form)
+    net = block_network(kind, seq_len, dim, mlp_ratio, h_ratio=h_ratio, depth=depth, form=form, norm=norm,
+                        bias=bias)
+    splitting = "parallel" if kind == "paramixer" else "sequential"
+    cfg = DiscreteConfig(n_iter=n_iter, splitting=splitting, coeff=coeff, n_power=n_power, steps=steps,
+                         drop_path=drop_path)
+    block = DerivedBlock(net, "v", cfg)
+    block.kind = kind
+    return block
+
+
+# ---------------------------------------------------------------------------------------------- full model
+@dataclass
+class DerivedMixerConfig:
+    """A Mixer-family image classifier whose blocks are derived (fields as ``mixers.MixerConfig``)."""
+
+    num_classes: int = 1000
+    img_size: int = 224
+    in_chans: int = 3
+    patch_size: int = 16
+    num_blocks: int = 8
+    embed_dim: int = 512
+    mlp_ratio: tuple[float, float] = (0.5, 4.0)
+    block: str = "mixer"
+    block_kwargs: dict = field(default_factory=dict)  # h_ratio, depth, form, norm, bias, n_iter, n_power, ...
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    lam: float = 0.0  # weight of the symmetry-breaking penalty (paramixer, form="broken")
+
+    def __post_init__(self):
+        if self.block not in KINDS:
+            raise ValueError(f"DerivedMixerConfig.block must be one of {KINDS}, got {self.block!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"DerivedMixerConfig: img_size {self.img_size} is not a multiple of patch_size "
+                             f"{self.patch_size}")
+
+
+class DerivedMixer(nn.Module):
+    """Patch embedding, derived blocks, final LayerNorm, mean over tokens, linear head (timm's layout and names)."""
+
+    def __init__(self, cfg: DerivedMixerConfig | None = None, **kwargs):
+        super().__init__()
+        self.cfg = cfg = cfg or DerivedMixerConfig(**kwargs)
+        self.num_classes = cfg.num_classes
+        self.seq_len = (cfg.img_size // cfg.patch_size) ** 2
+        self.stem = nn.Module()
+        self.stem.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+        self.blocks = nn.Sequential(*[
+            derived_block(cfg.block, self.seq_len, cfg.embed_dim, cfg.mlp_ratio, drop_path=cfg.drop_path_rate,
+                          **cfg.block_kwargs) for _ in range(cfg.num_blocks)])
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=LN_EPS)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """timm's Mixer init: xavier-uniform interactions, ~0 biases, LeCun-normal stem, zero head."""
+        for name, p in self.named_parameters():
+            if name.startswith("blocks."):
+                if name.endswith(("weight", "weight_fb", "weight_break")) and ".affine." not in name:
+                    nn.init.xavier_uniform_(p)
+                elif name.endswith(("bias", "bias_fb")) and ".affine." not in name:
+                    nn.init.normal_(p, std=1e-6)
+        w = self.stem.proj.weight
+        fan_in = w.shape[1] * w.shape[2] * w.shape[3]
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
+        nn.init.zeros_(self.stem.proj.bias)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.stem.proj(x).flatten(2).transpose(1, 2)
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.head_drop(x.mean(dim=1))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def penalty(self) -> Tensor:
+        """lam * sum ||W_break||^2 over the blocks: add it to the training loss."""
+        if not self.cfg.lam:
+            return torch.zeros((), device=self.head.weight.device if isinstance(self.head, nn.Linear) else None)
+        return self.cfg.lam * sum(b.penalty() for b in self.blocks)
+
+    def explain(self, latex: bool = False) -> str:
+        return self.blocks[0].explain(latex)
+
+
+# ---------------------------------------------------------------------------------------------- name maps
+def _block_map(block: DerivedBlock) -> list[tuple[str, str]]:
+    """(derived key, reference key) pairs for one block; reference names are timm's / the mixers package's."""
+    kind = getattr(block, "kind", None)
+    syns = list(block.net.synapses)
+    pairs: list[tuple[str, str]] = []
+
+    def linear(i: int, ref_w: str, ref_b: str | None, attr_w="weight", attr_b="bias"):
+        pairs.append((f"net.synapses.{i}.{attr_w}", ref_w))
+        if ref_b is not None and getattr(syns[i], "has_" + attr_b):
+            pairs.append((f"net.synapses.{i}.{attr_b}", ref_b))
+
+    def affine(i: int, norm: str):
+        pairs.extend([(f"net.synapses.{i}.affine.weight", f"{norm}.weight"),
+                      (f"net.synapses.{i}.affine.bias", f"{norm}.bias")])
+
+    def mlp(i: int, prefix: str, norm: str):
+        linear(i, f"{prefix}.fc1.weight", f"{prefix}.fc1.bias")
+        linear(i, f"{prefix}.fc2.weight", f"{prefix}.fc2.bias", "weight_fb", "bias_fb")
+        affine(i, norm)
+
+    def spectral(key: str, ref: str):
+        pairs.extend([(f"spectral.{key}.weight_{s}", f"{ref}.weight_{s}") for s in ("u", "v", "sigma")])
+
+    if kind == "mixer":
+        mlp(0, "mlp_tokens", "norm1")
+        mlp(1, "mlp_channels", "norm2")
+    elif kind in ("imixer", "limixer"):
+        n_hidden = len(syns) - 2  # chain synapses after v - x1
+        mlp(0, "mlp_tokens", "norm1")
+        n_sn = 2 * n_hidden
+        for k in range(1, n_hidden + 1):
+            down, up = f"mlp_tokens.fc_sn{k}", f"mlp_tokens.fc_sn{n_sn + 1 - k}"
+            linear(k, f"{down}.weight_orig", f"{down}.bias")
+            linear(k, f"{up}.weight_orig", f"{up}.bias", "weight_fb", "bias_fb")
+            a, b = syns[k].layers
+            if f"{a}_{b}" in block.spectral:
+                spectral(f"{a}_{b}", down)
+                spectral(f"{a}_{b}_fb", up)
+        mlp(len(syns) - 1, "mlp_channels", "norm2")
+    elif kind == "paramixer":
+        for i, prefix in enumerate(("mlp_tokens", "mlp_channels")):
+            syn = syns[i]
+            if syn.form == "untied":
+                linear(i, f"{prefix}.fc1.weight", f"{prefix}.fc1.bias")
+                linear(i, f"{prefix}.fc2.weight", f"{prefix}.fc2.bias", "weight_fb", "bias_fb")
+            elif syn.form == "tied":
+                linear(i, f"{prefix}.fc2.weight", f"{prefix}.fc2.bias")
+            else:
+                linear(i, f"{prefix}.fc1.weight", f"{prefix}.fc1.bias")
+                linear(i, f"{prefix}.fc2.weight", f"{prefix}.fc2.bias", "weight_break", "bias_fb")
+            affine(i, "norm")
+    else:
+        raise ValueError(f"no reference names for a block of kind {kind!r}")
+    return pairs
+
+
+def _model_map(model: DerivedMixer) -> list[tuple[str, str]]:
+    pairs = [(k, k) for k in ("stem.proj.weight", "stem.proj.bias", "norm.weight", "norm.bias")]
+    if isinstance(model.head, nn.Linear):
+        pairs += [("head.weight", "head.weight"), ("head.bias", "head.bias")]
+    for i, b in enumerate(model.blocks):
+        pairs += [(f"blocks.{i}.{d}", f"blocks.{i}.{r}") for d, r in _block_map(b)]
+    return pairs
+
+
+@torch.no_grad()
+def _copy(dst: nn.Module, src_sd: dict[str, Tensor], pairs, reverse: bool, what: str) -> None:
+    dst_sd = dst.state_dict(keep_vars=True)
+    for d, r in pairs:
+        to, frm = (r, d) if reverse else (d, r)
+        if frm not in src_sd:
+            raise KeyError(f"{what}: the source has no {frm!r}")
+        if to not in dst_sd:
+            raise KeyError(f"{what}: the destination has no {to!r}")
+        if dst_sd[to].shape != src_sd[frm].shape:
+            raise ValueError(f"{what}: {frm!r} has shape {tuple(src_sd[frm].shape)}, {to!r} expects "
+                             f"{tuple(dst_sd[to].shape)}")
+        dst_sd[to].copy_(src_sd[frm])
+
+
+def load_reference_block(block: DerivedBlock, ref: nn.Module) -> DerivedBlock:
+    """Copy a hand-written block's weights (timm / ``mixers`` names) into the derived ``block``."""
+    _copy(block, ref.state_dict(), _block_map(block), False, f"load_reference_block({type(ref).__name__})")
+    return block
+
+
+def _mixer_config_of(ref: nn.Module) -> DerivedMixerConfig:
+    conv = ref.stem.proj
+    patch = conv.kernel_size[0]
+    blocks = list(ref.blocks)
+    first = blocks[0]
+    seq_len = first.mlp_tokens.fc1.in_features if hasattr(first.mlp_tokens, "fc1") else None
+    side = round(math.sqrt(seq_len)) * patch if seq_len else None
+    dim = conv.out_channels
+    head = ref.head
+    return DerivedMixerConfig(num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
+                              img_size=side, in_chans=conv.in_channels, patch_size=patch, num_blocks=len(blocks),
+                              embed_dim=dim, block="mixer")
+
+
+def from_timm(model: nn.Module) -> DerivedMixer:
+    """A timm ``mixer_*`` model (timm.models.mlp_mixer.MlpMixer with MixerBlocks, any size and weights) as the
+    equivalent derived model: the same logits, its LayerNorm affines folded into the token and channel synapses."""
+    from timm.models.mlp_mixer import MixerBlock, MlpMixer
+
+    if not isinstance(model, MlpMixer) or not all(isinstance(b, MixerBlock) for b in model.blocks):
+        raise TypeError(f"from_timm expects a timm MlpMixer made of MixerBlocks, got {type(model).__name__}")
+    if getattr(model, "global_pool", "avg") != "avg":
+        raise ValueError(f"from_timm: global_pool {model.global_pool!r} is not supported (only 'avg')")
+    first = model.blocks[0]
+    cfg = _mixer_config_of(model)
+    cfg.mlp_ratio = (first.mlp_tokens.fc1.out_features / cfg.embed_dim,
+                     first.mlp_channels.fc1.out_features / cfg.embed_dim)
+    if abs(first.norm1.eps - LN_EPS) > 0:
+        raise ValueError(f"from_timm: LayerNorm eps {first.norm1.eps} differs from {LN_EPS}")
+    ref = next(model.parameters())
+    derived = DerivedMixer(cfg).to(dtype=ref.dtype, device=ref.device)
+    _copy(derived, model.state_dict(), _model_map(derived), False, "from_timm")
+    return derived
+
+
+def to_timm(derived: DerivedMixer) -> nn.Module:
+    """The timm MlpMixer equal to a derived ``mixer`` model (the inverse of ``from_timm``)."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    cfg = derived.cfg
+    if cfg.block != "mixer":
+        raise ValueError(f"to_timm: only block='mixer' has a timm twin, this model's block is {cfg.block!r}; "
+                         "use to_reference for the mixers package's modules")
+    ref = next(derived.parameters())
+    model = MlpMixer(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                     patch_size=cfg.patch_size, num_blocks=cfg.num_blocks, embed_dim=cfg.embed_dim,
+                     mlp_ratio=cfg.mlp_ratio, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    model = model.to(dtype=ref.dtype, device=ref.device)
+    _copy(model, derived.state_dict(), _model_map(derived), True, "to_timm")
+    return model
+
+
+_REF_BLOCK = {"mixer": "mixer", "imixer": "imixer", "limixer": "limixer", "paramixer": "paramixer"}
+
+
+def from_reference(model: nn.Module) -> DerivedMixer:
+    """A hand-written ``mixers.MlpMixer`` (any block kind) as the equivalent derived model.
+
+    Names differ in one place: the parallelized Mixer's ``n_iter`` (repeats of the block with the same weights)
+    is the derived block's ``steps`` (Euler steps); ``n_iter`` of a derived block counts fixed-point iterations.
+    """
+    rcfg = model.cfg
+    if getattr(rcfg, "proj_drop_rate", 0.0):
+        raise ValueError("from_reference: proj_drop_rate (dropout inside the MLPs) has no derived counterpart")
+    kw = dict(rcfg.block_kwargs)
+    if rcfg.block == "paramixer" and "n_iter" in kw:
+        kw["steps"] = kw.pop("n_iter")
+    cfg = DerivedMixerConfig(**{k: v for k, v in asdict(rcfg).items() if k in DerivedMixerConfig.__dataclass_fields__
+                                and k not in ("block_kwargs", "block")},
+                             block=_REF_BLOCK[rcfg.block], block_kwargs=kw)
+    ref = next(model.parameters())
+    derived = DerivedMixer(cfg).to(dtype=ref.dtype, device=ref.device)
+    _copy(derived, model.state_dict(), _model_map(derived), False, "from_reference")
+    return derived
+
+
+def to_reference(derived: DerivedMixer) -> nn.Module:
+    """The hand-written ``mixers.MlpMixer`` equal to a derived model."""
+    import mixers
+
+    cfg = derived.cfg
+    kw = dict(cfg.block_kwargs)
+    if cfg.block == "paramixer":
+        kw.pop("n_iter", None)
+        if "steps" in kw:
+            kw["n_iter"] = kw.pop("steps")
+    rcfg = mixers.MixerConfig(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                              patch_size=cfg.patch_size, num_blocks=cfg.num_blocks, embed_dim=cfg.embed_dim,
+                              mlp_ratio=cfg.mlp_ratio, block=cfg.block, block_kwargs=kw, drop_rate=cfg.drop_rate,
+                              drop_path_rate=cfg.drop_path_rate, lam=cfg.lam)
+    ref = next(derived.parameters())
+    model = mixers.MlpMixer(rcfg).to(dtype=ref.dtype, device=ref.device)
+    _copy(model, derived.state_dict(), _model_map(derived), True, "to_reference")
+    return model

@@ -1,0 +1,556 @@
+"""Mixer blocks and the MLP-Mixer model, with timm's structure and state-dict names.
+
+- `MixerBlock`: the serial block of timm's Mixer, ``x + DP(TokMLP(LN1(x)^T)^T)`` then ``x + DP(ChMLP(LN2(x)))``, with a
+  plain (`Mlp`), inverted (`iMlp`, iMixer Eq. 30) or L-layer inverted (`LiMlp`, iMixer Eqs. 37-42) token MLP.
+- `ParaMixerBlock`: the parallelized block of Karakida, Ota & Taki (arXiv 2406.12220),
+  ``x + DP(TokMLP(LN(x)^T)^T) + DP(ChMLP(LN(x)))`` with one shared LayerNorm and untied, symmetric or
+  symmetry-broken MLPs.
+- `MlpMixer` (configured by `MixerConfig`): patch stem, blocks, final LayerNorm, mean pooling, linear head.
+
+Importing this module registers the model names of `MODEL_NAMES` with timm (``timm.create_model("imixer_s16_224")``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from timm.layers import DropPath, lecun_normal_
+from timm.models import is_model, model_entrypoint, register_model
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import AsymMlp, LiMlp, Mlp, SpectralNormLinear, SymMlp, iMlp
+
+__all__ = [
+    "BLOCK_TYPES",
+    "MODEL_NAMES",
+    "IMixerBlock",
+    "LiMixerBlock",
+    "MixerBlock",
+    "MixerConfig",
+    "MlpMixer",
+    "ParaMixerBlock",
+    "PatchStem",
+    "build_token_mixer",
+]
+
+
+def _pair(ratio: float | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(ratio, (tuple, list)):
+        if len(ratio) != 2:
+            raise ValueError(f"mlp_ratio must be a float or a pair (tokens, channels), got {ratio!r}")
+        return float(ratio[0]), float(ratio[1])
+    return float(ratio), float(ratio)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# token mixers
+
+
+def _mlp_tokens(seq_len: int, tokens_dim: int, drop: float = 0.0) -> Mlp:
+    return Mlp(seq_len, tokens_dim, drop=drop)
+
+
+def _imlp_tokens(
+    seq_len: int,
+    tokens_dim: int,
+    drop: float = 0.0,
+    h_ratio: float = 1.0,
+    n_iter: int = 2,
+    n_power: int = 8,
+    coeff: float = 0.9,
+) -> iMlp:
+    return iMlp(seq_len, tokens_dim, int(tokens_dim * h_ratio), n_iter=n_iter, n_power=n_power, coeff=coeff, drop=drop)
+
+
+def _limlp_tokens(
+    seq_len: int,
+    tokens_dim: int,
+    drop: float = 0.0,
+    depth: int = 4,
+    h_ratio: float = 1.0,
+    n_iter: int = 2,
+    n_power: int = 8,
+    coeff: float = 0.9,
+) -> LiMlp:
+    widths = [seq_len, tokens_dim] + [int(tokens_dim * h_ratio)] * (depth - 2)
+    return LiMlp(widths, n_iter=n_iter, n_power=n_power, coeff=coeff, drop=drop)
+
+
+_TOKEN_MIXERS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp_tokens, "imlp": _imlp_tokens, "limlp": _limlp_tokens}
+
+
+def build_token_mixer(
+    kind: str | Callable[..., nn.Module], seq_len: int, tokens_dim: int, drop: float = 0.0, **kwargs: Any
+) -> nn.Module:
+    """The token MLP of a `MixerBlock`, acting on the token axis (size ``seq_len``).
+
+    - ``"mlp"``: ``Mlp(seq_len, tokens_dim)`` (timm's Mixer), no options;
+    - ``"imlp"``: ``iMlp(seq_len, tokens_dim, int(tokens_dim * h_ratio))`` (iMixer Eq. 30), options ``h_ratio=1.0``,
+      ``n_iter=2``, ``n_power=8``, ``coeff=0.9``;
+    - ``"limlp"``: ``LiMlp([seq_len, tokens_dim] + [int(tokens_dim * h_ratio)] * (depth - 2))`` (iMixer Appendix B),
+      options ``depth=4`` and those of ``"imlp"``;
+    - a callable: called as ``kind(seq_len, tokens_dim, drop=drop, **kwargs)``.
+    """
+    if callable(kind):
+        return kind(seq_len, tokens_dim, drop=drop, **kwargs)
+    if kind not in _TOKEN_MIXERS:
+        raise ValueError(f"unknown token mixer {kind!r}; expected one of {sorted(_TOKEN_MIXERS)} or a callable")
+    return _TOKEN_MIXERS[kind](seq_len, tokens_dim, drop=drop, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# blocks
+
+
+class MixerBlock(nn.Module):
+    """Serial Mixer block with timm's names (``norm1``, ``mlp_tokens``, ``norm2``, ``mlp_channels``, ``drop_path``).
+
+        x <- x + DP(mlp_tokens(norm1(x)^T)^T)
+        x <- x + DP(mlp_channels(norm2(x)))
+
+    ``norm1``/``norm2`` are ``LayerNorm(dim, eps=1e-6)`` per token. ``tokens_dim = int(mlp_ratio[0] * dim)``,
+    ``mlp_channels = Mlp(dim, int(mlp_ratio[1] * dim))``. The token MLP is chosen by ``token_mixer`` (see
+    `build_token_mixer`): ``"mlp"`` gives timm's ``MixerBlock``, ``"imlp"`` the iMixer block (iMixer Eq. 30),
+    ``"limlp"`` the L-layer iMixer block (Appendix B). One ``DropPath`` module serves both branches (timm's
+    convention); each call draws its own mask.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        mlp_ratio: float | tuple[float, float] = (0.5, 4.0),
+        token_mixer: str | Callable[..., nn.Module] = "mlp",
+        token_kwargs: dict[str, Any] | None = None,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        tokens_ratio, channels_ratio = _pair(mlp_ratio)
+        tokens_dim, channels_dim = int(tokens_ratio * dim), int(channels_ratio * dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp_tokens = build_token_mixer(token_mixer, seq_len, tokens_dim, drop=drop, **(token_kwargs or {}))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp_channels = Mlp(dim, channels_dim, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+
+
+class IMixerBlock(MixerBlock):
+    """iMixer block: `MixerBlock` with the `iMlp` token mixer (iMixer Eq. 30), hidden width ``int(T * h_ratio)``."""
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        mlp_ratio: float | tuple[float, float] = (0.5, 4.0),
+        h_ratio: float = 1.0,
+        n_iter: int = 2,
+        n_power: int = 8,
+        coeff: float = 0.9,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        kwargs = dict(h_ratio=h_ratio, n_iter=n_iter, n_power=n_power, coeff=coeff)
+        super().__init__(dim, seq_len, mlp_ratio, "imlp", kwargs, drop=drop, drop_path=drop_path)
+
+
+class LiMixerBlock(MixerBlock):
+    """L-layer iMixer block: `MixerBlock` with the `LiMlp` token mixer (iMixer Appendix B, Eqs. 37-42).
+
+    Widths ``[S, T] + [int(T * h_ratio)] * (depth - 2)``; ``depth = 3`` is `IMixerBlock`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        mlp_ratio: float | tuple[float, float] = (0.5, 4.0),
+        depth: int = 4,
+        h_ratio: float = 1.0,
+        n_iter: int = 2,
+        n_power: int = 8,
+        coeff: float = 0.9,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        kwargs = dict(depth=depth, h_ratio=h_ratio, n_iter=n_iter, n_power=n_power, coeff=coeff)
+        super().__init__(dim, seq_len, mlp_ratio, "limlp", kwargs, drop=drop, drop_path=drop_path)
+
+
+_PARA_FORMS = {"untied": Mlp, "symmetric": SymMlp, "broken": AsymMlp}
+
+
+class ParaMixerBlock(nn.Module):
+    """Parallelized Mixer block (arXiv 2406.12220; the authors' ``pMixerBlock``), repeated ``n_iter`` times::
+
+        y = norm(x);  x <- x + DP(mlp_tokens(y^T)^T) + DP(mlp_channels(y))
+
+    One LayerNorm ``norm`` (eps 1e-6) is shared by both branches: ``norm="matrix"`` normalises the whole
+    token x channel matrix with an (S, C) affine (the authors' convention, the LayerNorm Lagrangian of the visible
+    layer); ``norm="channel"`` normalises each token over channels (timm's convention). The MLPs
+    (``Mlp(bias=bias)``, `SymMlp` or `AsymMlp` for ``form`` ``"untied"``, ``"symmetric"``, ``"broken"``) have hidden
+    widths ``int(mlp_ratio[0] * dim)`` and ``int(mlp_ratio[1] * dim)``. The ``n_iter`` repeats share the weights.
+    One ``DropPath`` module is called once per branch, so the two branches get independent masks.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        seq_len: int,
+        mlp_ratio: float | tuple[float, float] = (0.5, 4.0),
+        form: str = "untied",
+        norm: str = "matrix",
+        bias: bool = False,
+        n_iter: int = 1,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if form not in _PARA_FORMS:
+            raise ValueError(f"unknown form {form!r}; expected one of {sorted(_PARA_FORMS)}")
+        if norm not in ("matrix", "channel"):
+            raise ValueError(f"unknown norm {norm!r}; expected 'matrix' or 'channel'")
+        if n_iter < 1:
+            raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+        tokens_ratio, channels_ratio = _pair(mlp_ratio)
+        tokens_dim, channels_dim = int(tokens_ratio * dim), int(channels_ratio * dim)
+        self.form = form
+        self.norm_kind = norm
+        self.n_iter = int(n_iter)
+        mlp = _PARA_FORMS[form]
+        self.norm = nn.LayerNorm((seq_len, dim) if norm == "matrix" else dim, eps=1e-6)
+        self.mlp_tokens = mlp(seq_len, tokens_dim, bias=bias, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.mlp_channels = mlp(dim, channels_dim, bias=bias, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.n_iter):
+            y = self.norm(x)
+            tokens = self.mlp_tokens(y.transpose(1, 2)).transpose(1, 2)
+            x = x + self.drop_path(tokens) + self.drop_path(self.mlp_channels(y))
+        return x
+
+    def penalty(self) -> torch.Tensor:
+        """``||W2_tok||_F^2 + ||W2_ch||_F^2`` for ``form="broken"``, zero otherwise."""
+        if self.form != "broken":
+            return self.norm.weight.new_zeros(())
+        return self.mlp_tokens.penalty() + self.mlp_channels.penalty()
+
+    def extra_repr(self) -> str:
+        return f"form={self.form!r}, norm={self.norm_kind!r}, n_iter={self.n_iter}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model
+
+
+BLOCK_TYPES = ("mixer", "imixer", "limixer", "paramixer")
+
+
+@dataclass
+class MixerConfig:
+    """Configuration of `MlpMixer` (the fields of timm's ``MlpMixer`` plus the block type).
+
+    ``block``: ``"mixer"`` (timm's `MixerBlock`), ``"imixer"`` (`iMlp` token mixer; ``block_kwargs`` h_ratio,
+    n_iter, n_power, coeff), ``"limixer"`` (`LiMlp`; also depth), ``"paramixer"`` (`ParaMixerBlock`; form, norm, bias,
+    n_iter). ``drop_rate`` is the head dropout, ``proj_drop_rate`` the dropout inside the MLPs, ``drop_path_rate``
+    the same stochastic-depth rate for every block (as in timm's Mixer). ``lam`` scales `MlpMixer.penalty`.
+    """
+
+    num_classes: int = 1000
+    img_size: int | tuple[int, int] = 224
+    in_chans: int = 3
+    patch_size: int = 16
+    num_blocks: int = 8
+    embed_dim: int = 512
+    mlp_ratio: tuple[float, float] = (0.5, 4.0)
+    block: str = "mixer"
+    block_kwargs: dict[str, Any] = field(default_factory=dict)
+    drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    lam: float = 0.0
+    global_pool: str = "avg"
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"unknown block {self.block!r}; expected one of {BLOCK_TYPES}")
+        if self.global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {self.global_pool!r}")
+        h, w = self.image_hw
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        if isinstance(self.img_size, (tuple, list)):
+            return int(self.img_size[0]), int(self.img_size[1])
+        return int(self.img_size), int(self.img_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+
+class PatchStem(nn.Module):
+    """Non-overlapping patch embedding ``proj`` (Conv2d, kernel = stride = patch), flattened to (B, N, C)."""
+
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = tuple(img_size)
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _checkpoint_contexts(block: nn.Module) -> Callable[[], tuple[Any, Any]]:
+    """Context functions for non-reentrant checkpointing of a block with spectrally normalised layers.
+
+    In train mode every `SpectralNormLinear` call advances its power iteration. The recomputation in the backward pass
+    restarts from the ``u``, ``v`` the forward pass started from (so it rebuilds exactly the same weights) and puts the
+    end state back afterwards.
+    """
+    layers = [m for m in block.modules() if isinstance(m, SpectralNormLinear)]
+
+    def snapshot() -> list[tuple[torch.Tensor, ...]]:
+        return [(m.weight_u.clone(), m.weight_v.clone(), m.weight_sigma.clone()) for m in layers]
+
+    @torch.no_grad()
+    def restore(state: list[tuple[torch.Tensor, ...]]) -> None:
+        for m, (u, v, s) in zip(layers, state):
+            m.weight_u.copy_(u)
+            m.weight_v.copy_(v)
+            m.weight_sigma.copy_(s)
+
+    def context_fn() -> tuple[Any, Any]:
+        start = snapshot()
+
+        @contextlib.contextmanager
+        def recompute():
+            end = snapshot()
+            restore(start)
+            try:
+                yield
+            finally:
+                restore(end)
+
+        return contextlib.nullcontext(), recompute()
+
+    return context_fn
+
+
+class MlpMixer(nn.Module):
+    """MLP-Mixer with timm's structure and state-dict names (``stem.proj``, ``blocks.i``, ``norm``, ``head``).
+
+    ``MlpMixer(cfg)``, ``MlpMixer(**fields)`` or ``MlpMixer(cfg, **overrides)``. With ``block="mixer"`` a timm
+    ``mixer_*`` state dict loads with ``strict=True`` and gives the same logits. Weights are initialised as in timm's
+    Mixer: xavier-uniform linear weights (spectrally normalised ones included) with N(0, 1e-6) biases inside MLPs,
+    lecun-normal stem, unit LayerNorms, zero head.
+    """
+
+    def __init__(self, cfg: MixerConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        cfg = MixerConfig(**kwargs) if cfg is None else replace(cfg, **kwargs)
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans
+        self.global_pool = cfg.global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = cfg.embed_dim
+        self.grad_checkpointing = False
+
+        self.stem = PatchStem(cfg.image_hw, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.blocks = nn.Sequential(*[self._make_block() for _ in range(cfg.num_blocks)])
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+        self.pretrained_cfg = self.default_cfg = {
+            "num_classes": cfg.num_classes,
+            "input_size": (cfg.in_chans, *cfg.image_hw),
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "mean": (0.5,) * cfg.in_chans,
+            "std": (0.5,) * cfg.in_chans,
+            "first_conv": "stem.proj",
+            "classifier": "head",
+        }
+
+    def _make_block(self) -> nn.Module:
+        cfg = self.cfg
+        common = dict(drop=cfg.proj_drop_rate, drop_path=cfg.drop_path_rate)
+        dim, seq_len = cfg.embed_dim, self.stem.num_patches
+        if cfg.block == "paramixer":
+            return ParaMixerBlock(dim, seq_len, cfg.mlp_ratio, **cfg.block_kwargs, **common)
+        token_mixer = {"mixer": "mlp", "imixer": "imlp", "limixer": "limlp"}[cfg.block]
+        return MixerBlock(dim, seq_len, cfg.mlp_ratio, token_mixer, dict(cfg.block_kwargs), **common)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm's Mixer initialisation (``_init_weights``), also reaching ``weight_orig`` of spectral-norm layers."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and name.startswith("head"):
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.Linear, SpectralNormLinear)):
+                weight = module.weight if isinstance(module, nn.Linear) else module.weight_orig
+                nn.init.xavier_uniform_(weight)
+                if module.bias is not None:
+                    if "mlp" in name:
+                        nn.init.normal_(module.bias, std=1e-6)
+                    else:
+                        nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                lecun_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        ref = self.norm.weight
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False, context_fn=_checkpoint_contexts(block))
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def penalty(self) -> torch.Tensor:
+        """``lam * sum(block.penalty())``: the symmetry-breaking term to add to the training loss (zero if unused)."""
+        zero = self.norm.weight.new_zeros(())
+        if self.cfg.lam == 0:
+            return zero
+        terms = [block.penalty() for block in self.blocks if hasattr(block, "penalty")]
+        return self.cfg.lam * sum(terms, zero)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timm registration
+
+_SIZES: dict[str, dict[str, Any]] = {
+    "s32_224": dict(patch_size=32, num_blocks=8, embed_dim=512),
+    "s16_224": dict(patch_size=16, num_blocks=8, embed_dim=512),
+    "b32_224": dict(patch_size=32, num_blocks=12, embed_dim=768),
+    "b16_224": dict(patch_size=16, num_blocks=12, embed_dim=768),
+    "l32_224": dict(patch_size=32, num_blocks=24, embed_dim=1024),
+    "l16_224": dict(patch_size=16, num_blocks=24, embed_dim=1024),
+    # tiny variants for 28 x 28 (MNIST-like, 1 channel) and 32 x 32 (CIFAR-like) images, 10 classes by default
+    "t4_28": dict(img_size=28, in_chans=1, num_classes=10, patch_size=4, num_blocks=4, embed_dim=128),
+    "t4_32": dict(img_size=32, in_chans=3, num_classes=10, patch_size=4, num_blocks=4, embed_dim=128),
+}
+
+# family -> (block type, default block options)
+_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "vmixer": ("mixer", {}),
+    "imixer": ("imixer", dict(h_ratio=1.0, n_iter=2, n_power=8, coeff=0.9)),
+    "limixer": ("limixer", dict(depth=4, h_ratio=1.0, n_iter=2, n_power=8, coeff=0.9)),
+    "paramixer": ("paramixer", dict(form="untied", norm="matrix", bias=False, n_iter=1)),
+}
+
+_CONFIG_FIELDS = frozenset(f.name for f in fields(MixerConfig)) - {"block", "block_kwargs"}
+_IGNORED_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _create_mixer(name: str, family: str, size: str, pretrained: bool, kwargs: dict[str, Any]) -> MlpMixer:
+    if pretrained:
+        raise RuntimeError(
+            f"no pretrained weights exist for {name!r}; create it with pretrained=False "
+            "(and load a checkpoint, e.g. timm.create_model(..., checkpoint_path=...))"
+        )
+    for key in _IGNORED_FACTORY_KWARGS:
+        kwargs.pop(key, None)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    block, defaults = _FAMILIES[family]
+    cfg_kwargs = dict(_SIZES[size])
+    block_kwargs = dict(defaults)
+    for key, value in kwargs.items():
+        if key in _CONFIG_FIELDS:
+            cfg_kwargs[key] = value
+        elif key in block_kwargs:
+            block_kwargs[key] = value
+        else:
+            raise TypeError(
+                f"{name}() got an unexpected keyword argument {key!r}; it accepts the MixerConfig fields "
+                f"{sorted(_CONFIG_FIELDS)} and the block options {sorted(block_kwargs)}"
+            )
+    model = MlpMixer(MixerConfig(block=block, block_kwargs=block_kwargs, **cfg_kwargs))
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _make_entrypoint(name: str, family: str, size: str) -> Callable[..., MlpMixer]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
+        return _create_mixer(name, family, size, pretrained, kwargs)
+
+    block, defaults = _FAMILIES[family]
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = (
+        f"{name}: MlpMixer(block={block!r}, {_SIZES[size]}); block options {defaults}. "
+        "Keyword arguments override MixerConfig fields and block options."
+    )
+    return entrypoint
+
+
+MODEL_NAMES: tuple[str, ...] = tuple(f"{family}_{size}" for family in _FAMILIES for size in _SIZES)
+
+for _name in MODEL_NAMES:
+    _family, _size = _name.split("_", 1)
+    if is_model(_name) and model_entrypoint(_name).__module__ != __name__:
+        raise RuntimeError(f"timm already has a model named {_name!r} from {model_entrypoint(_name).__module__}")
+    globals()[_name] = register_model(_make_entrypoint(_name, _family, _size))
+del _name, _family, _size

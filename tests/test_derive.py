@@ -1,0 +1,296 @@
+"""The derivation engine: adiabatic limit, discrete-time limit, contraction certificates, explanations.
+
+Equivalence with hand-written modules and timm is in tests/test_equivalence.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+import derive
+from derive import adiabatic, discretize
+from hopfield import DenseSynapse, Layer, Network, Synapse, presets
+from hopfield import lagrangians as lag
+
+
+def randomize(module, scale=0.3, seed=0):
+    """Random weights far from any initialisation (affine gains around 1, everything else N(0, scale^2))."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            p.copy_(1 + scale * noise if name.endswith("affine.weight") else scale * noise)
+    return module
+
+
+def rescale_hidden(net, norm):
+    """Synapses between hidden layers to spectral norm ``norm`` (below coeff: soft normalisation is then exact)."""
+    with torch.no_grad():
+        for syn in net.synapses:
+            if "v" in syn.layers:
+                continue
+            for name in ("weight", "weight_fb"):
+                w = getattr(syn, name, None)
+                if w is not None:
+                    w.mul_(norm / torch.linalg.matrix_norm(w, ord=2))
+    return net
+
+
+def imixer_net(kind="imixer", S=6, C=4, **kw):
+    net = derive.block_network(kind, S, C, **kw).double()
+    return rescale_hidden(randomize(net), 0.5)
+
+
+# ------------------------------------------------------------------------------------------ adiabatic limit
+def test_tree_is_found_for_chain_and_star():
+    f = adiabatic(derive.block_network("limixer", 6, 4, depth=5))
+    names = [br.node for br in f.branches]
+    assert names == ["x1", "c"]
+    chain = [br.node for br in f.branches[0].walk()]
+    assert chain == ["x1", "x2", "x3", "x4"]
+    assert [br.implicit for br in f.branches[0].walk()] == [True, True, True, False]
+    star = adiabatic(derive.block_network("paramixer", 6, 4))
+    assert [br.node for br in star.branches] == ["s", "c"] and not any(b.implicit for b in star.branches)
+
+
+def test_leaf_reduced_field_is_the_mixing_step_eq12():
+    """2-layer network: tau_v dv/dt = xi^T GELU(xi LN(v)) - alpha v (iMixer paper Eq. 12)."""
+    torch.manual_seed(0)
+    net = randomize(presets.mixing(6, 4, 5, axis=-2).double())
+    v = torch.randn(3, 6, 4, dtype=torch.float64)
+    W = net.synapses[0].weight
+    ln = torch.nn.functional.layer_norm(v, (4,), eps=1e-5)
+    expected = torch.einsum("th,bhc->btc", W.T, torch.nn.functional.gelu(torch.einsum("ht,btc->bhc", W, ln)))
+    for alpha in (0.0, 1.0, 0.3):
+        got = adiabatic(net, alpha=alpha)(v)
+        assert (got - (expected - alpha * v)).abs().max() < 1e-12
+
+
+def test_slow_manifold_is_a_fixed_point_of_the_fast_layers():
+    """On the slow manifold every fast layer has dx/dt = 0 (Eqs. 34-35)."""
+    net = imixer_net("limixer", depth=5)
+    v = torch.randn(2, 6, 4, dtype=torch.float64)
+    state = adiabatic(net).slow_manifold(v)
+    vf = net.vector_field(state)
+    for name in net.layers:
+        if name != "v":
+            assert vf[name].abs().max() < 1e-9, name
+
+
+def test_fixed_point_solve_converges_to_the_newton_solve():
+    net = imixer_net()
+    v = torch.randn(3, 6, 4, dtype=torch.float64)
+    exact = adiabatic(net, solver="newton")(v)
+    errs = [(adiabatic(net, solver="fixed_point", n_iter=n)(v) - exact).abs().max().item() for n in (2, 5, 10, 40)]
+    assert errs[-1] < 1e-12
+    assert all(b < a or b < 1e-14 for a, b in zip(errs, errs[1:])), errs
+
+
+def test_adiabatic_errors_name_the_offending_thing():
+    net = presets.star(6, 4)
+    with pytest.raises(ValueError, match="unknown visible layer 'w'"):
+        adiabatic(net, visible="w")
+    with pytest.raises(ValueError, match="neither visible nor fast"):
+        adiabatic(net, fast=["s"])
+    loop = Network({"v": Layer((4,), lag.layernorm()), "a": Layer((3,), lag.relu(), 0.1),
+                    "b": Layer((3,), lag.relu(), 0.1)},
+                   [DenseSynapse("v", "a"), DenseSynapse("a", "b"), DenseSynapse("b", "v")])
+    with pytest.raises(ValueError, match="closes a loop"):
+        adiabatic(loop)
+
+    class Quartic(Synapse):
+        layers = ("v", "a")
+
+        def energy(self, g):
+            return -(g["v"].sum(-1) * g["a"].sum(-1)) ** 2
+
+    odd = Network({"v": Layer((4,), lag.layernorm()), "a": Layer((3,), lag.relu(), 0.1)}, [Quartic()])
+    with pytest.raises(TypeError, match="synapse 'v-a' is a Quartic"):
+        adiabatic(odd)
+    with pytest.raises(ValueError, match="groups"):
+        discretize(presets.star(6, 4), splitting="sequential", groups=[["s"]])
+
+
+# ------------------------------------------------------------------------------------------ discrete limit
+@pytest.mark.parametrize("kind", ["mixer", "imixer", "limixer", "paramixer"])
+def test_block_parameters_are_the_networks_interaction_matrices(kind):
+    block = derive.derived_block(kind, 6, 4)
+    assert {id(p) for p in block.parameters()} == {id(p) for p in block.net.parameters()}
+    with torch.no_grad():
+        block.net.synapses[0].weight.zero_()  # editing the network edits the block
+    assert block.branches[0].synapse.weight.abs().max() == 0
+
+
+def test_tied_network_gives_a_weight_tied_block():
+    tied = derive.derived_block("paramixer", 6, 4, form="tied")
+    untied = derive.derived_block("paramixer", 6, 4, form="untied")
+    n_tied = sum(p.numel() for p in tied.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == 6 * 2 + 4 * 16  # one free feedback matrix per branch: S x T and C x 4C
+
+
+@pytest.mark.parametrize("kind, depth, n_iter", [("imixer", 3, 60), ("limixer", 4, 40), ("limixer", 5, 22),
+                                                 ("paramixer", 2, 1)])
+def test_block_is_one_euler_step_of_the_reduced_field(kind, depth, n_iter):
+    """(a) block(v) = v + tau_v F^v(v) with dt = tau_v, alpha = 0, the fixed-point iteration run to convergence,
+    against Newton's joint solve of all fast layers (float64 <= 1e-10)."""
+    net = imixer_net(kind, depth=depth)
+    block = discretize(net, n_iter=n_iter, splitting="parallel").double().eval()
+    v = torch.randn(3, 6, 4, dtype=torch.float64)
+    exact = v + net.layers["v"].tau * adiabatic(net, solver="newton")(v)
+    assert (block(v) - exact).abs().max() < 1e-10
+
+
+def test_dt_and_alpha_enter_as_euler_step():
+    net = imixer_net("paramixer")
+    v = torch.randn(2, 6, 4, dtype=torch.float64)
+    block = discretize(net, dt=0.3, alpha=0.5).double()
+    f = adiabatic(net, alpha=0.5)
+    assert (block(v) - (v + 0.3 * f(v))).abs().max() < 1e-12
+
+
+def test_sequential_splitting_is_lie_trotter():
+    """sequential = the Euler step of the token branch, then that of the channel branch at the new state."""
+    net = imixer_net("imixer")
+    v = torch.randn(2, 6, 4, dtype=torch.float64)
+    seq = discretize(net, n_iter=3, splitting="sequential").double().eval()
+    par = discretize(net, n_iter=3, splitting="parallel").double().eval()
+    g = seq.field.act("v", v)
+    x_br, c_br = seq.branches
+    v1 = v + par.branch_update(x_br, g)
+    v2 = v1 + par.branch_update(c_br, par.field.act("v", v1))
+    assert (seq(v) - v2).abs().max() < 1e-13
+    assert (par(v) - v2).abs().max() > 1e-3  # the two splittings differ
+
+
+def test_repeated_steps_are_weight_tied_iterations():
+    block = randomize(derive.derived_block("paramixer", 6, 4).double())
+    twice = derive.derived_block("paramixer", 6, 4, steps=2).double()
+    twice.load_state_dict(block.state_dict())
+    v = torch.randn(2, 6, 4, dtype=torch.float64)
+    assert (twice(v) - block(block(v))).abs().max() < 1e-13
+
+
+def test_symmetry_breaking_with_zero_term_is_the_tied_block_and_has_a_penalty():
+    tied = randomize(derive.derived_block("paramixer", 6, 4, form="tied").double())
+    broken = derive.derived_block("paramixer", 6, 4, form="broken").double()
+    state = {k: v for k, v in tied.state_dict().items()}
+    missing = broken.load_state_dict(state, strict=False).missing_keys
+    assert sorted(missing) == ["net.synapses.0.weight_break", "net.synapses.1.weight_break"]
+    v = torch.randn(3, 6, 4, dtype=torch.float64)
+    assert torch.equal(broken(v), tied(v))
+    assert broken.penalty() == 0
+    with torch.no_grad():
+        broken.net.synapses[0].weight_break.fill_(0.5)
+    assert abs(broken.penalty().item() - 0.25 * 6 * 2) < 1e-12  # W_break of the token synapse: S x T
+    assert (broken(v) - tied(v)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ dynamics consistency
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["imixer", "paramixer"])
+def test_full_network_velocity_converges_to_reduced_field_as_eps_to_zero(kind):
+    """(b) tau_fast / tau_v = eps: after the fast transient the visible velocity of the full network differs from
+    the reduced field (alpha = 1, the network's own decay) by O(eps)."""
+    net = imixer_net(kind)
+    v0 = torch.randn(2, 6, 4, dtype=torch.float64)
+    errs = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        layers = {n: Layer(l.shape, l.lagrangian, 1.0 if n == "v" else eps) for n, l in net.layers.items()}
+        full = Network(layers, list(net.synapses))
+        state = full.init_state(2, scale=0.0, dtype=torch.float64)
+        state["v"] = v0
+        traj = full.simulate(state, torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5", rtol=1e-10,
+                             atol=1e-12, track_energy=False)
+        end = traj.final()
+        vel = full.vector_field(end)["v"]
+        red = adiabatic(full, alpha=1.0)(end["v"])
+        errs.append(((vel - red).abs().max() / red.abs().max()).item())
+    ratios = [a / b for a, b in zip(errs, errs[1:])]
+    assert errs[-1] < 1e-2
+    assert all(4 < r < 25 for r in ratios), (errs, ratios)  # roughly proportional to eps
+
+
+@pytest.mark.slow
+def test_symmetric_star_energy_descends_untied_is_flagged():
+    """(c) tied star: its energy never rises along the continuous flow (full network and reduced flow);
+    untied: a pseudo-energy, reported with the reason."""
+    torch.manual_seed(0)
+    tied = randomize(derive.block_network("paramixer", 6, 4, form="tied").double(), scale=0.5)
+    with torch.no_grad():
+        for syn in tied.synapses:
+            syn.affine.weight.fill_(1.0)  # a unit gain keeps the tied synapse energy-exact
+    state = tied.init_state(3, dtype=torch.float64)
+    traj = tied.simulate(state, torch.linspace(0, 5, 26, dtype=torch.float64), rtol=1e-9, atol=1e-11)
+    assert traj.descent.max_rise <= 1e-9
+    assert all("gelu" in c for c in traj.descent.caveats)  # only the non-convex hidden Lagrangian is a caveat
+
+    field = adiabatic(tied, alpha=1.0)
+    assert field.caveats() == []
+    v = torch.randn(3, 6, 4, dtype=torch.float64)
+    e = [field.energy(v)]
+    for _ in range(200):  # small explicit Euler steps of the reduced flow
+        v = v + 0.01 * field(v)
+        e.append(field.energy(v))
+    e = torch.stack(e)
+    assert (e[1:] - e[:-1]).max() <= 1e-10 and (e[0] - e[-1]).min() > 0
+
+    untied = randomize(derive.block_network("paramixer", 6, 4, form="untied").double(), scale=0.5)
+    traj = untied.simulate(untied.init_state(3, dtype=torch.float64), torch.linspace(0, 2, 11, dtype=torch.float64))
+    assert not traj.descent.guaranteed
+    assert any("untied" in c and "pseudo-energy" in c for c in traj.descent.caveats)
+    assert any("untied" in c for c in adiabatic(untied).caveats())
+
+
+# ------------------------------------------------------------------------------------------ contraction certificate
+def test_paper_setting_is_not_certified_and_a_certified_coeff_is_found():
+    block = derive.derived_block("imixer", 8, 6, h_ratio=2).double()
+    randomize(block, scale=2.0)  # big weights: soft normalisation caps them at coeff
+    block.train()
+    v = torch.randn(2, 8, 6, dtype=torch.float64)
+    for _ in range(20):  # converge the power iteration
+        block(v)
+    (cert,) = block.certificate()
+    gelu = lag.gelu().lipschitz
+    assert abs(gelu - 1.1289) < 1e-4
+    assert abs(cert.lipschitz_bound - (0.9 * gelu) ** 2) < 1e-6  # 1.032 > 1: the paper's setting
+    assert not cert.certified and "NOT certified" in str(cert)
+    c = block.certified_coeff()
+    assert abs(c - 1 / gelu) < 1e-9
+    block.set_coeff(0.95 * c)
+    for _ in range(20):
+        block(v)
+    block.eval()
+    (cert,) = block.certificate(v)
+    assert cert.certified and cert.lipschitz_bound < 0.91
+    assert cert.ratios and max(cert.ratios) < cert.lipschitz_bound  # measured contraction within the bound
+
+
+def test_nested_certificate_composes_inverses():
+    block = derive.derived_block("limixer", 8, 6, depth=4).double()
+    certs = {c.layer: c for c in block.certificate()}
+    assert set(certs) == {"x1", "x2"}
+    c = block.certified_coeff()
+    s = lag.gelu().lipschitz
+    inner = (c * s) ** 2
+    assert abs((c * s) ** 2 / (1 - inner) - 1) < 1e-6  # Lip(F^x1) = (c s)^2 / (1 - (c s)^2) at the limit
+    assert math.isfinite(c) and c < 1 / s
+
+
+# ------------------------------------------------------------------------------------------ explanation
+def test_block_explains_its_update_rule():
+    block = derive.derived_block("imixer", 8, 6)
+    text = block.explain()
+    assert "v <- " in text.splitlines()[0] and "FPA_2^x(" in text and "GELU(" in text and "LN(v)" in text
+    assert "F^x(x) = " in text and "soft spectral norm <= 0.9" in text
+    assert "Affine^(x,v)(LN(v))" in text  # the folded LayerNorm affine
+    tex = block.explain(latex=True)
+    assert r"\operatorname{FPA}^{x}_{2}" in tex and r"\xi^{(v,x)}" in tex and r"\leftarrow" in tex
+    para = derive.derived_block("paramixer", 8, 6, form="tied")
+    lines = para.explain().splitlines()
+    assert lines[0].count("GELU") == 2  # one parallel step: both branches in one line
+    assert "tied" in para.explain()
+    two = derive.derived_block("mixer", 8, 6).explain().splitlines()
+    assert two[0].startswith("v <- ") and two[1].startswith("v <- ")  # sequential: two sub-steps
+    assert "xi^(v,x)" in repr(block)

@@ -1,0 +1,449 @@
+"""Reference Mixer modules: timm equivalence, spectral normalisation, fixed points, parallel blocks, registry."""
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp as TimmMlp
+from timm.models.mlp_mixer import MixerBlock as TimmMixerBlock
+from timm.models.mlp_mixer import MlpMixer as TimmMlpMixer
+
+import mixers
+from mixers import (
+    AsymMlp,
+    IMixerBlock,
+    LiMixerBlock,
+    LiMlp,
+    MixerBlock,
+    MixerConfig,
+    Mlp,
+    MlpMixer,
+    ParaMixerBlock,
+    SpectralNormLinear,
+    SymMlp,
+    iMlp,
+)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@torch.no_grad()
+def perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
+    """Move every parameter away from its initial value (zero heads and unit LayerNorms included)."""
+    for p in module.parameters():
+        p.add_(scale * torch.randn_like(p))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm equivalence
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("train", [False, True])
+def test_mixer_block_loads_timm_state_dict_and_matches(dtype, train):
+    theirs = TimmMixerBlock(24, 10).to(dtype)
+    perturb(theirs)
+    ours = MixerBlock(24, 10).to(dtype)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.train(train)
+    ours.train(train)
+    x = torch.randn(3, 10, 24, dtype=dtype)
+    assert rel_err(ours(x), theirs(x)) < TOL[dtype]
+
+
+def test_mlp_loads_timm_mlp_and_matches_with_dropout():
+    theirs, ours = TimmMlp(7, 11, drop=0.3), Mlp(7, 11, drop=0.3)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(4, 7)
+    torch.manual_seed(1)
+    y_theirs = theirs(x)
+    torch.manual_seed(1)
+    assert torch.equal(ours(x), y_theirs)
+
+
+def test_mlp_mixer_s16_loads_timm_state_dict_and_gives_same_logits():
+    theirs = timm.create_model("mixer_s16_224", num_classes=10)
+    perturb(theirs)
+    ours = MlpMixer(MixerConfig(num_classes=10, img_size=224, patch_size=16, num_blocks=8, embed_dim=512))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        for dtype in (torch.float64, torch.float32):
+            theirs.to(dtype)
+            ours.to(dtype)
+            for train in (False, True):
+                theirs.train(train)
+                ours.train(train)
+                assert rel_err(ours(x.to(dtype)), theirs(x.to(dtype))) < TOL[dtype], (dtype, train)
+
+
+def test_vmixer_is_timm_mixer_and_same_seed_gives_same_init():
+    kw = dict(num_classes=7, img_size=32, patch_size=8, num_blocks=2, embed_dim=24)
+    torch.manual_seed(3)
+    theirs = TimmMlpMixer(**kw)
+    torch.manual_seed(3)
+    ours = timm.create_model("vmixer_t4_32", **kw)
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parameter counts (built on the meta device: no memory, no init cost)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "count"),
+    [
+        ("vmixer_s16_224", {}, 18_020_394),
+        ("imixer_s16_224", dict(h_ratio=2), 20_123_690),
+        ("imixer_s16_224", {}, 19_073_066),
+        ("paramixer_s16_224", dict(form="untied"), 19_585_546),
+        ("paramixer_s16_224", dict(form="symmetric"), 10_795_530),
+        ("paramixer_s16_224", dict(form="broken"), 19_585_546),
+    ],
+)
+def test_parameter_counts(name, kwargs, count):
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=10, **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_timm_mixer_count_is_the_vmixer_count():
+    with torch.device("meta"):
+        theirs = timm.create_model("mixer_s16_224", num_classes=10)
+    assert sum(p.numel() for p in theirs.parameters()) == 18_020_394
+
+
+def test_imixer_state_dict_names_and_shapes():
+    with torch.device("meta"):
+        model = timm.create_model("imixer_s16_224", num_classes=10, h_ratio=2)
+    sd = model.state_dict()
+    assert sd["blocks.0.mlp_tokens.fc1.weight"].shape == (256, 196)
+    assert sd["blocks.0.mlp_tokens.fc_sn1.weight_orig"].shape == (512, 256)
+    assert sd["blocks.0.mlp_tokens.fc_sn1.weight_u"].shape == (512,)
+    assert sd["blocks.0.mlp_tokens.fc_sn1.weight_v"].shape == (256,)
+    assert sd["blocks.0.mlp_tokens.fc_sn1.weight_sigma"].shape == (1,)
+    assert sd["blocks.0.mlp_tokens.fc_sn2.weight_orig"].shape == (256, 512)
+    assert sd["blocks.0.mlp_tokens.fc2.weight"].shape == (196, 256)
+    assert sd["blocks.0.mlp_channels.fc1.weight"].shape == (2048, 512)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spectral normalisation
+
+
+def test_spectral_norm_state_dict_keys():
+    layer = SpectralNormLinear(4, 6)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {"weight_orig": (6, 4), "bias": (6,), "weight_u": (6,), "weight_v": (4,), "weight_sigma": (1,)}
+    assert torch.allclose(layer.weight_u.norm(), torch.tensor(1.0))
+    assert torch.allclose(layer.weight_v.norm(), torch.tensor(1.0))
+
+
+def test_spectral_norm_is_soft_below_coeff():
+    layer = SpectralNormLinear(4, 6, coeff=0.9).double()
+    with torch.no_grad():
+        layer.weight_orig.mul_(0.3 / torch.linalg.matrix_norm(layer.weight_orig, ord=2))
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert torch.equal(layer(x), F.linear(x, layer.weight_orig, layer.bias))
+    assert layer.weight_sigma.item() <= 0.3 + 1e-12
+
+
+def test_spectral_norm_rescales_big_weights_to_coeff():
+    layer = SpectralNormLinear(5, 7, coeff=0.9, n_power=100).double()
+    with torch.no_grad():
+        layer.weight_orig.mul_(10.0)
+    layer(torch.randn(2, 5, dtype=torch.float64))
+    sigma = torch.linalg.matrix_norm(layer.weight_orig.detach(), ord=2)
+    assert abs(layer.weight_sigma.item() - sigma.item()) < 1e-8 * sigma.item()
+    effective = layer.normalized_weight(power_iteration=False)
+    assert abs(torch.linalg.matrix_norm(effective.detach(), ord=2).item() - 0.9) < 1e-8
+
+
+def test_spectral_norm_power_iterates_on_every_train_call_and_never_in_eval():
+    layer = SpectralNormLinear(8, 9, n_power=1)
+    x = torch.randn(3, 8)
+    u0 = layer.weight_u.clone()
+    layer(x)
+    u1 = layer.weight_u.clone()
+    layer(x)
+    u2 = layer.weight_u.clone()
+    assert not torch.equal(u0, u1) and not torch.equal(u1, u2)
+    layer.eval()
+    y1 = layer(x)
+    y2 = layer(x)
+    assert torch.equal(layer.weight_u, u2) and torch.equal(y1, y2)
+
+
+def test_spectral_norm_gradient_goes_through_sigma():
+    layer = SpectralNormLinear(4, 5, coeff=0.5).double().eval()
+    with torch.no_grad():
+        layer.weight_orig.mul_(5.0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    w = layer.weight_orig.detach().clone().requires_grad_(True)
+    sigma = layer.weight_u @ w @ layer.weight_v
+    F.linear(x, w / torch.clamp(sigma / 0.5, min=1.0), layer.bias.detach()).square().sum().backward()
+    assert torch.allclose(layer.weight_orig.grad, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_spectral_norm_stays_float32_under_bf16_autocast():
+    layer = SpectralNormLinear(6, 6, n_power=3)
+    reference = SpectralNormLinear(6, 6, n_power=3)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    reference(x)
+    assert y.dtype == torch.bfloat16
+    assert layer.weight_sigma.dtype == torch.float32
+    assert torch.equal(layer.weight_u, reference.weight_u)
+    assert torch.equal(layer.weight_sigma, reference.weight_sigma)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# iMLP and the L-layer iMLP
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_imlp_without_iterations_is_mlp(train):
+    imlp = iMlp(9, 6, 8, n_iter=0, drop=0.2).train(train)
+    mlp = Mlp(9, 6, drop=0.2).train(train)
+    missing, unexpected = mlp.load_state_dict(imlp.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("fc_sn1.", "fc_sn2.")) for k in unexpected)
+    x = torch.randn(4, 7, 9)
+    torch.manual_seed(5)
+    y = imlp(x)
+    torch.manual_seed(5)
+    assert torch.equal(mlp(x), y)
+
+
+def test_imlp_reaches_the_fixed_point_of_the_inverted_residual():
+    imlp = iMlp(7, 5, 6, n_iter=200, n_power=50, coeff=0.5).double()
+    with torch.no_grad():
+        imlp.fc_sn1.weight_orig.mul_(4.0)
+        imlp.fc_sn2.weight_orig.mul_(4.0)
+    x = torch.randn(3, 4, 7, dtype=torch.float64)
+    imlp(x)  # converge the power iterations
+    imlp.eval()
+    imlp.record = True
+    with torch.no_grad():
+        imlp(x)
+        u, z = imlp.fc1(x), imlp.trace[-1]
+        assert len(imlp.trace) == 201 and torch.equal(imlp.trace[0], u)
+        residual = (z - u - imlp.contraction(z)).abs().max().item()
+    assert residual < 1e-10
+
+
+def test_imlp_backward_through_train_mode_iterations():
+    imlp = iMlp(7, 5, 6, n_iter=3)
+    imlp(torch.randn(2, 3, 7)).sum().backward()
+    assert imlp.fc_sn1.weight_orig.grad is not None and imlp.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_limlp_with_three_layers_is_imlp(train):
+    imlp = iMlp(9, 6, 8, n_iter=3, n_power=2).double().train(train)
+    limlp = LiMlp([9, 6, 8], n_iter=3, n_power=2).double().train(train)
+    perturb(imlp, 0.5)
+    assert list(limlp.state_dict()) == list(imlp.state_dict())
+    limlp.load_state_dict(imlp.state_dict(), strict=True)
+    x = torch.randn(2, 5, 9, dtype=torch.float64)
+    assert torch.equal(limlp(x), imlp(x))
+    for k, v in imlp.state_dict().items():
+        assert torch.equal(limlp.state_dict()[k], v), k
+
+
+def test_limlp_names_shapes_and_call_order():
+    limlp = LiMlp([10, 6, 5, 4], n_iter=2, n_power=1)
+    shapes = {n: tuple(m.weight_orig.shape) for n, m in limlp.named_children() if n.startswith("fc_sn")}
+    # G^2, G^3 going down, then H^4, H^3 coming back up
+    assert shapes == {"fc_sn1": (5, 6), "fc_sn2": (4, 5), "fc_sn3": (5, 4), "fc_sn4": (6, 5)}
+    calls = []
+    for n, m in limlp.named_children():
+        if n.startswith("fc_sn"):
+            m.register_forward_hook(lambda mod, args, out, n=n: calls.append(n))
+    limlp(torch.randn(2, 3, 10))
+    f2 = ["fc_sn1", "fc_sn2", "fc_sn3", "fc_sn2", "fc_sn3", "fc_sn4"]  # G^2, 2 x (G^3, H^4), H^3
+    assert calls == f2 + f2
+
+
+def test_limlp_four_layers_matches_the_appendix_b_equations():
+    n = 3
+    limlp = LiMlp([10, 6, 5, 4], n_iter=n).double().eval()
+    perturb(limlp, 0.3)
+    g = F.gelu
+    G2, G3, H4, H3 = limlp.fc_sn1, limlp.fc_sn2, limlp.fc_sn3, limlp.fc_sn4
+
+    def fpa(f, z):
+        x = z
+        for _ in range(n):
+            x = z + f(x)
+        return x
+
+    def f3(x):  # Eq. (40)
+        return H4(g(G3(g(x))))
+
+    def f2(x):  # Eq. (39)
+        return H3(g(fpa(f3, G2(g(x)))))
+
+    x = torch.randn(2, 3, 10, dtype=torch.float64)
+    expected = limlp.fc2(g(fpa(f2, limlp.fc1(x))))  # Eqs. (37)-(38)
+    assert torch.allclose(limlp(x), expected, rtol=0, atol=1e-13)
+
+
+def test_limlp_reaches_nested_fixed_points():
+    limlp = LiMlp([6, 5, 4, 3], n_iter=1, n_power=200, coeff=0.5).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    limlp(x)  # converge the power iterations
+    limlp.eval()
+    limlp.n_iter = 40
+    limlp.record = True
+    with torch.no_grad():
+        limlp(x)
+        z, u = limlp.trace[-1], limlp.fc1(x)
+        assert (z - u - limlp.contraction(z, 2)).abs().max().item() < 1e-10
+        y = limlp.G(2)(F.gelu(z))
+        inner = limlp.solve(y, 3)
+        assert (inner - y - limlp.contraction(inner, 3)).abs().max().item() < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# symmetric and symmetry-broken MLPs, parallel blocks
+
+
+def phi_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Lagrangian with Phi' = GELU."""
+    gauss = math.sqrt(2 / math.pi) * torch.exp(-(x**2) / 2)
+    return 0.25 * (x**2 + (x**2 - 1) * torch.erf(x / math.sqrt(2)) + x * gauss)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_asym_mlp_without_w2_is_sym_mlp(bias):
+    sym, asym = SymMlp(7, 5, bias=bias).double(), AsymMlp(7, 5, bias=bias).double()
+    with torch.no_grad():
+        asym.fc1.weight.copy_(sym.fc2.weight)
+        asym.fc2.weight.zero_()
+        if bias:
+            asym.fc1.bias.copy_(sym.fc2.bias)
+            asym.fc2.bias.zero_()
+    x = torch.randn(3, 4, 7, dtype=torch.float64)
+    assert torch.equal(asym(x), sym(x))
+    assert asym.penalty().item() == 0.0
+    with torch.no_grad():
+        asym.fc2.weight.fill_(0.5)
+    assert asym.penalty().item() == pytest.approx(0.25 * 35)
+
+
+def test_sym_mlp_is_the_gradient_of_a_lagrangian():
+    sym = SymMlp(7, 5, bias=True).double()
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(phi_gelu(sym.fc2(x)).sum(), x)
+    assert torch.allclose(sym(x), grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["untied", "symmetric", "broken"])
+@pytest.mark.parametrize("norm", ["matrix", "channel"])
+def test_para_mixer_block(form, norm):
+    block = ParaMixerBlock(16, 9, form=form, norm=norm).double()
+    perturb(block)
+    assert block.norm.weight.shape == ((9, 16) if norm == "matrix" else (16,))
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    y = block.norm(x)
+    expected = x + block.mlp_tokens(y.transpose(1, 2)).transpose(1, 2) + block.mlp_channels(y)
+    assert torch.allclose(block(x), expected, rtol=0, atol=1e-13)
+    twice = ParaMixerBlock(16, 9, form=form, norm=norm, n_iter=2).double()
+    twice.load_state_dict(block.state_dict(), strict=True)
+    assert torch.allclose(twice(x), block(block(x)), rtol=0, atol=1e-12)
+    if form == "broken":
+        w2 = block.mlp_tokens.fc2.weight.square().sum() + block.mlp_channels.fc2.weight.square().sum()
+        assert torch.allclose(block.penalty(), w2)
+    else:
+        assert block.penalty().item() == 0.0
+
+
+def test_model_penalty_scales_block_penalties():
+    model = timm.create_model("paramixer_t4_28", form="broken", lam=0.1)
+    expected = sum(b.mlp_tokens.penalty() + b.mlp_channels.penalty() for b in model.blocks)
+    assert torch.allclose(model.penalty(), 0.1 * expected)
+    model.penalty().backward()
+    assert model.blocks[0].mlp_channels.fc2.weight.grad is not None
+    assert timm.create_model("paramixer_t4_28", form="broken").penalty().item() == 0.0
+
+
+def test_convenience_blocks():
+    block = IMixerBlock(16, 9, h_ratio=2.0, n_iter=1)
+    assert isinstance(block.mlp_tokens, iMlp) and block.mlp_tokens.fc_sn1.out_features == 16
+    deep = LiMixerBlock(16, 9, depth=5, h_ratio=0.5)
+    assert deep.mlp_tokens.widths == (9, 8, 4, 4, 4)
+    assert deep(torch.randn(2, 9, 16)).shape == (2, 9, 16)
+
+
+def test_init_reaches_spectral_norm_weights():
+    model = MlpMixer(img_size=32, patch_size=8, num_blocks=1, embed_dim=16, num_classes=3, block="imixer")
+    sn = model.blocks[0].mlp_tokens.fc_sn1
+    bound = math.sqrt(6 / (sn.in_features + sn.out_features))
+    assert sn.weight_orig.abs().max().item() <= bound
+    assert sn.bias.abs().max().item() < 1e-4  # N(0, 1e-6): "mlp" is in its name
+    assert torch.equal(model.head.weight, torch.zeros_like(model.head.weight))
+
+
+def test_grad_checkpointing_gives_the_same_gradients_and_buffers():
+    # the recomputation must rebuild the spectral-norm weights from the u, v the forward pass started with
+    kw = dict(img_size=16, patch_size=4, num_blocks=2, embed_dim=32, num_classes=3, n_power=1)
+    plain = timm.create_model("imixer_t4_32", **kw).double()
+    perturb(plain)
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    plain(x).square().sum().backward()
+    ckpt(x).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm registry
+
+
+def test_registered_names():
+    names = set(timm.list_models())
+    assert len(mixers.MODEL_NAMES) == 32
+    assert set(mixers.MODEL_NAMES) <= names
+    assert not any(n.startswith("mixer_") for n in mixers.MODEL_NAMES)
+    for family in ("vmixer", "imixer", "limixer", "paramixer"):
+        for size in ("s16", "s32", "b16", "b32", "l16", "l32"):
+            assert f"{family}_{size}_224" in names
+        assert {f"{family}_t4_28", f"{family}_t4_32"} <= names
+
+
+@pytest.mark.parametrize("name", [n for n in mixers.MODEL_NAMES if "_t4_" in n])
+def test_small_variants_build_and_run(name):
+    model = timm.create_model(name, in_chans=1, img_size=28, num_classes=10, drop_path_rate=0.1)
+    model.train()
+    logits = model(torch.randn(2, 1, 28, 28))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+def test_entrypoint_errors():
+    with pytest.raises(RuntimeError, match="no pretrained weights"):
+        timm.create_model("imixer_t4_32", pretrained=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'form'"):
+        timm.create_model("imixer_t4_32", form="broken")
+    with pytest.raises(ValueError, match="does not match"):
+        timm.create_model("vmixer_t4_32")(torch.randn(1, 3, 28, 28))
