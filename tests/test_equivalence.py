@@ -1,0 +1,188 @@
+"""Derived blocks and models equal the hand-written ``mixers`` modules and timm's Mixer.
+
+Max-abs error relative to the output's max-abs: float64 <= 1e-10, float32 <= 1e-5; random weights far from the
+initialisation; batch 3; train and eval mode (dropout and drop-path 0; in train mode the spectral-norm power
+iterations run in both twins and must leave the same state).
+"""
+
+import pytest
+import timm
+import torch
+from timm.models.mlp_mixer import MixerBlock as TimmMixerBlock
+
+import derive
+import mixers
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+DTYPES = [torch.float64, torch.float32]
+S, C = 12, 8  # tokens, channels
+
+
+def perturb(module, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return module
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def assert_same(derived, ref, x, dtype, buffers=True):
+    for train in (True, False):
+        derived.train(train)
+        ref.train(train)
+        out_d, out_r = derived(x), ref(x)
+        assert rel_err(out_d, out_r) <= TOL[dtype], (train, rel_err(out_d, out_r))
+    if buffers:  # the spectral-norm state moved identically
+        for key_d, key_r in derive.models._block_map(derived):
+            if key_d.startswith("spectral."):
+                b_d, b_r = derived.state_dict()[key_d], ref.state_dict()[key_r]
+                assert (b_d - b_r).abs().max() <= 10 * TOL[dtype], key_d
+
+
+def pair(kind, ref, dtype, **kw):
+    ref = perturb(ref).to(dtype)
+    block = derive.derived_block(kind, S, C, **kw).to(dtype)
+    derive.load_reference_block(block, ref)
+    x = torch.randn(3, S, C, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    return block, ref, x
+
+
+# ------------------------------------------------------------------------------------------ blocks
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixer_block_equals_handwritten_and_timm(dtype):
+    block, ref, x = pair("mixer", mixers.MixerBlock(C, S), dtype)
+    assert_same(block, ref, x, dtype)
+    tm = TimmMixerBlock(C, S).to(dtype)
+    tm.load_state_dict(ref.state_dict(), strict=True)
+    assert_same(block, tm, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h_ratio, n_iter", [(2, 2), (1, 4), (2, 1)])
+def test_imixer_block_equals_handwritten(dtype, h_ratio, n_iter):
+    ref = mixers.IMixerBlock(C, S, h_ratio=h_ratio, n_iter=n_iter)
+    block, ref, x = pair("imixer", ref, dtype, h_ratio=h_ratio, n_iter=n_iter)
+    assert_same(block, ref, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_imixer_without_iterations_is_the_mixer_block(dtype):
+    """n_iter = 0: iMlp is a plain MLP, and the derived iMixer block is the derived Mixer block."""
+    ref = mixers.IMixerBlock(C, S, h_ratio=2, n_iter=0)
+    block, ref, x = pair("imixer", ref, dtype, h_ratio=2, n_iter=0)
+    assert_same(block, ref, x, dtype)
+    plain = mixers.MixerBlock(C, S).to(dtype)
+    plain.load_state_dict({k: v for k, v in ref.state_dict().items() if "fc_sn" not in k}, strict=True)
+    mixer = derive.derived_block("mixer", S, C).to(dtype)
+    derive.load_reference_block(mixer, plain)
+    assert_same(mixer, block, x, dtype, buffers=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("depth", [3, 4, 5])
+def test_l_layer_imixer_block_equals_handwritten(dtype, depth):
+    ref = mixers.LiMixerBlock(C, S, depth=depth, h_ratio=1.5, n_iter=2)
+    block, ref, x = pair("limixer", ref, dtype, depth=depth, h_ratio=1.5, n_iter=2)
+    assert_same(block, ref, x, dtype)
+
+
+def test_three_layer_imixer_derived_as_limixer_is_the_imixer():
+    ref = perturb(mixers.IMixerBlock(C, S, h_ratio=2, n_iter=2)).double()
+    a = derive.load_reference_block(derive.derived_block("imixer", S, C, h_ratio=2).double(), ref)
+    b = derive.load_reference_block(derive.derived_block("limixer", S, C, depth=3, h_ratio=2).double(), ref)
+    x = torch.randn(3, S, C, dtype=torch.float64)
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["symmetric", "untied", "broken"])
+@pytest.mark.parametrize("norm", ["matrix", "channel"])
+def test_parallelized_mixer_block_equals_handwritten(dtype, form, norm):
+    ref = mixers.ParaMixerBlock(C, S, form=form, norm=norm)
+    block, ref, x = pair("paramixer", ref, dtype, form=form, norm=norm)
+    assert_same(block, ref, x, dtype)
+    assert abs(block.penalty().item() - ref.penalty().item()) <= 1e-6 * max(1.0, ref.penalty().item())
+
+
+def test_symmetry_breaking_with_zero_w2_is_exactly_the_symmetric_block():
+    sym = perturb(mixers.ParaMixerBlock(C, S, form="symmetric")).double()
+    broken = mixers.ParaMixerBlock(C, S, form="broken").double()
+    with torch.no_grad():
+        for mlp_b, mlp_s in ((broken.mlp_tokens, sym.mlp_tokens), (broken.mlp_channels, sym.mlp_channels)):
+            mlp_b.fc1.weight.copy_(mlp_s.fc2.weight)
+            mlp_b.fc2.weight.zero_()
+        broken.norm.load_state_dict(sym.norm.state_dict())
+    d_sym = derive.load_reference_block(derive.derived_block("paramixer", S, C, form="tied").double(), sym)
+    d_brk = derive.load_reference_block(derive.derived_block("paramixer", S, C, form="broken").double(), broken)
+    x = torch.randn(3, S, C, dtype=torch.float64)
+    assert torch.equal(d_brk(x), d_sym(x))
+    assert torch.equal(broken(x), sym(x))
+    assert rel_err(d_brk(x), broken(x)) <= 1e-10
+
+
+# ------------------------------------------------------------------------------------------ whole models
+@pytest.mark.slow
+def test_from_timm_mixer_s16_gives_the_same_logits_and_round_trips():
+    torch.manual_seed(0)
+    model = perturb(timm.create_model("mixer_s16_224", num_classes=10), scale=0.02).eval()
+    derived = derive.from_timm(model).eval()
+    assert sum(p.numel() for p in derived.parameters()) == 18_020_394
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert rel_err(derived(x), model(x)) <= 1e-5
+    back = derive.to_timm(derived)
+    sd, sd_back = model.state_dict(), back.state_dict()
+    assert sd.keys() == sd_back.keys() and all(torch.equal(sd[k], sd_back[k]) for k in sd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_from_timm_small_mixer_in_both_dtypes_and_modes(dtype):
+    model = timm.models.mlp_mixer.MlpMixer(num_classes=7, img_size=32, in_chans=1, patch_size=8, num_blocks=2,
+                                           embed_dim=C)
+    model = perturb(model).to(dtype)
+    derived = derive.from_timm(model)
+    x = torch.randn(3, 1, 32, 32, dtype=dtype)
+    assert_same(derived, model, x, dtype, buffers=False)
+    assert isinstance(derive.to_timm(derived), timm.models.mlp_mixer.MlpMixer)
+
+
+@pytest.mark.parametrize("block, kw", [
+    ("imixer", {"h_ratio": 2, "n_iter": 2}),
+    ("limixer", {"depth": 4, "n_iter": 2}),
+    ("paramixer", {"form": "broken", "n_iter": 2}),
+    ("paramixer", {"form": "symmetric", "norm": "channel"}),
+])
+def test_from_reference_models_give_the_same_logits_and_round_trip(block, kw):
+    cfg = mixers.MixerConfig(num_classes=5, img_size=16, in_chans=2, patch_size=4, num_blocks=2, embed_dim=C,
+                             block=block, block_kwargs=kw, lam=0.1)
+    ref = perturb(mixers.MlpMixer(cfg)).double()
+    derived = derive.from_reference(ref)
+    x = torch.randn(3, 2, 16, 16, dtype=torch.float64)
+    for train in (True, False):
+        ref.train(train)
+        derived.train(train)
+        assert rel_err(derived(x), ref(x)) <= 1e-10
+    assert abs(derived.penalty().item() - ref.penalty().item()) <= 1e-10 * max(1.0, ref.penalty().item())
+    back = derive.to_reference(derived)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+def test_derived_models_match_registered_parameter_counts():
+    for name, kw in [("imixer_s16_224", {"h_ratio": 2}), ("paramixer_s16_224", {"form": "symmetric"})]:
+        ref = timm.create_model(name, num_classes=10, **kw)
+        derived = derive.from_reference(ref)
+        n_ref = sum(p.numel() for p in ref.parameters())
+        assert sum(p.numel() for p in derived.parameters()) == n_ref
+    assert n_ref == 10_795_530
+
+
+def test_from_timm_rejects_other_models():
+    with pytest.raises(TypeError, match="MlpMixer made of MixerBlocks"):
+        derive.from_timm(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="only block='mixer' has a timm twin"):
+        derive.to_timm(derive.DerivedMixer(derive.DerivedMixerConfig(img_size=16, patch_size=4, num_blocks=1,
+                                                                     embed_dim=8, block="imixer")))
