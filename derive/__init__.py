@@ -20,9 +20,11 @@ from .models import (
     to_reference,
     to_timm,
 )
+from .registry import DERIVED_MODEL_NAMES
 from .spectral import SoftSpectralNorm
 
 __all__ = [
+    "DERIVED_MODEL_NAMES",
     "KINDS",
     "Branch",
     "DerivedBlock",

@@ -186,3 +186,19 @@ def test_from_timm_rejects_other_models():
     with pytest.raises(ValueError, match="only block='mixer' has a timm twin"):
         derive.to_timm(derive.DerivedMixer(derive.DerivedMixerConfig(img_size=16, patch_size=4, num_blocks=1,
                                                                      embed_dim=8, block="imixer")))
+
+
+def test_derived_models_are_registered_in_timm_and_equal_their_twins():
+    assert len(derive.DERIVED_MODEL_NAMES) == len(mixers.MODEL_NAMES)
+    assert not any(n.startswith("mixer_") for n in derive.DERIVED_MODEL_NAMES)
+    torch.manual_seed(3)
+    derived = timm.create_model("derived_imixer_t4_28", h_ratio=2, n_iter=1)
+    torch.manual_seed(3)
+    ref = timm.create_model("imixer_t4_28", h_ratio=2, n_iter=1)
+    assert isinstance(derived, derive.DerivedMixer)
+    x = torch.randn(2, 1, 28, 28)
+    derived.eval()
+    ref.eval()
+    assert rel_err(derived.forward_features(x), ref.forward_features(x)) <= 1e-5  # the head starts at zero
+    with pytest.raises(RuntimeError, match="no pretrained weights"):
+        timm.create_model("derived_paramixer_t4_32", pretrained=True)
