@@ -79,6 +79,7 @@ SMALL = Sizes(seq_len=16, dim=32, batch=2, img_size=32, patch_size=4, num_blocks
 
 @dataclass
 class Case:
+    key: str  # short name for --only
     name: str
     model: bool  # a whole model (timed with --model-rounds) rather than a block
     build: Callable[[Sizes], tuple[nn.Module, nn.Module, torch.Tensor]]  # -> (hand-written, derived, input)
@@ -92,7 +93,7 @@ class Result:
     ratio: float
     round_ratio: float
     rel_diff: float
-    rounds: int
+    model: bool
     times: dict = field(default_factory=dict)
 
     @property
@@ -124,7 +125,7 @@ def randomize_head(model: nn.Module, gen: torch.Generator) -> nn.Module:
     return model
 
 
-def block_case(name: str, hand: Callable[[Sizes], nn.Module], kind: str, **kw) -> Case:
+def block_case(key: str, name: str, hand: Callable[[Sizes], nn.Module], kind: str, **kw) -> Case:
     def build(sz: Sizes):
         gen = torch.Generator().manual_seed(0)
         ref = randomize_norms(hand(sz), gen)
@@ -132,10 +133,11 @@ def block_case(name: str, hand: Callable[[Sizes], nn.Module], kind: str, **kw) -
         x = torch.randn(sz.batch, sz.seq_len, sz.dim, generator=gen)
         return ref, der, x
 
-    return Case(name, False, build)
+    return Case(key, name, False, build)
 
 
-def model_case(name: str, hand: Callable[[Sizes], nn.Module], convert: Callable[[nn.Module], nn.Module]) -> Case:
+def model_case(key: str, name: str, hand: Callable[[Sizes], nn.Module],
+               convert: Callable[[nn.Module], nn.Module]) -> Case:
     def build(sz: Sizes):
         gen = torch.Generator().manual_seed(0)
         ref = randomize_head(randomize_norms(hand(sz), gen), gen)
@@ -143,7 +145,7 @@ def model_case(name: str, hand: Callable[[Sizes], nn.Module], convert: Callable[
         x = torch.randn(sz.batch, 3, sz.img_size, sz.img_size, generator=gen)
         return ref, der, x
 
-    return Case(name, True, build)
+    return Case(key, name, True, build)
 
 
 def timm_mixer(sz: Sizes) -> nn.Module:
@@ -162,19 +164,20 @@ def mixers_imixer(sz: Sizes) -> nn.Module:
 
 
 CASES = [
-    block_case("Mixer vs mixers.MixerBlock", lambda s: mixers.MixerBlock(s.dim, s.seq_len), "mixer"),
-    block_case("Mixer vs timm MixerBlock", lambda s: TimmMixerBlock(s.dim, s.seq_len), "mixer"),
-    block_case("iMixer (h_ratio 2, n_iter 2)",
+    block_case("mixer-mixers", "Mixer vs mixers.MixerBlock", lambda s: mixers.MixerBlock(s.dim, s.seq_len), "mixer"),
+    block_case("mixer-timm", "Mixer vs timm MixerBlock", lambda s: TimmMixerBlock(s.dim, s.seq_len), "mixer"),
+    block_case("imixer", "iMixer (h_ratio 2, n_iter 2)",
                lambda s: mixers.IMixerBlock(s.dim, s.seq_len, h_ratio=2, n_iter=2),
                "imixer", h_ratio=2, n_iter=2),
-    *[block_case(f"L-layer iMixer L={L} (h_ratio 2, n_iter 2)",
+    *[block_case(f"limixer{L}", f"L-layer iMixer L={L} (h_ratio 2, n_iter 2)",
                  lambda s, L=L: mixers.LiMixerBlock(s.dim, s.seq_len, depth=L, h_ratio=2, n_iter=2),
                  "limixer", depth=L, h_ratio=2, n_iter=2) for L in (4, 5)],
-    *[block_case(f"parallelized Mixer {form} (norm matrix)",
+    *[block_case(f"paramixer-{form}", f"parallelized Mixer {form} (norm matrix)",
                  lambda s, form=form: mixers.ParaMixerBlock(s.dim, s.seq_len, form=form, norm="matrix"),
                  "paramixer", form=form, norm="matrix") for form in ("symmetric", "untied", "broken")],
-    model_case("model: Mixer-S/16 vs timm mixer_s16_224", timm_mixer, derive.from_timm),
-    model_case("model: iMixer-S/16 (h_ratio 2) vs mixers imixer_s16_224", mixers_imixer, derive.from_reference),
+    model_case("model-mixer", "model: Mixer-S/16 vs timm mixer_s16_224", timm_mixer, derive.from_timm),
+    model_case("model-imixer", "model: iMixer-S/16 (h_ratio 2) vs mixers imixer_s16_224", mixers_imixer,
+               derive.from_reference),
 ]
 
 
@@ -222,7 +225,7 @@ def measure(case: Case, sz: Sizes, rounds: int, warmup: int) -> Result:
     t = interleaved({"hand": (ref, step(ref, x)), "derived": (der, step(der, x))}, rounds, warmup)
     h, d = statistics.median(t["hand"]), statistics.median(t["derived"])
     per_round = statistics.median(b / a for a, b in zip(t["hand"], t["derived"]))
-    res = Result(case.name, 1e3 * h, 1e3 * d, d / h, per_round, diff, rounds, t)
+    res = Result(case.name, 1e3 * h, 1e3 * d, d / h, per_round, diff, case.model, t)
     print(f"  hand-written {res.hand_ms:.2f} ms, derived {res.derived_ms:.2f} ms, ratio {res.ratio:.3f} "
           f"(median of per-round ratios {res.round_ratio:.3f})", flush=True)
     return res
@@ -254,13 +257,13 @@ def table(results: list[Result]) -> list[str]:
 
 
 def render(results: list[Result], args, sz: Sizes, command: str) -> str:
-    rounds = sorted({r.rounds for r in results})
+    rounds = ", ".join(f"{n} per {what}" for what, n in (("block", args.rounds), ("model", args.model_rounds))
+                       if any(r.model == (what == "model") for r in results))
     lines = [
         f"## Derived vs hand-written blocks, forward + backward ({datetime.date.today().isoformat()})",
         "",
         f"Command: `{command}`; machine: {machine()}; float32, CPU, train mode, dropout and drop-path 0; "
-        f"{sz.describe()}; {args.warmup} warm-up calls, then {'/'.join(map(str, rounds))} interleaved rounds "
-        "(blocks/models).",
+        f"{sz.describe()}; {args.warmup} warm-up calls of each, then interleaved rounds: {rounds}.",
         "",
         *table(results),
         "",
@@ -293,15 +296,15 @@ def main(argv=None) -> list[Result]:
                    help="torch threads (default: $OMP_NUM_THREADS if set, else all cores)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 8; 2 with --small)")
     p.add_argument("--only", action="append", default=None, metavar="TEXT",
-                   help="run only the rows whose name contains TEXT (case-insensitive; repeatable)")
+                   help="run only the rows whose key or name contains TEXT (case-insensitive; repeatable; see --list)")
     p.add_argument("--small", action="store_true",
                    help="tiny sizes for a smoke run: 16 tokens x 32 channels; 32 x 32 images, patch 4, 2 blocks")
-    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    p.add_argument("--list", action="store_true", help="list the rows (key, name) and exit")
     p.add_argument("--write-docs", nargs="?", const=str(DOCS), default=None, metavar="PATH",
                    help="write (or replace) this script's section of docs/benchmarks.md (or of PATH)")
     args = p.parse_args(argv)
     if args.list:
-        print("\n".join(c.name for c in CASES))
+        print("\n".join(f"{c.key:20s} {c.name}" for c in CASES))
         return []
     if args.small and args.write_docs == str(DOCS):
         p.error("--write-docs records the Mixer-S/16-size run; drop --small (or give a PATH other than the docs)")
@@ -310,9 +313,9 @@ def main(argv=None) -> list[Result]:
     sz = SMALL if args.small else FULL
     if args.batch is not None:
         sz = Sizes(**{**sz.__dict__, "batch": args.batch})
-    cases = [c for c in CASES if not args.only or any(s.lower() in c.name.lower() for s in args.only)]
+    cases = [c for c in CASES if not args.only or any(s.lower() in f"{c.key} {c.name}".lower() for s in args.only)]
     if not cases:
-        p.error(f"--only {args.only} matches none of: " + "; ".join(c.name for c in CASES))
+        p.error(f"--only {args.only} matches none of: " + "; ".join(f"{c.key} ({c.name})" for c in CASES))
     print(f"{machine()}; {sz.describe()}", flush=True)
     results = [measure(c, sz, args.model_rounds if c.model else args.rounds, args.warmup) for c in cases]
     command = shlex.join([".venv/bin/python", "benchmarks/derived_vs_handwritten.py", *(argv or sys.argv[1:])])
