@@ -260,12 +260,15 @@ def render(results: list[Result], args, sz: Sizes, command: str) -> str:
     rounds = ", ".join(f"{n} per {what}" for what, n in (("block", args.rounds), ("model", args.model_rounds))
                        if any(r.model == (what == "model") for r in results))
     lines = [
-        f"## Derived vs hand-written blocks, forward + backward ({datetime.date.today().isoformat()})",
+        f"## Derived vs hand-written blocks and models, forward + backward ({datetime.date.today().isoformat()})",
         "",
         f"Command: `{command}`; machine: {machine()}; float32, CPU, train mode, dropout and drop-path 0; "
         f"{sz.describe()}; {args.warmup} warm-up calls of each, then interleaved rounds: {rounds}.",
         "",
         *table(results),
+        "",
+        f"{sum(r.passes for r in results)} of {len(results)} rows within the target ratio {TARGET}; outputs agree "
+        f"to {RTOL:g} in {sum(r.agrees for r in results)} of {len(results)}.",
         "",
         "(ratio = median derived time / median hand-written time; below 1 means the derived block is faster. "
         f"Max rel diff = max |derived - hand-written| / max |hand-written| of the outputs on the same input, "
@@ -306,9 +309,10 @@ def main(argv=None) -> list[Result]:
     if args.list:
         print("\n".join(f"{c.key:20s} {c.name}" for c in CASES))
         return []
-    if args.small and args.write_docs == str(DOCS):
+    if args.small and args.write_docs is not None and Path(args.write_docs).resolve() == DOCS.resolve():
         p.error("--write-docs records the Mixer-S/16-size run; drop --small (or give a PATH other than the docs)")
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = args.threads or (int(omp) if omp.isdigit() else 0) or os.cpu_count() or 1
     torch.set_num_threads(threads)
     sz = SMALL if args.small else FULL
     if args.batch is not None:
@@ -318,7 +322,9 @@ def main(argv=None) -> list[Result]:
         p.error(f"--only {args.only} matches none of: " + "; ".join(f"{c.key} ({c.name})" for c in CASES))
     print(f"{machine()}; {sz.describe()}", flush=True)
     results = [measure(c, sz, args.model_rounds if c.model else args.rounds, args.warmup) for c in cases]
-    command = shlex.join([".venv/bin/python", "benchmarks/derived_vs_handwritten.py", *(argv or sys.argv[1:])])
+    env = [f"OMP_NUM_THREADS={omp}"] if omp and args.threads is None else []
+    command = shlex.join([*env, ".venv/bin/python", "benchmarks/derived_vs_handwritten.py",
+                          *(sys.argv[1:] if argv is None else argv)])
     section = render(results, args, sz, command)
     print()
     print(section)
