@@ -114,6 +114,23 @@ def _tree(net: Network, visible: str, fast: Iterable[str] | None) -> list[Branch
     return branches
 
 
+def _check_order(branches: list[Branch], order: Iterable[str] | None) -> list[str]:
+    """The elimination order, slowest fast layer first (tau_1 >> tau_2 >> ...; Appendix B). The nested solve
+    eliminates each layer's subtree before the layer itself, so every layer must come after its parent."""
+    nodes = [b for top in branches for b in top.walk()]
+    if order is None:
+        return [b.node for b in sorted(nodes, key=lambda b: b.depth)]
+    order = list(order)
+    if sorted(order) != sorted(b.node for b in nodes):
+        raise ValueError(f"adiabatic: order {order} must list every fast layer {[b.node for b in nodes]} once")
+    rank = {n: i for i, n in enumerate(order)}
+    for b in nodes:
+        if b.depth > 1 and rank[b.node] < rank[b.parent]:
+            raise ValueError(f"adiabatic: order puts layer {b.node!r} before its parent {b.parent!r}; the nested "
+                             "elimination needs each layer slower than the layers below it (tau_parent >> tau_child)")
+    return order
+
+
 class ReducedField:
     """The visible layer's vector field after the adiabatic elimination of every fast layer.
 
@@ -125,12 +142,13 @@ class ReducedField:
     """
 
     def __init__(self, net: Network, visible: str = "v", fast: Iterable[str] | None = None, *,
-                 alpha: float = 0.0, solver: str = "newton", n_iter: int = 50, tol: float = 1e-12,
-                 max_newton: int = 50):
+                 order: Iterable[str] | None = None, alpha: float = 0.0, solver: str = "newton", n_iter: int = 50,
+                 tol: float = 1e-12, max_newton: int = 50):
         if solver not in ("fixed_point", "newton"):
             raise ValueError(f"ReducedField: solver must be 'fixed_point' or 'newton', got {solver!r}")
         self.net, self.visible = net, visible
         self.branches = _tree(net, visible, fast)
+        self.order = _check_order(self.branches, order)
         self.alpha, self.solver, self.n_iter, self.tol, self.max_newton = float(alpha), solver, n_iter, tol, max_newton
         self.tau = net.layers[visible].tau
 
@@ -257,5 +275,6 @@ def _newton(net: Network, start: dict[str, Tensor], visible: str, tol: float, ma
 
 
 def adiabatic(net: Network, visible: str = "v", fast: Iterable[str] | None = None, **kwargs) -> ReducedField:
-    """Take tau -> 0 for the ``fast`` layers (default: all but ``visible``); see ``ReducedField``."""
+    """Take tau -> 0 for the ``fast`` layers (default: all but ``visible``), in ``order`` (slowest first;
+    default: by distance from ``visible``); see ``ReducedField``."""
     return ReducedField(net, visible, fast, **kwargs)

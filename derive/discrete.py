@@ -89,6 +89,8 @@ def _key(br: Branch) -> str:
 class DerivedBlock(nn.Module):
     """One discrete step of the visible layer of ``net`` after the adiabatic limit; see the module doc."""
 
+    kind: str | None = None  # "mixer", "imixer", ... when built by ``derive.derived_block``: names its weights
+
     def __init__(self, net: Network, visible: str = "v", config: DiscreteConfig | None = None):
         super().__init__()
         self.config = cfg = config or DiscreteConfig()

@@ -82,10 +82,15 @@ def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_
 
 def derived_block(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
                   depth: int = 4, form: str = "untied", norm: str = "matrix", bias: bool | None = None,
-                  n_iter: int = 2, n_power: int = 8, coeff: float = 0.9, steps: int = 1,
+                  n_iter: int | None = None, n_power: int = 8, coeff: float = 0.9, steps: int = 1,
                   drop_path: float = 0.0) -> DerivedBlock:
     """``kind``'s network discretised with its splitting: sequential (tokens, then channels) for the Mixer and
-    iMixers, parallel for the parallelized Mixer."""
+    iMixers, parallel for the parallelized Mixer. ``n_iter`` counts fixed-point iterations (iMixers only);
+    ``steps`` repeats the whole Euler step with the same weights (the parallelized Mixer's n_iter)."""
+    if n_iter is not None and kind in ("mixer", "paramixer"):
+        raise ValueError(f"derived_block: a {kind!r} block has no fixed-point solve, so n_iter does not apply; "
+                         "to repeat the block with the same weights use steps=")
+    n_iter = 2 if n_iter is None else n_iter
     form = {"symmetric": "tied", "symmetry_breaking": "broken"}.get(form, form)
     net = block_network(kind, seq_len, dim, mlp_ratio, h_ratio=h_ratio, depth=depth, form=form, norm=norm,
                         bias=bias)
@@ -248,6 +253,15 @@ def _model_map(model: DerivedMixer) -> list[tuple[str, str]]:
 @torch.no_grad()
 def _copy(dst: nn.Module, src_sd: dict[str, Tensor], pairs, reverse: bool, what: str) -> None:
     dst_sd = dst.state_dict(keep_vars=True)
+    used = {d if reverse else r for d, r in pairs}
+    unused = sorted(k for k in src_sd if k not in used)
+    if unused:
+        raise ValueError(f"{what}: the source has entries with no counterpart here, e.g. {unused[:4]}; "
+                         "is it a different kind of block?")
+    written = {(r if reverse else d) for d, r in pairs}
+    unset = sorted(k for k in dst_sd if k not in written)
+    if unset:
+        raise ValueError(f"{what}: nothing in the source sets {unset[:4]}; is it a different kind of block?")
     for d, r in pairs:
         to, frm = (r, d) if reverse else (d, r)
         if frm not in src_sd:
@@ -328,14 +342,21 @@ def from_reference(model: nn.Module) -> DerivedMixer:
     is the derived block's ``steps`` (Euler steps); ``n_iter`` of a derived block counts fixed-point iterations.
     """
     rcfg = model.cfg
+    if getattr(rcfg, "global_pool", "avg") != "avg":
+        raise ValueError(f"from_reference: global_pool {rcfg.global_pool!r} is not supported (only 'avg')")
+    if isinstance(rcfg.img_size, (tuple, list)):
+        if len(set(rcfg.img_size)) != 1:
+            raise ValueError(f"from_reference: non-square img_size {tuple(rcfg.img_size)} is not supported")
     if getattr(rcfg, "proj_drop_rate", 0.0):
         raise ValueError("from_reference: proj_drop_rate (dropout inside the MLPs) has no derived counterpart")
     kw = dict(rcfg.block_kwargs)
     if rcfg.block == "paramixer" and "n_iter" in kw:
         kw["steps"] = kw.pop("n_iter")
-    cfg = DerivedMixerConfig(**{k: v for k, v in asdict(rcfg).items() if k in DerivedMixerConfig.__dataclass_fields__
-                                and k not in ("block_kwargs", "block")},
-                             block=_REF_BLOCK[rcfg.block], block_kwargs=kw)
+    fields = {k: v for k, v in asdict(rcfg).items() if k in DerivedMixerConfig.__dataclass_fields__
+              and k not in ("block_kwargs", "block")}
+    if isinstance(fields["img_size"], (tuple, list)):
+        fields["img_size"] = int(fields["img_size"][0])
+    cfg = DerivedMixerConfig(**fields, block=_REF_BLOCK[rcfg.block], block_kwargs=kw)
     ref = next(model.parameters())
     derived = DerivedMixer(cfg).to(dtype=ref.dtype, device=ref.device)
     _copy(derived, model.state_dict(), _model_map(derived), False, "from_reference")

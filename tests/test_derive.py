@@ -108,6 +108,10 @@ def test_adiabatic_errors_name_the_offending_thing():
     odd = Network({"v": Layer((4,), lag.layernorm()), "a": Layer((3,), lag.relu(), 0.1)}, [Quartic()])
     with pytest.raises(TypeError, match="synapse 'v-a' is a Quartic"):
         adiabatic(odd)
+    chain = derive.block_network("limixer", 6, 4, depth=4)
+    assert adiabatic(chain).order == ["x1", "c", "x2", "x3"]
+    with pytest.raises(ValueError, match="puts layer 'x3' before its parent 'x2'"):
+        adiabatic(chain, order=["x1", "x3", "x2", "c"])
     with pytest.raises(ValueError, match="groups"):
         discretize(presets.star(6, 4), splitting="sequential", groups=[["s"]])
 

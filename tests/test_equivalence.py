@@ -202,3 +202,16 @@ def test_derived_models_are_registered_in_timm_and_equal_their_twins():
     assert rel_err(derived.forward_features(x), ref.forward_features(x)) <= 1e-5  # the head starts at zero
     with pytest.raises(RuntimeError, match="no pretrained weights"):
         timm.create_model("derived_paramixer_t4_32", pretrained=True)
+
+
+def test_mismatched_weights_are_refused_with_the_offending_names():
+    with pytest.raises(ValueError, match="fc_sn1"):  # an iMixer block is not a Mixer block
+        derive.load_reference_block(derive.derived_block("mixer", S, C), mixers.IMixerBlock(C, S))
+    with pytest.raises(ValueError, match="shape"):
+        derive.load_reference_block(derive.derived_block("mixer", S, C), mixers.MixerBlock(C, S + 1))
+    with pytest.raises(ValueError, match="use steps="):
+        derive.derived_block("paramixer", S, C, n_iter=3)
+    ref = mixers.MlpMixer(mixers.MixerConfig(num_classes=5, img_size=16, patch_size=4, num_blocks=1, embed_dim=C,
+                                             global_pool=""))
+    with pytest.raises(ValueError, match="global_pool"):
+        derive.from_reference(ref)
