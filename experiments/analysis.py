@@ -1,0 +1,393 @@
+"""Analyses of trained (or any) Mixer-family models: plain data out, optionally a PNG.
+
+- `fixed_point_convergence`: Norm_a and Cos_a of the fixed-point iterates of every iMLP layer
+  (iMixer paper, Sec. 5 Fig. 3 and Appendix C.3 Figs. 5-6).
+- `energy_along_flow`: the energy of a block's symmetric (tied) network along its continuous flow from a real
+  image's embedding, and the reduced flow's Lyapunov function (Krotov 2021 Eq. 17-18; iMixer paper Eqs. 12-13).
+- `symmetry_index`, `symmetry_table`, `xavier_reference`: how close W2 is to W1^T in every two-matrix MLP
+  (Karakida, Ota & Taki 2024: tied / untied / symmetry-broken MLPs).
+- `read_metrics`, `training_curves`: metrics.jsonl files of training runs, plotted against the epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import derive
+from derive import DerivedBlock, DerivedMixer
+from mixers import AsymMlp, LiMlp, SymMlp, iMlp
+
+__all__ = [
+    "energy_along_flow",
+    "fixed_point_convergence",
+    "read_metrics",
+    "symmetry_index",
+    "symmetry_table",
+    "training_curves",
+    "xavier_reference",
+]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+# ---------------------------------------------------------------------------------------------- fixed points
+def _first_hidden(block: DerivedBlock) -> str | None:
+    """The first hidden layer with an implicit solve (the iMLP's x, or x1 of the L-layer chain)."""
+    for br in block.branches:
+        if br.implicit:
+            return br.node
+    return None
+
+
+def _recorders(model: nn.Module) -> list[tuple[int, nn.Module, str]]:
+    """(block index, module whose ``record``/``trace`` to use, layer name) for every iMLP layer."""
+    out = []
+    for i, blk in enumerate(getattr(model, "blocks", [])):
+        if isinstance(blk, DerivedBlock):
+            name = _first_hidden(blk)
+            if name is not None:
+                out.append((i, blk, name))
+        elif isinstance(getattr(blk, "mlp_tokens", None), (iMlp, LiMlp)):
+            out.append((i, blk.mlp_tokens, "mlp_tokens"))
+    if not out:
+        raise ValueError(f"fixed_point_convergence: {type(model).__name__} has no iMLP layer (iMlp / LiMlp token "
+                         "mixers, or derived blocks with an implicit solve)")
+    return out
+
+
+def _iterates(module: nn.Module, name: str) -> list[Tensor]:
+    if isinstance(module, DerivedBlock):
+        for rec in module.trace:  # nested solves come first; the outermost solve of ``name`` is the one we want
+            if rec["layer"] == name:
+                return rec["iterates"]
+        raise RuntimeError(f"derived block recorded no solve of layer {name!r}")
+    return list(module.trace)
+
+
+def _step_stats(xs: list[Tensor]) -> dict[str, list[float]]:
+    """Norm_a = ||x^(a+1) - x^a||_2 / sqrt(S C) and Cos_a = cos(x^(a+1), x^a) per sample, then mean and std
+    (population, ddof 0) over the samples (iMixer paper Appendix C.3)."""
+    x = torch.stack([t.detach().double().flatten(1) for t in xs])  # (n + 1, B, S C)
+    prev, nxt = x[:-1], x[1:]
+    norm = (nxt - prev).norm(dim=-1) / math.sqrt(x.shape[-1])  # (n, B)
+    cos = F.cosine_similarity(nxt, prev, dim=-1)
+    return {"norm": norm.mean(1).tolist(), "norm_std": norm.std(1, correction=0).tolist(),
+            "cos": cos.mean(1).tolist(), "cos_std": cos.std(1, correction=0).tolist()}
+
+
+def fixed_point_convergence(model: nn.Module, images: Tensor, *, path=None,
+                            plot_blocks: Sequence[int] | None = None) -> dict:
+    """Convergence of the fixed-point iteration (FPA, iMixer Eq. 29) in every iMLP layer (iMixer Figs. 3, 5, 6).
+
+    ``model``: a ``mixers.MlpMixer`` with iMlp / LiMlp token mixers, or a ``derive.DerivedMixer`` of kind
+    "imixer" / "limixer". It runs once on ``images`` in eval mode without gradients (its train mode and the
+    ``record`` flags are restored afterwards). Per step a = 0..n-1:
+    Norm_a = ||x^(a+1) - x^a||_2 / sqrt(S C) and Cos_a = cos(x^(a+1), x^a), each sample's iterate flattened,
+    mean and population std over the images. Only the outermost solve of each block counts (the hand-written
+    ``trace``; for a derived block the first recorded solve of its first hidden layer, i.e. the first Euler step).
+
+    Returns {"layers": [{"block", "layer", "norm", "norm_std", "cos", "cos_std"}, ...], "n_images"}.
+    ``path``: a PNG with Norm_a (log scale) and Cos_a, one line per layer (``plot_blocks``: only those blocks).
+    """
+    recs = _recorders(model)
+    device, dtype = _device_dtype(model)
+    was_training = model.training
+    flags = [(m, m.record) for _, m, _ in recs]
+    try:
+        for m, _ in flags:
+            m.record = True
+        model.eval()
+        with torch.no_grad():
+            model(images.to(device=device, dtype=dtype))
+        rows = [{"block": i, "layer": name, **_step_stats(_iterates(m, name))} for i, m, name in recs]
+    finally:
+        for m, flag in flags:
+            m.record = flag
+        model.train(was_training)
+    result = {"layers": rows, "n_images": int(images.shape[0])}
+    if path is not None:
+        _plot_fixed_point(result, path, plot_blocks)
+    return result
+
+
+def _plot_fixed_point(result: dict, path, plot_blocks: Sequence[int] | None) -> Path:
+    plt = _pyplot()
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
+    for row in result["layers"]:
+        if plot_blocks is not None and row["block"] not in plot_blocks:
+            continue
+        a = list(range(len(row["norm"])))
+        label = f"iMLP-{row['block']}"
+        ax0.errorbar(a, row["norm"], yerr=row["norm_std"], marker="o", ms=3, capsize=2, label=label)
+        ax1.errorbar(a, row["cos"], yerr=row["cos_std"], marker="o", ms=3, capsize=2, label=label)
+    ax0.set_yscale("log", nonpositive="mask")
+    ax0.set(xlabel="fixed-point step a", ylabel=r"$\|x^{a+1}-x^a\|_2/\sqrt{SC}$", title="Norm$_a$")
+    ax1.set(xlabel="fixed-point step a", ylabel=r"$\cos(x^{a+1}, x^a)$", title="Cos$_a$")
+    ax1.ticklabel_format(axis="y", useOffset=False)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax0, ax1):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fixed-point iteration in the iMLP layers, {result['n_images']} images")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- energy
+def _as_derived(model: nn.Module) -> DerivedMixer:
+    if isinstance(model, DerivedMixer):
+        return model
+    if hasattr(model, "cfg") and hasattr(model, "blocks"):
+        return derive.from_reference(model)
+    raise TypeError(f"energy_along_flow expects a derive.DerivedMixer or a mixers.MlpMixer, got {type(model).__name__}")
+
+
+def energy_along_flow(model: nn.Module, image: Tensor, *, block: int = 0, t_end: float = 10.0, points: int = 51,
+                      dtype: torch.dtype = torch.float64, rtol: float = 1e-6, atol: float = 1e-8,
+                      path=None) -> dict:
+    """Energy (Krotov 2021, Eq. 17) of block ``block``'s Hopfield network along its continuous flow
+    (tau_A dx_A/dt = I_A - x_A, Eq. 14) from a real image, and the reduced flow's Lyapunov function.
+
+    ``model``: a ``derive.DerivedMixer`` of kind "paramixer" (form "tied" for an exact energy), or a hand-written
+    ``mixers.MlpMixer`` whose derived twin (``derive.from_reference``) is used. ``image``: (C, H, W) or
+    (1, C, H, W). The visible state v0 (1, S, C) is the stem's patch embedding passed through the blocks before
+    ``block``. The block's network is copied in ``dtype`` (float64 by default) and the FULL network integrated
+    with dopri5 from v0, every hidden layer starting ON ITS SLOW MANIFOLD (x_B = G^B(g_v), exact for leaf
+    branches), so E(0) equals the reduced energy at v0. Along the visible trajectory v(t) the reduced
+    flow's Lyapunov function E_red(v) = [<v, g_v> - L_v(v)] - sum_B Phi_B(G^B(g_v)) (``ReducedField.energy``,
+    alpha = 1, iMixer Eqs. 12-13) is evaluated as well.
+
+    Returns {"t", "energy", "reduced_energy", "max_rise", "max_rise_rel", "reduced_max_rise", "caveats"}:
+    max_rise is the largest increase of the energy between consecutive output times (<= 0: it never rose),
+    max_rise_rel the same relative to |E| (the simulator's descent report). ``caveats`` are the reasons descent
+    is not guaranteed (the network's and the reduced field's): non-convex GELU hidden Lagrangians, untied or
+    broken synapses, and a LayerNorm gain gamma != 1 on a tied synapse. ``path``: a PNG of both energies vs t.
+    """
+    derived = _as_derived(model)
+    blk = derived.blocks[block]
+    if not isinstance(blk, DerivedBlock):
+        raise TypeError(f"energy_along_flow: block {block} is a {type(blk).__name__}, not a derived block")
+    if any(br.implicit for br in blk.branches):
+        raise ValueError("energy_along_flow: the reduced energy is defined for leaf branches only (Mixer and "
+                         f"parallelized-Mixer networks); block {block} has an implicit solve")
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"energy_along_flow: image must be (C, H, W) or (1, C, H, W), got {tuple(image.shape)}")
+    device, mdtype = _device_dtype(derived)
+    was_training = derived.training
+    derived.eval()
+    try:
+        with torch.no_grad():
+            v = derived.stem.proj(image.to(device=device, dtype=mdtype)).flatten(2).transpose(1, 2)
+            for k in range(block):
+                v = derived.blocks[k](v)
+    finally:
+        derived.train(was_training)
+    net = copy.deepcopy(blk.net).to(dtype=dtype)
+    v0 = v.to(dtype)
+    field = derive.adiabatic(net, blk.visible, alpha=1.0, solver="fixed_point")
+    t = torch.linspace(0.0, float(t_end), int(points), dtype=dtype, device=device)
+    with torch.no_grad():
+        state = field.slow_manifold(v0)
+        traj = net.simulate(state, t, method="dopri5", rtol=rtol, atol=atol)
+        vs = traj.states[blk.visible]
+        reduced = torch.stack([field.energy(vs[k]) for k in range(len(t))])[:, 0]
+    energy = traj.energy[:, 0]
+    caveats = list(dict.fromkeys(net.descent_caveats() + field.caveats()))
+    red_rise = float((reduced[1:] - reduced[:-1]).max()) if len(t) > 1 else 0.0
+    result = {"t": t.tolist(), "energy": energy.tolist(), "reduced_energy": reduced.tolist(),
+              "max_rise": float(traj.descent.max_rise), "max_rise_rel": float(traj.descent.max_rise_rel),
+              "reduced_max_rise": red_rise, "caveats": caveats, "nfe": int(traj.nfe)}
+    if path is not None:
+        _plot_energy(result, path, block)
+    return result
+
+
+def _plot_energy(result: dict, path, block: int) -> Path:
+    plt = _pyplot()
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
+    t, e, r = result["t"], result["energy"], result["reduced_energy"]
+    ax0.plot(t, e, lw=1.5, label="full network E(t)")
+    ax0.plot(t, r, lw=1.2, ls="--", label=r"reduced $E_{red}(v(t))$")
+    ax0.set(xlabel="t", ylabel="energy", title=f"block {block}: energy along the flow")
+    ax0.legend(fontsize=8)
+    for series, label in ((e, "full"), (r, "reduced")):
+        gap = [(ti, x - series[-1]) for ti, x in zip(t, series) if x - series[-1] > 0]
+        if gap:
+            ax1.semilogy(*zip(*gap), lw=1, label=label)
+    ax1.set(xlabel="t", ylabel="E(t) - E(t_end)", title="distance to the final energy")
+    ax1.text(0.02, 0.02, f"max relative rise {result['max_rise_rel']:.2g}; {len(result['caveats'])} caveat(s)",
+             transform=ax1.transAxes, fontsize=8)
+    if ax1.lines:
+        ax1.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- symmetry
+def _pair_index(w1: Tensor, w2: Tensor) -> tuple[float, float]:
+    """corr = <W1^T, W2>_F of the Frobenius-normalised matrices, antisym = ||A|| / (||S|| + ||A||) with
+    S, A = (W2 +- W1^T) / 2 of the normalised matrices; NaN when a matrix is zero."""
+    w1, w2 = w1.detach().double(), w2.detach().double()
+    if w2.shape != w1.T.shape:
+        raise ValueError(f"symmetry index: W2 {tuple(w2.shape)} does not match W1^T {tuple(w1.T.shape)}")
+    n1, n2 = w1.norm(), w2.norm()
+    if n1 == 0 or n2 == 0:
+        return math.nan, math.nan
+    a, b = w1.T / n1, w2 / n2
+    corr = float((a * b).sum())
+    s, d = float(((b + a) / 2).norm()), float(((b - a) / 2).norm())
+    return corr, d / (s + d)
+
+
+def _mlp_pair(m: nn.Module) -> tuple[Tensor, Tensor, str] | None:
+    """(W1 (H, in), W2 (in, H), description) of a hand-written / timm MLP, or None when it has no such pair."""
+    if isinstance(m, SymMlp):  # one matrix W: W2 = W^T by construction
+        w = m.fc2.weight
+        return w, w.T, "SymMlp (tied)"
+    if isinstance(m, AsymMlp):  # effective feedback W1^T + W2
+        w1 = m.fc1.weight
+        return w1, w1.T + m.fc2.weight, "AsymMlp (W1^T + W2)"
+    fc1, fc2 = getattr(m, "fc1", None), getattr(m, "fc2", None)
+    if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and fc2.weight.shape == fc1.weight.T.shape:
+        return fc1.weight, fc2.weight, type(m).__name__
+    return None
+
+
+def symmetry_index(model: nn.Module) -> list[dict]:
+    """Weight-symmetry index of every two-matrix MLP of a Mixer (Karakida, Ota & Taki 2024, tied vs untied).
+
+    For W1 (H, in) and W2 (in, H), each divided by its Frobenius norm: corr = <W1^T, W2>_F in [-1, 1]
+    (1: perfectly tied) and antisym = ||A|| / (||S|| + ||A||) in [0, 1] with S, A = (W2 +- W1^T) / 2 (0: tied).
+    Both depend on corr only (||S||^2 = (1 + corr) / 2, ||A||^2 = (1 - corr) / 2), so independent draws give
+    corr ~ 0 and antisym ~ 0.5 (see ``xavier_reference``). Raw weights: LayerNorm gains are not folded in.
+
+    Which pair: fc1 / fc2 (timm's and the hand-written Mlp, the outer pair of iMlp / LiMlp, the untied
+    parallelized Mixer); SymMlp has one matrix W, reported as W1 = W, W2 = W^T (corr 1, antisym 0 by
+    construction); AsymMlp compares W1^T with the effective feedback W1^T + W2; a derived block's
+    visible-layer synapses give W1 = ``weight`` (n_b, n_a) and W2 = ``feedback_weight()`` (n_a, n_b).
+    Returns one dict per MLP: {"block", "mlp" ("tokens" | "channels"), "corr", "antisym", "module"}.
+    """
+    rows = []
+    for i, blk in enumerate(getattr(model, "blocks", [])):
+        if isinstance(blk, DerivedBlock):
+            rank = len(blk.net.layers[blk.visible].shape)
+            for br in blk.branches:
+                syn = br.synapse
+                mlp = "tokens" if syn.axis % rank == rank - 2 else "channels"  # (S, C) states: S is the token axis
+                corr, anti = _pair_index(syn.weight, syn.feedback_weight())
+                rows.append({"block": i, "mlp": mlp, "corr": corr, "antisym": anti,
+                             "module": f"DenseSynapse({syn.form})"})
+            continue
+        for attr, mlp in (("mlp_tokens", "tokens"), ("mlp_channels", "channels")):
+            pair = _mlp_pair(getattr(blk, attr, None))
+            if pair is not None:
+                corr, anti = _pair_index(pair[0], pair[1])
+                rows.append({"block": i, "mlp": mlp, "corr": corr, "antisym": anti, "module": pair[2]})
+    if not rows:
+        raise ValueError(f"symmetry_index: found no two-matrix MLP in {type(model).__name__}")
+    return rows
+
+
+def symmetry_table(rows: Sequence[Mapping]) -> str:
+    """A markdown table of ``symmetry_index`` rows."""
+    lines = ["| block | mlp | corr | antisym | module |", "|---:|:---|---:|---:|:---|"]
+    for r in rows:
+        lines.append(f"| {r['block']} | {r['mlp']} | {r['corr']:.4f} | {r['antisym']:.4f} | {r.get('module', '')} |")
+    return "\n".join(lines)
+
+
+def xavier_reference(n_out: int, n_in: int, *, trials: int = 256, seed: int = 0) -> dict:
+    """The symmetry index of independent xavier-uniform W1 (n_out, n_in) and W2 (n_in, n_out): corr has mean 0
+    and std ~ 1 / sqrt(n_out n_in) (``corr_std_theory``), antisym ~ 0.5. The untrained reference point."""
+    g = torch.Generator().manual_seed(seed)
+    bound = math.sqrt(6.0 / (n_in + n_out))
+    corr, anti = [], []
+    for _ in range(trials):
+        w1 = (torch.rand(n_out, n_in, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        w2 = (torch.rand(n_in, n_out, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        c, a = _pair_index(w1, w2)
+        corr.append(c)
+        anti.append(a)
+    c, a = torch.tensor(corr), torch.tensor(anti)
+    return {"corr_mean": float(c.mean()), "corr_std": float(c.std()), "antisym_mean": float(a.mean()),
+            "corr_std_theory": 1.0 / math.sqrt(n_out * n_in)}
+
+
+# ---------------------------------------------------------------------------------------------- training curves
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl file (one JSON object per line; blank lines skipped)."""
+    out = []
+    with open(path) as f:
+        for k, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{k}: expected a JSON object per line, got {type(rec).__name__}")
+            out.append(rec)
+    return out
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of the records with a finite ``key``; a record without an epoch gets its 1-based index."""
+    xs, ys = [], []
+    for k, rec in enumerate(records, start=1):
+        y = rec.get(key)
+        if y is None or not math.isfinite(float(y)):
+            continue
+        x = rec.get("epoch")
+        xs.append(float(k if x is None else x))
+        ys.append(float(y))
+    return xs, ys
+
+
+def training_curves(runs: Mapping[str, str | Path], path) -> None:
+    """Train loss, test loss and test top-1 vs epoch, one line per run (label: the dict key), as a PNG.
+    Records missing a value (absent, None, NaN) are skipped in that curve."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (("train_loss", "train loss"), ("test_loss", "test loss"), ("test_top1", "test top-1 (%)"))
+    for label, file in runs.items():
+        records = read_metrics(file)
+        color = None
+        for ax, (key, _) in zip(axes, panels):
+            xs, ys = _series(records, key)
+            if xs:
+                (line,) = ax.plot(xs, ys, marker="o", ms=2, lw=1.2, label=label, color=color)
+                color = line.get_color()
+    for ax, (_, title) in zip(axes, panels):
+        ax.set(xlabel="epoch", title=title)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    _save(fig, path)

@@ -1,0 +1,152 @@
+"""Seeds x models (x any grid of config values) in one command, resumable, ending in mean +- std tables.
+
+    python -m experiments.sweep --sweep experiments/configs/sweep_fashion.yaml [--table-only] [--only NAME]
+
+A sweep file names a base config, seeds, and runs: each run is a mapping of (dotted) config overrides, and may
+carry a ``grid`` of keys to lists of values whose product expands it (``imixer`` with
+``grid: {model_kwargs.n_iter: [1, 2, 4]}`` gives imixer[n_iter=1], ...). Every (run, seed) trains into
+``<out_dir>/<run>/seed<k>``; a finished one (summary.json present) is skipped, a killed one resumes from its
+checkpoint, so re-running the command after an interruption continues the sweep. The tables (markdown, like the
+iMixer paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from .train import ConfigError, load_config, train
+
+__all__ = ["expand", "load_sweep", "run_sweep", "table"]
+
+
+def load_sweep(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file {str(p)!r} does not exist")
+    spec = yaml.safe_load(p.read_text()) or {}
+    for key in spec:
+        if key not in ("base", "out_dir", "seeds", "overrides", "runs"):
+            raise ConfigError(f"sweep file {str(p)!r}: unknown key {key!r} (base, out_dir, seeds, overrides, runs)")
+    if not spec.get("runs"):
+        raise ConfigError(f"sweep file {str(p)!r} lists no runs")
+    return spec
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("grid",):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v)}")
+    return out
+
+
+def expand(spec: dict) -> dict[str, list[str]]:
+    """Run name -> the list of key=value overrides it applies on top of the base config."""
+    runs = {}
+    for name, body in spec["runs"].items():
+        body = dict(body or {})
+        grid = body.pop("grid", {}) or {}
+        base = _flatten(body)
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            label = name + ("[" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values)) + "]"
+                            if keys else "")
+            runs[label] = base + [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
+    return runs
+
+
+def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]:
+    found = {}
+    for name in runs:
+        rows = []
+        for seed in seeds:
+            f = out / _dirname(name) / f"seed{seed}" / "summary.json"
+            if f.exists():
+                rows.append(json.loads(f.read_text()))
+        found[name] = rows
+    return found
+
+
+def _dirname(name: str) -> str:
+    return name.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "")
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{m:.2f} ± {s:.2f}"
+
+
+def table(summaries: dict[str, list[dict]]) -> str:
+    """Markdown: run, seeds, best and last test top-1 (mean +- std over seeds), parameters, images/s."""
+    lines = ["| model | seeds | best top-1 (%) | last top-1 (%) | params | images/s |",
+             "|---|---|---|---|---|---|"]
+    for name, rows in summaries.items():
+        if not rows:
+            lines.append(f"| {name} | 0 | – | – | – | – |")
+            continue
+        params = rows[0]["params"]
+        ips = sum(r["images_per_s"] for r in rows) / len(rows)
+        lines.append(f"| {name} | {len(rows)} | {_mean_std([r['best_top1'] for r in rows])} | "
+                     f"{_mean_std([r['last_top1'] for r in rows])} | {params:,} | {ips:.0f} |")
+    return "\n".join(lines)
+
+
+def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = False) -> str:
+    out = Path(spec.get("out_dir", "runs/sweep"))
+    seeds = list(spec.get("seeds", [0]))
+    runs = expand(spec)
+    unknown = [o for o in (only or []) if o not in runs]
+    if unknown:
+        raise ConfigError(f"--only {unknown}: not in this sweep's runs {list(runs)}")
+    if not table_only:
+        for overrides in runs.values():  # validate every config before training anything
+            load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides)
+        for seed in seeds:
+            for name, overrides in runs.items():
+                if only and name not in only:
+                    continue
+                run_dir = out / _dirname(name) / f"seed{seed}"
+                if (run_dir / "summary.json").exists():
+                    continue
+                cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides +
+                                  [f"seed={seed}", f"out_dir={json.dumps(str(run_dir))}"])
+                print(f"== {name} seed {seed} -> {run_dir}", flush=True)
+                result = train(cfg, resume=(run_dir / "checkpoint.pt").exists())
+                if result.get("stopped"):
+                    print("sweep stopped; run the same command again to continue", flush=True)
+                    break
+            else:
+                continue
+            break
+    md = table(_summaries(out, runs, seeds))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    return md
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", required=True, help="sweep YAML file")
+    p.add_argument("--only", nargs="*", help="run names to train (default: all)")
+    p.add_argument("--table-only", action="store_true", help="only collect finished runs into the tables")
+    args = p.parse_args(argv)
+    try:
+        return run_sweep(load_sweep(args.sweep), args.only, args.table_only)
+    except ConfigError as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,542 @@
+"""Train an image classifier: any registered model, derived or hand-written, on one process or many.
+
+    python -m experiments.train --config experiments/configs/fashion_small.yaml [key=value ...] [--resume]
+    torchrun --nproc_per_node 2 -m experiments.train --config ... [key=value ...]
+
+Overrides are dotted config keys (``epochs=20 data.name=cifar10 model_kwargs.h_ratio=2``), values parsed as
+YAML. Everything is timm's building blocks: ``create_optimizer_v2`` (AdamW), ``create_scheduler_v2`` (cosine
+with warm-up, cooldown and a lower bound, stepped every update), ``Mixup`` (mixup/cutmix with label
+smoothing), RandAugment and random erasing (``experiments.data``), stochastic depth (``drop_path``). The
+learning rate is ``lr_base * global_batch / lr_base_size`` unless ``lr`` is given (iMixer paper, Table 5).
+
+Nothing is lost: a checkpoint is written atomically (temporary file, then rename) after every epoch and on
+SIGTERM/SIGINT (at the next step boundary), holding model, optimizer, scheduler, grad scaler, RNG states,
+epoch and step; ``--resume`` continues from it and ends where an uninterrupted run would. Checkpoints are
+read with ``torch.load(weights_only=True)``. Outputs in ``out_dir``: ``checkpoint.pt``, ``metrics.jsonl``,
+``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json``, ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from .data import DataConfig, build_datasets, build_loaders
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "main", "train"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "derived_imixer_t4_28"  # any timm name: vmixer_*, imixer_*, limixer_*, paramixer_*, derived_*, ...
+    model_kwargs: dict = field(default_factory=dict)  # e.g. h_ratio, n_iter, form, lam
+    data: DataConfig = field(default_factory=DataConfig)
+    epochs: int = 10
+    batch_size: int = 128  # per process
+    opt: str = "adamw"
+    lr: float | None = None  # None: lr_base * global batch / lr_base_size
+    lr_base: float = 5e-4
+    lr_base_size: int = 512
+    weight_decay: float = 0.05
+    sched: str = "cosine"
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    cooldown_epochs: int = 0
+    smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    drop_path: float = 0.0
+    clip_grad: float | None = None
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    out_dir: str = "runs/default"
+    progress: bool = True  # tqdm bar per epoch
+
+
+# ---------------------------------------------------------------------------------------------- config
+def _coerce(value, hint, key: str):
+    """``value`` checked against the field's type; YAML reads 1e-3 as a string, so numbers in strings are parsed."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key {key!r} must not be null")
+    for typ in allowed:
+        if typ is bool and isinstance(value, bool):
+            return value
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if typ is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if typ is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+def _merge(obj, values: dict, where: str):
+    """Dataclass ``obj`` with ``values`` applied; unknown keys and wrong types raise ConfigError naming them."""
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    updates = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {where}{key!r}; valid keys: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where}{key!r} must be a mapping, got {value!r}")
+            value = _merge(current, value, f"{where}{key}.")
+        elif isinstance(current, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where}{key!r} must be a mapping, got {value!r}")
+        elif not isinstance(current, tuple):
+            value = _coerce(value, hints[key], f"{where}{key}")
+        updates[key] = value
+    try:
+        return dataclasses.replace(obj, **updates)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid value in {where or 'config'}: {e}") from e
+
+
+def _nest(dotted: str, value) -> dict:
+    out = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _deep_update(a: dict, b: dict) -> dict:
+    for k, v in b.items():
+        a[k] = _deep_update(dict(a.get(k) or {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+    return a
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file and ``key=value`` overrides (dotted keys, YAML values)."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        _deep_update(raw, _nest(key.strip(), yaml.safe_load(text)))
+    cfg = _merge(TrainConfig(), raw, "")
+    for key in ("epochs", "batch_size", "lr_base_size"):
+        if not (isinstance(getattr(cfg, key), int) and getattr(cfg, key) > 0):
+            raise ConfigError(f"config key {key!r} must be a positive integer, got {getattr(cfg, key)!r}")
+    for key in ("warmup_epochs", "cooldown_epochs"):
+        if not (isinstance(getattr(cfg, key), int) and getattr(cfg, key) >= 0):
+            raise ConfigError(f"config key {key!r} must be an integer >= 0, got {getattr(cfg, key)!r}")
+    if not 0 <= cfg.smoothing < 1:
+        raise ConfigError(f"config key 'smoothing' must be in [0, 1), got {cfg.smoothing!r}")
+    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
+        raise ConfigError(f"config key 'clip_grad' must be > 0 or null, got {cfg.clip_grad!r}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- state
+def _rng_state() -> dict:
+    np_state = np.random.get_state()  # noqa: NPY002 -- the global stream is what timm's Mixup draws from
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))  # noqa: NPY002
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then rename over the old checkpoint."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read with weights_only=True (no arbitrary pickle); a clear error names a corrupt file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise RuntimeError(f"checkpoint {str(path)!r} cannot be read (corrupt or not a checkpoint): {e}") from e
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config") if k not in ckpt]
+    if missing:
+        raise RuntimeError(f"checkpoint {str(path)!r} lacks {missing}: not written by experiments.train")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    import timm
+
+    import derive  # noqa: F401 -- registers derived_* models
+    import mixers  # noqa: F401 -- registers vmixer_*, imixer_*, limixer_*, paramixer_*
+
+    if not timm.is_model(cfg.model):
+        raise ConfigError(f"config key 'model': unknown model {cfg.model!r}")
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **cfg.model_kwargs)
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    try:
+        return timm.create_model(cfg.model, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"config key 'model_kwargs' does not fit {cfg.model!r}: {e}") from e
+
+
+class _Stop:
+    """Turns SIGTERM/SIGINT into a flag checked at step boundaries."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast) -> dict:
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[1] += (top[:, 0] == y).sum()
+        sums[2] += (top == y[:, None]).any(1).sum()
+        sums[3] += y.numel()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    n = sums[3].item()
+    return {"test_loss": sums[0].item() / n, "test_top1": 100 * sums[1].item() / n,
+            "test_top5": 100 * sums[2].item() / n}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run (or continue) a training run; returns the summary (also written to out_dir/summary.json)."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    main_proc = rank == 0
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp)
+
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if resume and ckpt is None and main_proc:
+        print(f"no checkpoint at {ckpt_path}: starting from scratch", file=sys.stderr)
+    if ckpt is not None and ckpt["config"] != _plain(cfg, ignore=("out_dir", "progress", "epochs")):
+        raise RuntimeError(f"checkpoint {str(ckpt_path)!r} was written for a different configuration; "
+                           "resume with the same config or use another out_dir")
+
+    # data and model: the same seed on every process gives the same initial weights
+    _seed_everything(cfg.seed)
+    train_ds, test_ds, info = build_datasets(cfg.data, seed=cfg.seed)
+    train_loader, test_loader, train_sampler = build_loaders(
+        train_ds, test_ds, cfg.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, distributed=distributed)
+    model = build_model(cfg, info.num_classes, info.in_chans, info.img_size).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    global_batch = cfg.batch_size * world
+    lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / cfg.lr_base_size
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train_loader)
+    scheduler, total_epochs = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs,
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept for fp16 and the checkpoint
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                      num_classes=info.num_classes)
+        criterion = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+    net = model
+    if distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    start_epoch, start_step, best, wall_before = 0, 0, None, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
+    # metrics of the epochs the checkpoint has seen (a kill between logging and saving leaves one extra line)
+    history = [h for h in _read_jsonl(out / "metrics.jsonl") if h["epoch"] <= start_epoch] if ckpt else []
+    if main_proc:
+        if ckpt is None:
+            (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg)))
+        for f in ("metrics.jsonl", "metrics.csv"):
+            (out / f).unlink(missing_ok=True)
+        for h in history:
+            _log(out, None, h)
+    writer = None
+    if main_proc:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+
+    def state(epoch: int, step: int, loss_sum: float = 0.0) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch, "step": step, "best": best,
+                "epoch_loss_sum": loss_sum,
+                "wall_s": wall_before + time.perf_counter() - t_start, "config": _plain(cfg, ignore=(
+                    "out_dir", "progress", "epochs"))}
+
+    t_start = time.perf_counter()
+    stopped = None
+    with _Stop() as stop:
+        for epoch in range(start_epoch, total_epochs):
+            # every epoch starts from RNG states fixed by (seed, epoch, rank): a resumed run replays it exactly
+            _seed_everything(cfg.seed + 1_000_003 * (epoch + 1) + 7919 * rank)
+            if train_sampler is not None:
+                train_sampler.set_epoch(epoch)
+            if train_loader.generator is not None:  # shuffling and worker seeds of this epoch
+                train_loader.generator.manual_seed(cfg.seed + 1_000_003 * epoch + rank)
+            net.train()
+            skip = start_step if epoch == start_epoch else 0
+            seen, loss_sum, t0 = 0, torch.zeros((), dtype=torch.float64), time.perf_counter()
+            if skip:  # the interrupted part of this epoch counts in its mean training loss
+                loss_sum += ckpt.get("epoch_loss_sum", 0.0)
+            bar = _bar(cfg, main_proc, steps_per_epoch, epoch, total_epochs)
+            for step, (x, y) in enumerate(train_loader):
+                if step < skip:  # fast-forward a resumed epoch: the loader consumes its randomness as before
+                    if step == skip - 1:
+                        _set_rng_state(ckpt["rng"])
+                    if bar is not None:
+                        bar.update()
+                    continue
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if mixup is not None:
+                    x, y = mixup(x, y)
+                with autocast():
+                    loss = criterion(net(x), y)
+                    if hasattr(model, "penalty"):
+                        loss = loss + model.penalty()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; "
+                                             f"last good checkpoint: {ckpt_path}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step_update(epoch * steps_per_epoch + step + 1)
+                seen += x.shape[0] * world
+                loss_sum += loss.detach().double().cpu()
+                if bar is not None:
+                    rate = seen / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                                    img_s=f"{rate:.0f}")
+                    bar.update()
+                if stop.signum is not None:
+                    stopped = (epoch, step + 1, loss_sum.item())
+                    break
+            if bar is not None:
+                bar.close()
+            if stopped is not None:
+                break
+            epoch_time = time.perf_counter() - t0
+            metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+                       "train_loss": loss_sum.item() / steps_per_epoch,
+                       **evaluate(net, test_loader, device, autocast),
+                       "images_per_s": seen / epoch_time, "epoch_time_s": epoch_time,
+                       "wall_s": wall_before + time.perf_counter() - t_start}
+            if best is None or metrics["test_top1"] > best["test_top1"]:
+                best = {"epoch": epoch + 1, "test_top1": metrics["test_top1"], "test_top5": metrics["test_top5"]}
+            history.append(metrics)
+            if main_proc:
+                _log(out, writer, metrics)
+                if bar is None and cfg.progress:
+                    print(json.dumps(metrics))
+                save_checkpoint(ckpt_path, state(epoch + 1, 0))
+            scheduler.step(epoch + 1)
+
+    if stopped is not None:
+        if main_proc:
+            save_checkpoint(ckpt_path, state(*stopped))
+            print(f"stopped by signal {stop.signum} at epoch {stopped[0]} step {stopped[1]}; checkpoint "
+                  f"{ckpt_path}; continue with --resume", file=sys.stderr)
+        if writer is not None:
+            writer.close()
+        if distributed:
+            dist.destroy_process_group()
+        return {"stopped": True, "epoch": stopped[0], "step": stopped[1]}
+
+    identical = _ranks_identical(model) if distributed else True
+    last = history[-1] if history else {}
+    summary = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.data.name, "seed": cfg.seed,
+               "params": n_params, "epochs": total_epochs, "world_size": world,
+               "best_top1": best["test_top1"] if best else None, "best_top5": best["test_top5"] if best else None,
+               "best_epoch": best["epoch"] if best else None,
+               "last_top1": last.get("test_top1"), "last_top5": last.get("test_top5"),
+               "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
+               "wall_s": wall_before + time.perf_counter() - t_start, "ranks_identical": identical,
+               "device": str(device)}
+    if main_proc:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if writer is not None:
+        writer.close()
+    if distributed:
+        dist.destroy_process_group()
+    return summary
+
+
+def _ranks_identical(model: nn.Module) -> bool:
+    """Whether every process ends with bit-identical weights (DDP keeps them in step)."""
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
+    digest = torch.tensor([flat.sum().item(), (flat * torch.arange(flat.numel(), dtype=torch.float64)).sum().item()])
+    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def _plain(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> dict:
+    d = dataclasses.asdict(cfg)
+    for k in ignore:
+        d.pop(k, None)
+    return json.loads(json.dumps(d))
+
+
+def _bar(cfg: TrainConfig, main_proc: bool, total: int, epoch: int, epochs: int):
+    if not (cfg.progress and main_proc and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _log(out: Path, writer, metrics: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    new = not (out / "metrics.csv").exists()
+    with open(out / "metrics.csv", "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(metrics))
+        if new:
+            w.writeheader()
+        w.writerow(metrics)
+    if writer is None:
+        return
+    for k, v in metrics.items():
+        if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+            writer.add_scalar(k, v, metrics["epoch"])
+    writer.flush()
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with TrainConfig keys")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    p.add_argument("overrides", nargs="*", help="key=value (dotted keys, YAML values)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        p.error(str(e))
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""experiments.analysis on tiny models (28 x 28 one-channel images, 16 tokens, 16 channels, 2 blocks), each
+"trained" for a few SGD steps on random data so that the weights are away from their initialisation."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import derive
+import mixers
+from experiments import analysis as A
+
+
+def tiny(block, dtype=torch.float32, **block_kwargs):
+    cfg = mixers.MixerConfig(num_classes=10, img_size=28, in_chans=1, patch_size=7, num_blocks=2, embed_dim=16,
+                             block=block, block_kwargs=block_kwargs)
+    return mixers.MlpMixer(cfg).to(dtype)
+
+
+def trained(block, steps=3, dtype=torch.float32, seed=0, **block_kwargs):
+    torch.manual_seed(seed)
+    model = tiny(block, dtype, **block_kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(seed + 1)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(8, 1, 28, 28, generator=g, dtype=torch.float64).to(dtype)
+        y = torch.randint(0, 10, (8,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def images(n, dtype=torch.float32, seed=5):
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def assert_png(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assert path.exists() and path.stat().st_size > 5000, path
+    img = plt.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    assert float(img[..., :3].std()) > 0.01  # not a blank canvas
+
+
+# ------------------------------------------------------------------------------------------ fixed points
+def test_fixed_point_handwritten_equals_derived(tmp_path):
+    model = trained("imixer", n_iter=4)
+    twin = derive.from_reference(model)
+    x = images(6)
+    model.train()  # the analysis runs in eval mode and puts the train mode back
+    ref = A.fixed_point_convergence(model, x, path=tmp_path / "fp.png")
+    got = A.fixed_point_convergence(twin, x)
+    assert model.training and not any(m.record for m in model.modules() if hasattr(m, "record"))
+    assert not any(b.record for b in twin.blocks)
+    assert [r["block"] for r in ref["layers"]] == [0, 1] == [r["block"] for r in got["layers"]]
+    assert ref["n_images"] == 6
+    for a, b in zip(ref["layers"], got["layers"]):
+        for key in ("norm", "norm_std", "cos", "cos_std"):
+            assert len(a[key]) == len(b[key]) == 4  # one value per fixed-point step, n_iter = 4
+            assert max(abs(p - q) for p, q in zip(a[key], b[key])) <= 1e-6, key
+        assert all(n > 0 for n in a["norm"]) and all(-1 <= c <= 1 + 1e-12 for c in a["cos"])
+    assert_png(tmp_path / "fp.png")
+
+
+def test_fixed_point_limixer_uses_the_outermost_solve():
+    model = trained("limixer", steps=2, depth=4, n_iter=3)
+    twin = derive.from_reference(model)
+    x = images(4)
+    ref, got = A.fixed_point_convergence(model, x), A.fixed_point_convergence(twin, x)
+    assert [r["layer"] for r in got["layers"]] == ["x1", "x1"]
+    for a, b in zip(ref["layers"], got["layers"]):
+        assert len(a["norm"]) == 3
+        assert max(abs(p - q) for p, q in zip(a["norm"] + a["cos"], b["norm"] + b["cos"])) <= 1e-6
+
+
+def test_fixed_point_small_coeff_contracts():
+    """coeff 0.3: Norm_a falls monotonically, at least by the certified Lipschitz bound per step, and Cos_a -> 1."""
+    model = trained("imixer", dtype=torch.float64, n_iter=5, coeff=0.3)
+    twin = derive.from_reference(model)
+    res = A.fixed_point_convergence(twin, images(6, torch.float64))
+    for row in res["layers"]:
+        lip = twin.blocks[row["block"]].certificate()[0].lipschitz_bound
+        assert lip < 0.3
+        norm, cos = row["norm"], row["cos"]
+        assert all(b < a for a, b in zip(norm, norm[1:])), norm
+        assert all(b <= lip * a * (1 + 1e-9) for a, b in zip(norm, norm[1:])), (norm, lip)
+        assert all(b >= a - 1e-12 for a, b in zip(cos, cos[1:])), cos
+        assert cos[-1] > 1 - 1e-9
+
+
+def test_fixed_point_needs_an_imlp():
+    with pytest.raises(ValueError, match="no iMLP"):
+        A.fixed_point_convergence(tiny("mixer"), images(2))
+
+
+# ------------------------------------------------------------------------------------------ energy
+@pytest.fixture(scope="module")
+def tied_paramixer():
+    return trained("paramixer", form="symmetric")
+
+
+def test_energy_along_flow_tied_unit_gain_descends(tied_paramixer, tmp_path):
+    model = copy.deepcopy(tied_paramixer)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.norm.weight.fill_(1.0)  # unit LayerNorm gain: the tied synapse is energy-exact
+    res = A.energy_along_flow(model, images(1)[0], block=1, t_end=5.0, points=26, path=tmp_path / "energy.png")
+    e, r = torch.tensor(res["energy"]), torch.tensor(res["reduced_energy"])
+    assert len(res["t"]) == len(e) == len(r) == 26
+    assert res["max_rise_rel"] <= 1e-6 and res["max_rise"] <= 1e-6 * float(e.abs().max())
+    assert float((r[1:] - r[:-1]).max()) <= 1e-9 * float(r.abs().max()) and r[-1] < r[0]
+    assert res["reduced_max_rise"] <= 1e-9 * float(r.abs().max())
+    assert abs(e[0] - r[0]) <= 1e-9 * abs(r[0])  # hidden layers start on the slow manifold
+    assert res["caveats"] and all("gelu" in c for c in res["caveats"])  # only the non-convex hidden Lagrangian
+    assert_png(tmp_path / "energy.png")
+
+
+def test_energy_along_flow_reports_the_gain_caveat(tied_paramixer):
+    twin = derive.from_reference(tied_paramixer)
+    with torch.no_grad():
+        twin.blocks[0].net.synapses[0].affine.weight.mul_(1.5)
+    res = A.energy_along_flow(twin, images(1), t_end=1.0, points=6)
+    assert any("gamma" in c and "pseudo-energy" in c for c in res["caveats"])
+    assert all(math.isfinite(v) for v in res["energy"] + res["reduced_energy"])
+
+
+def test_energy_along_flow_needs_leaf_branches():
+    with pytest.raises(ValueError, match="leaf branches"):
+        A.energy_along_flow(tiny("imixer"), images(1))
+
+
+# ------------------------------------------------------------------------------------------ symmetry
+def test_symmetry_index_tied_is_one(tied_paramixer):
+    for model in (tied_paramixer, derive.from_reference(tied_paramixer)):
+        rows = A.symmetry_index(model)
+        assert [(r["block"], r["mlp"]) for r in rows] == [(0, "tokens"), (0, "channels"), (1, "tokens"),
+                                                           (1, "channels")]
+        for r in rows:
+            assert abs(r["corr"] - 1) <= 1e-12 and r["antisym"] <= 1e-6
+
+
+def test_symmetry_index_untied_is_near_zero_and_matches_xavier():
+    rows = A.symmetry_index(tiny("paramixer", form="untied"))
+    for r in rows:
+        n = 8 * 16 if r["mlp"] == "tokens" else 16 * 64  # W1 (H, in): tokens 8 x 16, channels 64 x 16
+        assert abs(r["corr"]) < 4 / math.sqrt(n), r
+        c = r["corr"]
+        assert abs(r["antisym"] - math.sqrt(1 - c) / (math.sqrt(1 + c) + math.sqrt(1 - c))) < 1e-9
+    ref = A.xavier_reference(8, 16, trials=200)
+    assert abs(ref["corr_mean"]) < 4 * ref["corr_std_theory"] / math.sqrt(200)
+    assert abs(ref["corr_std"] / ref["corr_std_theory"] - 1) < 0.25
+    assert abs(ref["antisym_mean"] - 0.5) < 0.02
+
+
+def test_symmetry_index_broken_and_imixer_match_their_twins():
+    for model in (trained("paramixer", steps=2, form="broken"), trained("imixer", steps=2)):
+        ref, got = A.symmetry_index(model), A.symmetry_index(derive.from_reference(model))
+        assert len(ref) == len(got) == 4
+        for a, b in zip(ref, got):
+            assert (a["block"], a["mlp"]) == (b["block"], b["mlp"])
+            assert abs(a["corr"] - b["corr"]) < 1e-6 and abs(a["antisym"] - b["antisym"]) < 1e-6
+    broken = A.symmetry_index(trained("paramixer", steps=2, form="broken"))
+    assert all(0 < r["corr"] < 1 for r in broken)  # W1^T + W2 with W2 != 0: partly tied
+
+
+def test_symmetry_index_timm_mixer():
+    from timm.models.mlp_mixer import MlpMixer
+
+    torch.manual_seed(0)
+    model = MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=16)
+    rows = A.symmetry_index(model)
+    assert len(rows) == 4 and all(abs(r["corr"]) < 0.5 and 0 < r["antisym"] < 1 for r in rows)
+    twin = A.symmetry_index(derive.from_timm(model))
+    assert [round(r["corr"], 9) for r in rows] == [round(r["corr"], 9) for r in twin]
+    table = A.symmetry_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| block | mlp | corr | antisym") and len(lines) == 2 + 4
+    assert "| 1 | channels |" in table
+
+
+# ------------------------------------------------------------------------------------------ training curves
+def test_training_curves(tmp_path):
+    runs = {}
+    for name, offset in (("mixer", 0.0), ("imixer", 0.3)):
+        path = tmp_path / name / "metrics.jsonl"
+        path.parent.mkdir()
+        with open(path, "w") as f:
+            for epoch in range(1, 6):
+                rec = {"epoch": epoch, "lr": 1e-3, "train_loss": 2.3 / epoch + offset, "test_loss": 2.4 / epoch,
+                       "test_top1": 20.0 + 10 * epoch - offset, "test_top5": None, "images_per_s": 1000.0}
+                if epoch == 3:
+                    rec["test_loss"] = None  # not evaluated this epoch
+                    del rec["test_top1"]
+                f.write(json.dumps(rec) + "\n")
+            f.write("\n")
+        runs[name] = path
+    recs = A.read_metrics(runs["mixer"])
+    assert len(recs) == 5 and recs[2]["test_loss"] is None and "test_top1" not in recs[2]
+    out = tmp_path / "curves" / "curves.png"
+    assert A.training_curves(runs, out) is None
+    assert_png(out)

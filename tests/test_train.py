@@ -1,0 +1,172 @@
+"""Training: config errors, checkpoints (atomic, weights-only, resumable after a kill), DDP, end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import sweep, train
+from experiments.train import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "experiments" / "configs" / "fashion_small.yaml")
+TINY = ["model=vmixer_t4_28", "model_kwargs={embed_dim: 32, num_blocks: 2}", "data.num_workers=0",
+        "progress=false", "warmup_epochs=0"]
+
+
+def env1():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
+        load_config(CONFIG, ["epoch=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key data\.'nam'|unknown config key 'data\.nam'|nam"):
+        load_config(CONFIG, ["data.nam=cifar10"])
+    with pytest.raises(ConfigError, match="'batch_size' must be a positive integer"):
+        load_config(CONFIG, ["batch_size=0"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(CONFIG, ["epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    cfg = load_config(CONFIG, ["epochs=3", "model_kwargs.h_ratio=2", "data.name=cifar10"])
+    assert cfg.epochs == 3 and cfg.model_kwargs == {"h_ratio": 2} and cfg.data.name == "cifar10"
+    with pytest.raises(ConfigError, match="unknown model 'nomodel'"):
+        train.build_model(load_config(CONFIG, ["model=nomodel"]), 10, 1, 28)
+    with pytest.raises(ConfigError, match="model_kwargs"):
+        train.build_model(load_config(CONFIG, ["model_kwargs.wings=2"]), 10, 1, 28)
+
+
+def test_command_line_reports_config_errors():
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config", CONFIG, "lr_bsae=1"],
+                         capture_output=True, text=True, env=env1(), cwd=ROOT)
+    assert out.returncode == 2 and "unknown config key 'lr_bsae'" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoints_are_atomic_weights_only_and_errors_name_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    train.save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+    assert path.exists() and not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(RuntimeError, match="lacks"):
+        train.load_checkpoint(path)
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(RuntimeError, match=f"checkpoint '{path}' cannot be read"):
+        train.load_checkpoint(path)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"model": Evil()}, path)  # an arbitrary pickle is refused, not executed
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        train.load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = load_config(CONFIG, [*TINY, "epochs=1", "data.train_subset=256", "data.test_subset=128",
+                               "batch_size=64", f"out_dir={tmp_path}"])
+    train.train(cfg)
+    other = load_config(CONFIG, [*TINY, "epochs=1", "data.train_subset=256", "data.test_subset=128",
+                                 "batch_size=32", f"out_dir={tmp_path}"])
+    with pytest.raises(RuntimeError, match="different configuration"):
+        train.train(other, resume=True)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    """SIGTERM part-way through, --resume, and the run ends exactly where an uninterrupted one does."""
+    args = [*TINY, "epochs=3", "data.train_subset=3000", "data.test_subset=500", "batch_size=32",
+            "data.crop_pad=2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.train", "--config", CONFIG, *args]
+    subprocess.run([*cmd, f"out_dir={full}"], check=True, env=env1(), cwd=ROOT, capture_output=True)
+
+    proc = subprocess.Popen([*cmd, f"out_dir={killed}"], env=env1(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:  # after epoch 1
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by signal" in err, err
+    assert not (killed / "summary.json").exists()
+    subprocess.run([*cmd, f"out_dir={killed}", "--resume"], check=True, env=env1(), cwd=ROOT, capture_output=True)
+
+    a, b = metrics(full), metrics(killed)
+    assert [m["epoch"] for m in b] == [1, 2, 3]
+    for ma, mb in zip(a, b):
+        assert ma["test_top1"] == mb["test_top1"]
+        assert abs(ma["test_loss"] - mb["test_loss"]) < 1e-9 and abs(ma["train_loss"] - mb["train_loss"]) < 1e-9
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
+    assert sa["last_top1"] == sb["last_top1"] and sa["best_top1"] == sb["best_top1"]
+
+
+# ------------------------------------------------------------------------------------------ distributed
+@pytest.mark.slow
+def test_ddp_two_processes_gloo_match_single_process(tmp_path):
+    """torchrun, 2 CPU processes (gloo): identical weights on both, metrics close to one process with the same
+    global batch (the data order differs, so only within tolerance)."""
+    common = [*TINY, "epochs=2", "data.train_subset=4000", "data.test_subset=1000", "lr=3e-3"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "experiments.train",
+                    "--config", CONFIG, *common, "batch_size=32", f"out_dir={tmp_path / 'ddp'}"],
+                   check=True, env=env1(), cwd=ROOT, capture_output=True)
+    single = train.train(load_config(CONFIG, [*common, "batch_size=64", f"out_dir={tmp_path / 'one'}"]))
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["ranks_identical"]
+    assert abs(ddp["last_top1"] - single["last_top1"]) <= 6.0, (ddp, single)
+    m_ddp, m_one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert abs(m_ddp[-1]["test_loss"] - m_one[-1]["test_loss"]) <= 0.1 * m_one[-1]["test_loss"]
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_end_to_end_fashion_mnist_subset_beats_75_percent(tmp_path):
+    """A derived iMixer on 6,000 real Fashion-MNIST images, 4 epochs: >= 75% on 1,000 test images (it reaches
+    about 80%; chance is 10%)."""
+    cfg = load_config(CONFIG, ["model=derived_imixer_t4_28", "model_kwargs={embed_dim: 64, num_blocks: 2}",
+                               "data.num_workers=0", "progress=false", "epochs=4", "warmup_epochs=0", "lr=2e-3",
+                               "smoothing=0.0", "data.crop_pad=0", "data.hflip=0.0", "data.train_subset=6000",
+                               "data.test_subset=1000", "batch_size=32", f"out_dir={tmp_path}"])
+    summary = train.train(cfg)
+    assert summary["last_top1"] >= 75.0, summary
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"checkpoint.pt", "metrics.jsonl", "metrics.csv", "summary.json", "config.yaml", "tb"} <= files
+    assert len(metrics(tmp_path)) == 4 and summary["params"] > 0 and summary["images_per_s"] > 0
+
+
+def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
+    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1],
+            "runs": {"mixer": {"model": "vmixer_t4_28"},
+                     "imixer": {"model": "imixer_t4_28", "model_kwargs": {"h_ratio": 2},
+                                "grid": {"model_kwargs.n_iter": [1, 4]}}}}
+    runs = sweep.expand(spec)
+    assert list(runs) == ["mixer", "imixer[n_iter=1]", "imixer[n_iter=4]"]
+    assert "model_kwargs.h_ratio=2" in runs["imixer[n_iter=4]"] and "model_kwargs.n_iter=4" in runs["imixer[n_iter=4]"]
+    for seed, top1 in ((0, 90.0), (1, 92.0)):
+        d = tmp_path / "mixer" / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"best_top1": top1, "last_top1": top1 - 1, "params": 1000,
+                                                    "images_per_s": 500.0}))
+    md = sweep.run_sweep(spec, table_only=True)
+    assert "| mixer | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 1,000 | 500 |" in md
+    assert "| imixer[n_iter=1] | 0 |" in md and (tmp_path / "results.md").exists()
+    with pytest.raises(ConfigError, match="not in this sweep"):
+        sweep.run_sweep(spec, only=["nope"])
