@@ -8,10 +8,11 @@ from experiments import main
 @pytest.mark.slow
 def test_main_job_simulates_and_derives(tmp_path, capsys):
     out = main.main(["--tokens", "8", "--channels", "6", "--batch", "2", "--t-end", "1", "--points", "5",
-                     "--out", str(tmp_path)])
+                     "--out", str(tmp_path), "--train-epochs", "1", "--train-subset", "2000"])
     assert out["descent_ok"] and (tmp_path / "energy.png").stat().st_size > 1000
     errors = out["errors"]
     assert errors["float64/train"] <= 1e-10 and errors["float64/eval"] <= 1e-10
     assert errors["float32/train"] <= 1e-5 and errors["float32/eval"] <= 1e-5
+    assert out["train"]["last_top1"] > 40.0  # one epoch on 2,000 real images; chance is 10%
     text = capsys.readouterr().out
     assert "FPA_2^x(" in text and "NOT certified" in text and "coeff < 0.8858" in text
