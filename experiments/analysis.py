@@ -319,10 +319,13 @@ def symmetry_index(model: nn.Module) -> list[dict]:
 
 
 def symmetry_table(rows: Sequence[Mapping]) -> str:
-    """A markdown table of ``symmetry_index`` rows."""
-    lines = ["| block | mlp | corr | antisym | module |", "|---:|:---|---:|---:|:---|"]
+    """A markdown table of ``symmetry_index`` rows (with a run column when the rows carry one)."""
+    run = any("run" in r for r in rows)
+    lines = [("| run " if run else "") + "| block | mlp | corr | antisym | module |",
+             ("|:---" if run else "") + "|---:|:---|---:|---:|:---|"]
     for r in rows:
-        lines.append(f"| {r['block']} | {r['mlp']} | {r['corr']:.4f} | {r['antisym']:.4f} | {r.get('module', '')} |")
+        lines.append((f"| {r.get('run', '')} " if run else "") +
+                     f"| {r['block']} | {r['mlp']} | {r['corr']:.4f} | {r['antisym']:.4f} | {r.get('module', '')} |")
     return "\n".join(lines)
 
 

@@ -170,3 +170,23 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     assert "| imixer[n_iter=1] | 0 |" in md and (tmp_path / "results.md").exists()
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
+
+
+@pytest.mark.slow
+def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for name, model, kw in (("imixer", "derived_imixer_t4_28", "{embed_dim: 16, num_blocks: 2, n_iter: 3}"),
+                            ("sym", "paramixer_t4_28", "{embed_dim: 16, num_blocks: 2, form: symmetric}")):
+        train.train(load_config(CONFIG, ["data.num_workers=0", "progress=false", "epochs=1", "warmup_epochs=0",
+                                         "data.train_subset=512", "data.test_subset=64", "batch_size=64",
+                                         f"model={model}", f"model_kwargs={kw}", f"out_dir={runs / name}"]))
+    from experiments import analyze
+
+    report = analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig"), "--images", "4"])
+    names = {p.name for p in (tmp_path / "fig").iterdir()}
+    assert {"curves.png", "fixed_point_imixer.png", "energy_sym.png", "symmetry.md", "report.json"} <= names
+    assert len(report["fixed_point"]["imixer"]["layers"]) == 2
+    assert len(report["fixed_point"]["imixer"]["layers"][0]["norm"]) == 3
+    sym_rows = [r for r in report["symmetry"] if r["run"] == "sym"]
+    assert sym_rows and all(abs(r["corr"] - 1) < 1e-9 for r in sym_rows)
+    assert "| sym |" in (tmp_path / "fig" / "symmetry.md").read_text()
