@@ -367,10 +367,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
         writer = SummaryWriter(str(out / "tb"))
 
-    def state(epoch: int, step: int, loss_sum: float = 0.0) -> dict:
+    def state(epoch: int, step: int, loss_sum: float = 0.0, correct: int = 0, counted: int = 0) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch, "step": step, "best": best,
-                "epoch_loss_sum": loss_sum,
+                "epoch_loss_sum": loss_sum, "epoch_correct": correct, "epoch_counted": counted,
                 "wall_s": wall_before + time.perf_counter() - t_start, "config": _plain(cfg, ignore=(
                     "out_dir", "progress", "epochs"))}
 
@@ -387,8 +387,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             net.train()
             skip = start_step if epoch == start_epoch else 0
             seen, loss_sum, t0 = 0, torch.zeros((), dtype=torch.float64), time.perf_counter()
-            if skip:  # the interrupted part of this epoch counts in its mean training loss
+            correct = counted = 0
+            if skip:  # the interrupted part of this epoch counts in its training loss and accuracy
                 loss_sum += ckpt.get("epoch_loss_sum", 0.0)
+                correct, counted = ckpt.get("epoch_correct", 0), ckpt.get("epoch_counted", 0)
             bar = _bar(cfg, main_proc, steps_per_epoch, epoch, total_epochs)
             for step, (x, y) in enumerate(train_loader):
                 if step < skip:  # fast-forward a resumed epoch: the loader consumes its randomness as before
@@ -401,7 +403,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 if mixup is not None:
                     x, y = mixup(x, y)
                 with autocast():
-                    loss = criterion(net(x), y)
+                    logits = net(x)
+                    loss = criterion(logits, y)
                     if hasattr(model, "penalty"):
                         loss = loss + model.penalty()
                 if not torch.isfinite(loss):
@@ -417,13 +420,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 scheduler.step_update(epoch * steps_per_epoch + step + 1)
                 seen += x.shape[0] * world
                 loss_sum += loss.detach().double().cpu()
+                if y.ndim == 1:  # hard labels (no mixup): running training accuracy
+                    correct += (logits.detach().argmax(1) == y).sum().item()
+                    counted += y.numel()
                 if bar is not None:
                     rate = seen / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                    acc = f"{100 * correct / counted:.1f}" if counted else "-"
+                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=acc, lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{rate:.0f}")
                     bar.update()
                 if stop.signum is not None:
-                    stopped = (epoch, step + 1, loss_sum.item())
+                    stopped = (epoch, step + 1, loss_sum.item(), correct, counted)
                     break
             if bar is not None:
                 bar.close()
@@ -432,6 +439,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             epoch_time = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                        "train_loss": loss_sum.item() / steps_per_epoch,
+                       "train_top1": 100 * correct / counted if counted else None,
                        **evaluate(net, test_loader, device, autocast),
                        "images_per_s": seen / epoch_time, "epoch_time_s": epoch_time,
                        "wall_s": wall_before + time.perf_counter() - t_start}

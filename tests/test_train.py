@@ -114,6 +114,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     for ma, mb in zip(a, b):
         assert ma["test_top1"] == mb["test_top1"]
         assert abs(ma["test_loss"] - mb["test_loss"]) < 1e-9 and abs(ma["train_loss"] - mb["train_loss"]) < 1e-9
+        assert ma["train_top1"] == mb["train_top1"]
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
     assert sa["last_top1"] == sb["last_top1"] and sa["best_top1"] == sb["best_top1"]
 
