@@ -4,6 +4,7 @@
 """
 
 from . import lagrangians, presets
+from .attention import AttentionSynapse
 from .dynamics import (
     DescentReport,
     NonFiniteStateError,
@@ -19,6 +20,7 @@ from .synapses import Affine, DenseSynapse, Synapse
 
 __all__ = [
     "Affine",
+    "AttentionSynapse",
     "DenseSynapse",
     "DescentReport",
     "Layer",

@@ -6,7 +6,8 @@
 
 Layers (`mixers.layers`): `Mlp`, `SpectralNormLinear`, `iMlp` (iMixer Eq. 30), `LiMlp` (iMixer Appendix B),
 `SymMlp`, `AsymMlp` (parallelized Mixer). Models (`mixers.models`): `MixerBlock`, `IMixerBlock`, `LiMixerBlock`,
-`ParaMixerBlock`, `MixerConfig`, `MlpMixer`.
+`ParaMixerBlock`, `MixerConfig`, `MlpMixer`. Vision Transformer (`mixers.vit`): `Attention`, `Block`, `ViTConfig`,
+`VisionTransformer` with standard or modern Hopfield attention (registered as hvit_*, mhavit_*).
 """
 
 from .layers import AsymMlp, LiMlp, Mlp, SpectralNormLinear, SymMlp, iMlp
@@ -22,11 +23,16 @@ from .models import (
     PatchStem,
     build_token_mixer,
 )
+from .vit import SKIP_MODES, VIT_MODEL_NAMES, Attention, Block, VisionTransformer, ViTConfig
 
 __all__ = [
     "BLOCK_TYPES",
     "MODEL_NAMES",
+    "SKIP_MODES",
+    "VIT_MODEL_NAMES",
     "AsymMlp",
+    "Attention",
+    "Block",
     "IMixerBlock",
     "LiMixerBlock",
     "LiMlp",
@@ -38,6 +44,8 @@ __all__ = [
     "PatchStem",
     "SpectralNormLinear",
     "SymMlp",
+    "ViTConfig",
+    "VisionTransformer",
     "build_token_mixer",
     "iMlp",
 ]

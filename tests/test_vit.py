@@ -1,0 +1,225 @@
+"""The ViT of ``mixers.vit``: timm equivalence, the MHA score recursion, skip modes and the timm registration.
+
+Max-abs error relative to the reference's max-abs: float64 <= 1e-10, float32 <= 1e-5; random weights far from the
+initialisation; batch 3; train and eval mode (all dropout and drop-path rates 0).
+"""
+
+import pytest
+import timm
+import torch
+from timm.layers import Attention as TimmAttention
+from timm.models.vision_transformer import Block as TimmBlock
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+import mixers
+from mixers import VIT_MODEL_NAMES, Attention, Block, VisionTransformer, ViTConfig
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+DTYPES = [torch.float64, torch.float32]
+D, H, N = 48, 3, 10  # embed dim, heads, tokens
+SMALL = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=D, depth=2, num_heads=H)
+
+
+def perturb(module, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return module
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def randn(*shape, dtype=torch.float64, seed=1):
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def images(dtype=torch.float64, batch=3):
+    return randn(batch, 1, 28, 28, dtype=dtype)
+
+
+def assert_same(ours, ref, x, dtype, unpack=False):
+    for train in (True, False):
+        ours.train(train)
+        ref.train(train)
+        out = ours(x)[0] if unpack else ours(x)
+        err = rel_err(out, ref(x))
+        assert err <= TOL[dtype], (train, err)
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------ timm equivalence
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_equals_timm(dtype, fused):
+    ref = perturb(TimmAttention(D, num_heads=H, qkv_bias=True)).to(dtype)
+    ref.fused_attn = fused
+    ours = Attention(D, H).to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert_same(ours, ref, randn(3, N, D, dtype=dtype), dtype, unpack=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_equals_timm(dtype):
+    ref = perturb(TimmBlock(D, H, qkv_bias=True)).to(dtype)
+    ours = Block(D, H).to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    assert_same(ours, ref, randn(3, N, D, dtype=dtype), dtype, unpack=True)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_equals_timm(dtype, global_pool):
+    ref = perturb(TimmViT(**SMALL, global_pool=global_pool)).to(dtype)
+    ours = VisionTransformer(ViTConfig(**SMALL, global_pool=global_pool)).to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    assert_same(ours, ref, images(dtype), dtype)
+
+
+# ------------------------------------------------------------------------------------------ MHA
+def test_alpha_h_zero_is_standard_and_mha_adds_no_parameters():
+    std = perturb(VisionTransformer(**SMALL)).double().eval()
+    mha = VisionTransformer(**SMALL, alpha_h=0.0).double().eval()
+    mha.load_state_dict(std.state_dict(), strict=True)
+    x = images()
+    assert torch.equal(mha(x), std(x))
+    mha = VisionTransformer(**SMALL, alpha_h=0.5).double().eval()
+    mha.load_state_dict(std.state_dict(), strict=True)
+    assert count(mha) == count(std)
+    assert rel_err(mha(x), std(x)) > 1e-3
+
+
+def hand_scores(block, x):
+    """``head_dim^-0.5 q k^T`` per head from the block's own ``qkv`` weights, written out."""
+    y = block.norm1(x)
+    qkv = y @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    q, k, _ = qkv.split(D, dim=-1)
+    q = q.reshape(x.shape[0], -1, H, D // H).transpose(1, 2)
+    k = k.reshape(x.shape[0], -1, H, D // H).transpose(1, 2)
+    return torch.einsum("bhid,bhjd->bhij", q, k) / (D // H) ** 0.5
+
+
+@pytest.mark.parametrize("a", [0.2, 0.7])
+def test_mha_recursion(a):
+    model = perturb(VisionTransformer(**{**SMALL, "depth": 3}, alpha_h=a)).double().eval()
+    x = images()
+    states, scores = model.forward_blocks(model.embed(x))
+    h_prev = None
+    for n, block in enumerate(model.blocks):
+        s = hand_scores(block, states[n])
+        expected = s if h_prev is None else a * h_prev + (1 - a) * s
+        assert scores[n].shape == (3, H, 1 + 49, 1 + 49)
+        assert rel_err(scores[n], expected) <= 1e-12, n
+        # the block's output: x + proj(softmax(h_n) v) + mlp(...)
+        v = block.attn.qkv_heads(block.norm1(states[n]))[2]
+        attn = (expected.softmax(-1) @ v).transpose(1, 2).reshape(3, -1, D)
+        mid = states[n] + block.attn.proj(attn)
+        assert rel_err(states[n + 1], mid + block.mlp(block.norm2(mid))) <= 1e-12, n
+        h_prev = expected
+    assert rel_err(model(x), model.head(model.norm(states[-1])[:, 0])) <= 1e-12
+
+
+def test_attention_h_prev_memory():
+    attn = perturb(Attention(D, H)).double()
+    x, h_prev = randn(2, N, D), randn(2, H, N, N, seed=5)
+    _, s = attn(x)
+    _, h = attn(x, h_prev, alpha_h=0.3)
+    assert rel_err(h, 0.3 * h_prev + 0.7 * s) <= 1e-13
+    _, h = attn(x, h_prev, alpha_h=0.0)
+    assert torch.equal(h, s)
+
+
+# ------------------------------------------------------------------------------------------ skip modes
+def zero_branches(block):
+    with torch.no_grad():
+        for layer in (block.attn.proj, block.mlp.fc2):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return block
+
+
+def test_skip_none_has_no_identity_path():
+    block = zero_branches(perturb(Block(D, H, skip="none")).double())
+    assert block(randn(2, N, D))[0].abs().max() == 0
+    model = perturb(VisionTransformer(**SMALL, skip="none")).double()
+    for block in model.blocks:
+        zero_branches(block)
+    _, states = model.forward_features(images(), return_layers=True)
+    assert all(s.abs().max() == 0 for s in states[1:])
+    residual = zero_branches(perturb(Block(D, H)).double())
+    x = randn(2, N, D)
+    assert torch.equal(residual(x)[0], x)
+
+
+def test_skip_convex():
+    x = randn(2, N, D)
+    block = perturb(Block(D, H, skip="convex", alpha=1.0)).double()
+    with torch.no_grad():
+        block.mlp.fc2.weight.zero_()
+        block.mlp.fc2.bias.zero_()
+    assert torch.equal(block(x)[0], x)
+    block.alpha = 0.3
+    a = block.attn(block.norm1(x))[0]
+    assert rel_err(block(x)[0], 0.3 * x + 0.7 * a) <= 1e-13
+
+
+def test_invalid_configs():
+    with pytest.raises(ValueError):
+        ViTConfig(skip="bogus")
+    with pytest.raises(ValueError):
+        ViTConfig(alpha_h=1.5)
+    with pytest.raises(ValueError):
+        ViTConfig(skip="none", drop_path_rate=0.1)
+    with pytest.raises(ValueError):
+        ViTConfig(class_token=False, global_pool="token")
+
+
+def test_forward_features_layers():
+    model = VisionTransformer(**SMALL, alpha_h=0.2)
+    out, states = model.forward_features(images(torch.float32, batch=2), return_layers=True)
+    assert len(states) == SMALL["depth"] + 1
+    assert all(s.shape == (2, 1 + 49, D) for s in states)
+    assert torch.equal(out, model.norm(states[-1]))
+
+
+def test_backward_and_checkpointing():
+    model = perturb(VisionTransformer(**SMALL, alpha_h=0.5, drop_path_rate=0.1)).double().eval()
+    x = images(batch=2)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing()
+    model(x).sum().backward()
+    assert all(torch.allclose(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ timm registration
+@pytest.mark.parametrize("name", VIT_MODEL_NAMES)
+def test_registered_names_build(name):
+    assert timm.is_model(name)
+    model = timm.create_model(name, depth=1, in_chans=1, img_size=28, num_classes=7)
+    assert isinstance(model, VisionTransformer)
+    assert model.cfg.alpha_h == (0.2 if name.startswith("mhavit") else 0.0)
+    assert model(images(torch.float32, batch=2)).shape == (2, 7)
+    with pytest.raises(RuntimeError, match="pretrained"):
+        timm.create_model(name, pretrained=True)
+
+
+def test_registered_defaults_and_overrides():
+    std, mha = timm.create_model("hvit_t4_28"), timm.create_model("mhavit_t4_28")
+    assert count(std) == count(mha)
+    assert (mha.cfg.embed_dim, mha.cfg.depth, mha.cfg.num_heads, mha.cfg.in_chans) == (192, 12, 3, 1)
+    assert std(images(torch.float32, batch=1)).shape == (1, 10)
+    small = mixers.vit._VIT_SIZES["s4_32"]
+    assert (small["embed_dim"], small["num_heads"], small["in_chans"]) == (384, 6, 3)
+    model = timm.create_model("mhavit_t4_32", depth=2, alpha_h=0.5, skip="convex", alpha=0.6)
+    assert (model.cfg.depth, model.cfg.alpha_h, model.cfg.skip, model.cfg.alpha) == (2, 0.5, "convex", 0.6)
+    with pytest.raises(TypeError):
+        timm.create_model("hvit_t4_28", bogus=1)
