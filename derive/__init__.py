@@ -7,6 +7,14 @@
 """
 
 from .adiabatic import Branch, ReducedField, adiabatic
+from .attention import (
+    DerivedViT,
+    DerivedViTBlock,
+    euler_alpha,
+    from_reference_vit,
+    load_reference_vit_block,
+    vit_block_network,
+)
 from .discrete import DerivedBlock, DiscreteConfig, SolveCertificate, discretize
 from .models import (
     KINDS,
@@ -30,6 +38,8 @@ __all__ = [
     "DerivedBlock",
     "DerivedMixer",
     "DerivedMixerConfig",
+    "DerivedViT",
+    "DerivedViTBlock",
     "DiscreteConfig",
     "ReducedField",
     "SoftSpectralNorm",
@@ -38,9 +48,13 @@ __all__ = [
     "block_network",
     "derived_block",
     "discretize",
+    "euler_alpha",
     "from_reference",
+    "from_reference_vit",
     "from_timm",
     "load_reference_block",
+    "load_reference_vit_block",
     "to_reference",
     "to_timm",
+    "vit_block_network",
 ]

@@ -5,6 +5,7 @@
 
 from . import lagrangians, presets
 from .attention import AttentionSynapse
+from .coupling import AttentionCoupling
 from .dynamics import (
     DescentReport,
     NonFiniteStateError,
@@ -20,6 +21,7 @@ from .synapses import Affine, DenseSynapse, Synapse
 
 __all__ = [
     "Affine",
+    "AttentionCoupling",
     "AttentionSynapse",
     "DenseSynapse",
     "DescentReport",
