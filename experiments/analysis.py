@@ -394,3 +394,45 @@ def training_curves(runs: Mapping[str, str | Path], path) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
     _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- rank collapse
+@torch.no_grad()
+def rank_collapse(model: nn.Module, images: Tensor, *, path=None, label: str | None = None) -> dict:
+    """Token uniformity per layer of a ViT (``mixers.VisionTransformer``), as in the rank-collapse literature
+    (Dong et al. 2021) and the MHA paper:
+
+    - ``cosine``: the mean cosine similarity over all pairs of distinct tokens of X_l (1 = all tokens parallel);
+    - ``residual``: ||X_l - 1 x_l^T||_F / ||X_l||_F with x_l the token mean, the relative distance of X_l from a
+      rank-1 matrix of identical tokens (0 = collapsed).
+
+    Both are averaged over ``images``; layer 0 is the embedding (``forward_features(return_layers=True)``).
+    """
+    was = model.training
+    model.eval()
+    try:
+        _, states = model.forward_features(images, return_layers=True)
+    finally:
+        model.train(was)
+    cos, res = [], []
+    for x in states:
+        x = x.double()
+        n = x.shape[1]
+        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        gram = unit @ unit.transpose(1, 2)
+        off = (gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)) / (n * (n - 1))
+        cos.append(off.mean().item())
+        centred = x - x.mean(dim=1, keepdim=True)
+        res.append((centred.norm(dim=(1, 2)) / x.norm(dim=(1, 2)).clamp_min(1e-30)).mean().item())
+    result = {"layer": list(range(len(states))), "cosine": cos, "residual": res}
+    if path is not None:
+        plt = _pyplot()
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+        a.plot(result["layer"], cos, marker="o", label=label)
+        b.semilogy(result["layer"], res, marker="o", label=label)
+        a.set(xlabel="layer", ylabel="mean token cosine similarity", title="token uniformity")
+        b.set(xlabel="layer", ylabel="||X - 1 x^T|| / ||X||", title="distance from rank 1")
+        if label:
+            a.legend()
+        _save(fig, path)
+    return result

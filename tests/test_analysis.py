@@ -209,3 +209,28 @@ def test_training_curves(tmp_path):
     out = tmp_path / "curves" / "curves.png"
     assert A.training_curves(runs, out) is None
     assert_png(out)
+
+
+def test_rank_collapse_measures_token_uniformity(tmp_path):
+    import mixers as mx
+    from experiments.analysis import rank_collapse
+
+    torch.manual_seed(0)
+    model = mx.VisionTransformer(mx.ViTConfig(num_classes=10, img_size=28, in_chans=1, patch_size=7, embed_dim=24,
+                                              depth=4, num_heads=3, skip="none"))
+    images = torch.randn(3, 1, 28, 28)
+    out = rank_collapse(model, images, path=tmp_path / "rc.png", label="no skip")
+    assert len(out["cosine"]) == 5 and len(out["residual"]) == 5
+    assert all(-1 - 1e-9 <= c <= 1 + 1e-9 for c in out["cosine"]) and all(0 <= r <= 1 + 1e-9 for r in out["residual"])
+    assert out["residual"][-1] < 1e-3 < out["residual"][0]  # without skips the tokens collapse to rank 1
+    assert (tmp_path / "rc.png").stat().st_size > 5000
+    # identical tokens: cosine 1 and residual 0
+    with torch.no_grad():
+        x = torch.randn(2, 1, 5).expand(2, 6, 5).contiguous()
+
+    class Same(torch.nn.Module):
+        def forward_features(self, images, return_layers=False):
+            return x, [x]
+
+    same = rank_collapse(Same(), images)
+    assert abs(same["cosine"][0] - 1) < 1e-12 and same["residual"][0] < 1e-12
