@@ -8,26 +8,13 @@ iterations run in both twins and must leave the same state).
 import pytest
 import timm
 import torch
+from helpers import DTYPES, TOL, perturb, rel_err
 from timm.models.mlp_mixer import MixerBlock as TimmMixerBlock
 
 import derive
 import mixers
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-DTYPES = [torch.float64, torch.float32]
 S, C = 12, 8  # tokens, channels
-
-
-def perturb(module, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-    return module
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def assert_same(derived, ref, x, dtype, buffers=True):

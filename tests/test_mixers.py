@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import TOL, rel_err
 from timm.layers import Mlp as TimmMlp
 from timm.models.mlp_mixer import MixerBlock as TimmMixerBlock
 from timm.models.mlp_mixer import MlpMixer as TimmMlpMixer
@@ -27,8 +28,6 @@ from mixers import (
     iMlp,
 )
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -40,10 +39,6 @@ def perturb(module: torch.nn.Module, scale: float = 0.05) -> None:
     """Move every parameter away from its initial value (zero heads and unit LayerNorms included)."""
     for p in module.parameters():
         p.add_(scale * torch.randn_like(p))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ initialisation; batch 3; train and eval mode (all dropout and drop-path rates 0)
 import pytest
 import timm
 import torch
+from helpers import DTYPES, TOL, perturb, randn, rel_err
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmViT
@@ -14,26 +15,8 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 import mixers
 from mixers import VIT_MODEL_NAMES, Attention, Block, VisionTransformer, ViTConfig
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-DTYPES = [torch.float64, torch.float32]
 D, H, N = 48, 3, 10  # embed dim, heads, tokens
 SMALL = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=D, depth=2, num_heads=H)
-
-
-def perturb(module, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-    return module
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def randn(*shape, dtype=torch.float64, seed=1):
-    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def images(dtype=torch.float64, batch=3):
