@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import is_model, model_entrypoint, register_model
+from timm.models import model_entrypoint
 
 import mixers
+from mixers.models import register_entrypoints
 
 from .models import DerivedMixer, from_reference
 
@@ -23,17 +24,10 @@ def _entrypoint(name: str, source: str):
             raise RuntimeError(f"no pretrained weights exist for {name!r}; create it with pretrained=False")
         return from_reference(model_entrypoint(source)(pretrained=False, **kwargs))
 
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
     entrypoint.__doc__ = f"{name}: the derived twin of {source} (same arguments, same initialisation)."
     return entrypoint
 
 
 DERIVED_MODEL_NAMES: tuple[str, ...] = tuple(f"derived_{n}" for n in mixers.MODEL_NAMES)
 
-for _src in mixers.MODEL_NAMES:
-    _name = f"derived_{_src}"
-    if is_model(_name) and model_entrypoint(_name).__module__ != __name__:
-        raise RuntimeError(f"timm already has a model named {_name!r} from {model_entrypoint(_name).__module__}")
-    globals()[_name] = register_model(_entrypoint(_name, _src))
-del _src, _name
+register_entrypoints({d: _entrypoint(d, n) for d, n in zip(DERIVED_MODEL_NAMES, mixers.MODEL_NAMES)}, globals())

@@ -537,8 +537,6 @@ def _make_entrypoint(name: str, family: str, size: str) -> Callable[..., MlpMixe
         return _create_mixer(name, family, size, pretrained, kwargs)
 
     block, defaults = _FAMILIES[family]
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
     entrypoint.__doc__ = (
         f"{name}: MlpMixer(block={block!r}, {_SIZES[size]}); block options {defaults}. "
         "Keyword arguments override MixerConfig fields and block options."
@@ -548,9 +546,18 @@ def _make_entrypoint(name: str, family: str, size: str) -> Callable[..., MlpMixe
 
 MODEL_NAMES: tuple[str, ...] = tuple(f"{family}_{size}" for family in _FAMILIES for size in _SIZES)
 
-for _name in MODEL_NAMES:
-    _family, _size = _name.split("_", 1)
-    if is_model(_name) and model_entrypoint(_name).__module__ != __name__:
-        raise RuntimeError(f"timm already has a model named {_name!r} from {model_entrypoint(_name).__module__}")
-    globals()[_name] = register_model(_make_entrypoint(_name, _family, _size))
-del _name, _family, _size
+def register_entrypoints(entrypoints: dict[str, Callable[..., Any]], namespace: dict[str, Any]) -> None:
+    """Register each entry point in timm under its name and bind it in ``namespace`` (a module's globals).
+
+    A name timm already holds from another module is an error: timm would warn and overwrite it.
+    """
+    module = namespace["__name__"]
+    for name, fn in entrypoints.items():
+        if is_model(name) and model_entrypoint(name).__module__ != module:
+            raise RuntimeError(f"timm already has a model named {name!r} from {model_entrypoint(name).__module__}")
+        fn.__name__ = fn.__qualname__ = name
+        fn.__module__ = module
+        namespace[name] = register_model(fn)
+
+
+register_entrypoints({n: _make_entrypoint(n, *n.split("_", 1)) for n in MODEL_NAMES}, globals())

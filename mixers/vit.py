@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 from timm.layers import DropPath, trunc_normal_
-from timm.models import is_model, model_entrypoint, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import Mlp
-from .models import PatchStem
+from .models import PatchStem, register_entrypoints
 
 __all__ = ["SKIP_MODES", "VIT_MODEL_NAMES", "Attention", "Block", "ViTConfig", "VisionTransformer"]
 
@@ -412,8 +411,6 @@ def _make_vit_entrypoint(name: str, family: str, size: str) -> Callable[..., Vis
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
         return _create_vit(name, family, size, pretrained, kwargs)
 
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
     entrypoint.__doc__ = (
         f"{name}: VisionTransformer({_VIT_SIZES[size]}, {_VIT_FAMILIES[family]}). "
         "Keyword arguments override ViTConfig fields (num_classes, depth, alpha_h, skip, alpha, ...)."
@@ -423,9 +420,4 @@ def _make_vit_entrypoint(name: str, family: str, size: str) -> Callable[..., Vis
 
 VIT_MODEL_NAMES: tuple[str, ...] = tuple(f"{family}_{size}" for family in _VIT_FAMILIES for size in _VIT_SIZES)
 
-for _name in VIT_MODEL_NAMES:
-    _family, _size = _name.split("_", 1)
-    if is_model(_name) and model_entrypoint(_name).__module__ != __name__:
-        raise RuntimeError(f"timm already has a model named {_name!r} from {model_entrypoint(_name).__module__}")
-    globals()[_name] = register_model(_make_vit_entrypoint(_name, _family, _size))
-del _name, _family, _size
+register_entrypoints({n: _make_vit_entrypoint(n, *n.split("_", 1)) for n in VIT_MODEL_NAMES}, globals())
