@@ -332,9 +332,6 @@ def to_timm(derived: DerivedMixer) -> nn.Module:
     return model
 
 
-_REF_BLOCK = {"mixer": "mixer", "imixer": "imixer", "limixer": "limixer", "paramixer": "paramixer"}
-
-
 def from_reference(model: nn.Module) -> DerivedMixer:
     """A hand-written ``mixers.MlpMixer`` (any block kind) as the equivalent derived model.
 
@@ -356,7 +353,7 @@ def from_reference(model: nn.Module) -> DerivedMixer:
               and k not in ("block_kwargs", "block")}
     if isinstance(fields["img_size"], (tuple, list)):
         fields["img_size"] = int(fields["img_size"][0])
-    cfg = DerivedMixerConfig(**fields, block=_REF_BLOCK[rcfg.block], block_kwargs=kw)
+    cfg = DerivedMixerConfig(**fields, block=rcfg.block, block_kwargs=kw)
     ref = next(model.parameters())
     derived = DerivedMixer(cfg).to(dtype=ref.dtype, device=ref.device)
     _copy(derived, model.state_dict(), _model_map(derived), False, "from_reference")
