@@ -35,17 +35,21 @@ class SoftSpectralNorm(nn.Module):
         return f"coeff={self.coeff:g}, n_power={self.n_power}"
 
     def forward(self, w: Tensor) -> Tensor:
-        u, v = self.weight_u, self.weight_v
-        if self.training and self.n_power:
-            with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
-                wd = w.detach().to(u.dtype)
-                for _ in range(self.n_power):
-                    v.copy_(F.normalize(wd.T @ u, dim=0, eps=self.eps))
-                    u.copy_(F.normalize(wd @ v, dim=0, eps=self.eps))
-            u, v = u.clone(), v.clone()
-        sigma = torch.dot(u.to(w.dtype), w @ v.to(w.dtype))
-        self.weight_sigma.copy_(sigma.detach().to(self.weight_sigma.dtype))
-        return w / torch.clamp(sigma / self.coeff, min=1.0)
+        # autocast off and float32 or wider: under bf16 autocast sigma would otherwise be a bf16 estimate
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        with torch.autocast(w.device.type, enabled=False):
+            u, v = self.weight_u, self.weight_v
+            if self.training and self.n_power:
+                with torch.no_grad():
+                    wd = w.detach().to(u.dtype)
+                    for _ in range(self.n_power):
+                        v.copy_(F.normalize(wd.T @ u, dim=0, eps=self.eps))
+                        u.copy_(F.normalize(wd @ v, dim=0, eps=self.eps))
+                u, v = u.clone(), v.clone()
+            wf = w.to(dtype)
+            sigma = torch.dot(u.to(dtype), wf @ v.to(dtype))
+            self.weight_sigma.copy_(sigma.detach().to(self.weight_sigma.dtype))
+            return (wf / torch.clamp(sigma / self.coeff, min=1.0)).to(w.dtype)
 
     def bound(self, w: Tensor) -> float:
         """The exact spectral norm of the normalised matrix (stored u, v, no power iteration)."""
