@@ -45,6 +45,9 @@ from .data import DataConfig, build_datasets, build_loaders
 __all__ = ["ConfigError", "TrainConfig", "load_config", "main", "train"]
 
 
+AMP_MODES = ("auto", "bf16", "off")
+
+
 class ConfigError(ValueError):
     """An invalid configuration: the message names the key."""
 
@@ -71,7 +74,7 @@ class TrainConfig:
     cutmix: float = 0.0
     drop_path: float = 0.0
     clip_grad: float | None = None
-    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    amp: str = "auto"  # bf16 autocast: "auto" (on GPU only), "bf16" (any device; CPUs with bf16 units gain), "off"
     compile: bool = False
     seed: int = 0
     deterministic: bool = False
@@ -172,6 +175,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
             raise ConfigError(f"config key {key!r} must be an integer >= 0, got {getattr(cfg, key)!r}")
     if not 0 <= cfg.smoothing < 1:
         raise ConfigError(f"config key 'smoothing' must be in [0, 1), got {cfg.smoothing!r}")
+    if cfg.amp not in AMP_MODES:
+        raise ConfigError(f"config key 'amp' must be one of {AMP_MODES}, got {cfg.amp!r}")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise ConfigError(f"config key 'clip_grad' must be > 0 or null, got {cfg.clip_grad!r}")
     return cfg
@@ -299,10 +304,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     out = Path(cfg.out_dir)
@@ -473,7 +478,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                "last_top1": last.get("test_top1"), "last_top5": last.get("test_top5"),
                "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
                "wall_s": wall_before + time.perf_counter() - t_start, "ranks_identical": identical,
-               "device": str(device)}
+               "device": str(device), "precision": "bf16 autocast" if use_amp else "float32"}
     if main_proc:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if writer is not None:

@@ -1,6 +1,7 @@
 """Training: config errors, checkpoints (atomic, weights-only, resumable after a kill), DDP, end to end."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -38,6 +39,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(CONFIG, ["batch_size=0"])
     with pytest.raises(ConfigError, match="must look like key=value"):
         load_config(CONFIG, ["epochs"])
+    with pytest.raises(ConfigError, match="'amp' must be one of"):
+        load_config(CONFIG, ["amp=fp8"])
+    with pytest.raises(ConfigError, match="'amp' must be str"):
+        load_config(CONFIG, ["amp=true"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
@@ -87,6 +92,20 @@ def test_resume_refuses_a_different_config(tmp_path):
                                  "batch_size=32", f"out_dir={tmp_path}"])
     with pytest.raises(RuntimeError, match="different configuration"):
         train.train(other, resume=True)
+
+
+def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path):
+    """amp=bf16 runs the recipe's mixed precision on any device; the spectral-norm state stays float32."""
+    cfg = load_config(CONFIG, [*TINY, "model=derived_imixer_t4_28", "model_kwargs={embed_dim: 32, num_blocks: 2, "
+                               "h_ratio: 2, n_iter: 2}", "epochs=1", "data.train_subset=256",
+                               "data.test_subset=128", "batch_size=64", "amp=bf16", f"out_dir={tmp_path}"])
+    summary = train.train(cfg)
+    assert summary["precision"] == "bf16 autocast" and summary["last_top1"] is not None
+    (m,) = metrics(tmp_path)
+    assert all(map(math.isfinite, (m["train_loss"], m["test_loss"])))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    sigmas = [v for k, v in state.items() if k.endswith("weight_sigma")]
+    assert sigmas and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sigmas)
 
 
 @pytest.mark.slow
