@@ -7,6 +7,8 @@
 - `symmetry_index`, `symmetry_table`, `xavier_reference`: how close W2 is to W1^T in every two-matrix MLP
   (Karakida, Ota & Taki 2024: tied / untied / symmetry-broken MLPs).
 - `read_metrics`, `training_curves`: metrics.jsonl files of training runs, plotted against the epoch.
+- `rank_collapse`, `rank_collapse_report`: token uniformity per layer of ViTs (Dong et al. 2021; MHA paper), for
+  one model and as mean +- std over the seeds of several runs (figure + markdown table).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from mixers import AsymMlp, LiMlp, SymMlp, iMlp
 __all__ = [
     "energy_along_flow",
     "fixed_point_convergence",
+    "rank_collapse",
+    "rank_collapse_report",
     "read_metrics",
     "symmetry_index",
     "symmetry_table",
@@ -436,3 +440,47 @@ def rank_collapse(model: nn.Module, images: Tensor, *, path=None, label: str | N
             a.legend()
         _save(fig, path)
     return result
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
+def rank_collapse_report(groups: Mapping[str, Sequence[Mapping]], *, path=None) -> str:
+    """Mean +- std over seeds of `rank_collapse` results, grouped by run (``{"vit": [seed0, seed1, ...]}``).
+
+    Returns a markdown table (per run: the embedding layer, the middle layer and the last layer, cosine and
+    residual); with ``path`` also a figure of both measures against depth, one line per run, bands = +- std.
+    """
+    lines = ["| run | seeds | depth | cosine: embed | cosine: middle | cosine: last | "
+             "residual: embed | residual: middle | residual: last |", "|---|---|---|---|---|---|---|---|---|"]
+    curves = {}
+    for name, results in groups.items():
+        if not results:
+            continue
+        depths = {len(r["layer"]) for r in results}
+        if len(depths) != 1:
+            raise ValueError(f"rank_collapse_report: the seeds of {name!r} have different depths {sorted(depths)}")
+        n = depths.pop()
+        stats = {key: [_mean_std([r[key][i] for r in results]) for i in range(n)] for key in ("cosine", "residual")}
+        curves[name] = stats
+        picks = (0, (n - 1) // 2, n - 1)
+        cells = [f"{stats[k][i][0]:.3g} ± {stats[k][i][1]:.2g}" for k in ("cosine", "residual") for i in picks]
+        lines.append(f"| {name} | {len(results)} | {n - 1} | " + " | ".join(cells) + " |")
+    if path is not None and curves:
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for name, stats in curves.items():
+            for ax, key in zip(axes, ("cosine", "residual")):
+                m = torch.tensor([v[0] for v in stats[key]])
+                sd = torch.tensor([v[1] for v in stats[key]])
+                layers = list(range(len(m)))
+                (line,) = ax.plot(layers, m, marker="o", ms=3, label=name)
+                ax.fill_between(layers, m - sd, m + sd, color=line.get_color(), alpha=0.2)
+        axes[0].set(xlabel="layer (0 = embedding)", ylabel="mean token cosine similarity", title="token uniformity")
+        axes[1].set(xlabel="layer (0 = embedding)", ylabel="||X - 1 x^T|| / ||X||", title="distance from rank 1")
+        axes[1].set_yscale("log")
+        axes[0].legend(fontsize=8)
+        _save(fig, path)
+    return "\n".join(lines)

@@ -10,7 +10,9 @@ model from its config, loads the weights and writes:
   Figs. 3, 5, 6), for iMixer runs;
 - ``energy_<run>.png``: the energy of the derived symmetric network along its continuous flow, started from a
   real test image's tokens, for symmetric parallelized-Mixer runs;
-- ``symmetry.md``: the weight-symmetry index of every MLP of every Mixer-type run.
+- ``symmetry.md``: the weight-symmetry index of every MLP of every Mixer-type run;
+- ``rank_collapse.png``, ``rank_collapse.md``: token cosine similarity and distance from rank 1 per layer of every
+  ViT run, mean +- std over the seeds of each run (folders ``<run>/seed<k>``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from mixers import VisionTransformer
 
 from . import analysis
 from .data import build_datasets
@@ -45,6 +49,12 @@ def _label(run: Path, root: Path) -> str:
     return str(run.relative_to(root)).replace("/", "_") or run.name
 
 
+def _group(run: Path, root: Path) -> str:
+    """The run's name without its seed folder: ``vit/seed1`` -> ``vit``."""
+    rel = run.relative_to(root) if run != root else Path(run.name)
+    return str(rel.parent if rel.name.startswith("seed") and str(rel.parent) != "." else rel)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, required=True, help="a run folder or a folder of runs")
@@ -56,11 +66,16 @@ def main(argv=None) -> dict:
         p.error(f"no finished runs (summary.json) below {args.runs}")
     args.out.mkdir(parents=True, exist_ok=True)
     analysis.training_curves({_label(r, args.runs): r / "metrics.jsonl" for r in runs}, args.out / "curves.png")
-    report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {}}
+    report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
+                    "rank_collapse": {}}
     for run in runs:
         label = _label(run, args.runs)
         model, _, test_ds = load_run(run)
         images = torch.stack([test_ds[i][0] for i in range(min(args.images, len(test_ds)))])
+        if isinstance(model, VisionTransformer):
+            report["rank_collapse"].setdefault(_group(run, args.runs), []).append(
+                analysis.rank_collapse(model, images))
+            continue
         kind = getattr(getattr(model, "cfg", None), "block", "mixer")
         if kind in ("imixer", "limixer"):
             fp = analysis.fixed_point_convergence(model, images, path=args.out / f"fixed_point_{label}.png")
@@ -76,6 +91,9 @@ def main(argv=None) -> dict:
         for r in rows:
             report["symmetry"].append({"run": label, **{k: v for k, v in r.items() if k != "module"}})
     (args.out / "symmetry.md").write_text(analysis.symmetry_table(report["symmetry"]) + "\n")
+    if report["rank_collapse"]:
+        md = analysis.rank_collapse_report(report["rank_collapse"], path=args.out / "rank_collapse.png")
+        (args.out / "rank_collapse.md").write_text(md + "\n")
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {args.out}: curves.png, symmetry.md, report.json and per-run figures for {len(runs)} runs")
     return report

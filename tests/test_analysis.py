@@ -234,3 +234,20 @@ def test_rank_collapse_measures_token_uniformity(tmp_path):
 
     same = rank_collapse(Same(), images)
     assert abs(same["cosine"][0] - 1) < 1e-12 and same["residual"][0] < 1e-12
+
+
+def test_rank_collapse_report_averages_seeds_per_run(tmp_path):
+    from experiments.analysis import rank_collapse_report
+
+    a = {"layer": [0, 1, 2], "cosine": [0.1, 0.5, 0.9], "residual": [1.0, 0.1, 0.01]}
+    b = {"layer": [0, 1, 2], "cosine": [0.3, 0.7, 0.9], "residual": [1.0, 0.3, 0.03]}
+    md = rank_collapse_report({"mha": [a, b], "empty": []}, path=tmp_path / "rc.png")
+    row = next(line for line in md.splitlines() if line.startswith("| mha |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # depth 2; cosine embed 0.2 +- 0.141, middle (layer 1) 0.6, last 0.9 +- 0; residual middle 0.2 +- 0.141
+    assert cells[:3] == ["mha", "2", "2"]
+    assert cells[3] == "0.2 ± 0.14" and cells[4] == "0.6 ± 0.14" and cells[5] == "0.9 ± 0"
+    assert cells[7] == "0.2 ± 0.14" and "empty" not in md
+    assert_png(tmp_path / "rc.png")
+    with pytest.raises(ValueError, match="'mha' have different depths"):
+        rank_collapse_report({"mha": [a, {k: v[:2] for k, v in b.items()}]})

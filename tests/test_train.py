@@ -200,6 +200,12 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
         train.train(load_config(CONFIG, ["data.num_workers=0", "progress=false", "epochs=1", "warmup_epochs=0",
                                          "data.train_subset=512", "data.test_subset=64", "batch_size=64",
                                          f"model={model}", f"model_kwargs={kw}", f"out_dir={runs / name}"]))
+    for seed in (0, 1):  # a ViT run with two seeds: its rank-collapse rows are grouped
+        train.train(load_config(CONFIG, ["data.num_workers=0", "progress=false", "epochs=1", "warmup_epochs=0",
+                                         "data.train_subset=256", "data.test_subset=64", "batch_size=64",
+                                         "model=mhavit_t4_28", f"seed={seed}",
+                                         f"out_dir={runs / 'vit' / f'seed{seed}'}",
+                                         "model_kwargs={embed_dim: 24, depth: 2, num_heads: 2, patch_size: 7}"]))
     from experiments import analyze
 
     report = analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig"), "--images", "4"])
@@ -210,3 +216,5 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
     sym_rows = [r for r in report["symmetry"] if r["run"] == "sym"]
     assert sym_rows and all(abs(r["corr"] - 1) < 1e-9 for r in sym_rows)
     assert "| sym |" in (tmp_path / "fig" / "symmetry.md").read_text()
+    assert {"rank_collapse.png", "rank_collapse.md"} <= names and len(report["rank_collapse"]["vit"]) == 2
+    assert "| vit | 2 | 2 |" in (tmp_path / "fig" / "rank_collapse.md").read_text()
