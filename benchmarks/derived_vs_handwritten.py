@@ -232,16 +232,18 @@ def measure(case: Case, sz: Sizes, rounds: int, warmup: int) -> Result:
 
 
 # ---------------------------------------------------------------------------------------------- reporting
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return (f"{cpu} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__} "
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), timm {timm.__version__}")
 
 
@@ -277,13 +279,14 @@ def render(results: list[Result], args, sz: Sizes, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace this script's marked section of ``path``, or append it; the rest of the file is left as it is."""
+def write_docs(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section of ``path`` marked ``begin`` ... ``end`` (by default this script's), or append it; the
+    rest of the file is left as it is."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{section}{END}\n"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].removeprefix("\n")
+    block = f"{begin}\n{section}{end}\n"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].removeprefix("\n")
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block

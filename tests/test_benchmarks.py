@@ -1,0 +1,60 @@
+"""Smoke tests of the benchmark scripts at tiny sizes (they are not run as part of the package)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package); its dataclasses need it in sys.modules."""
+    key = f"_benchmark_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="module")
+def tt():
+    return load("train_throughput")
+
+
+def test_train_throughput_cpu(tt):
+    args = tt.parse_args(["--device", "cpu", "--models", "vmixer_t4_28", "imixer_t4_28", "--img-size", "28",
+                          "--in-chans", "1", "--num-classes", "10", "--batch", "4", "--precision", "fp32", "bf16",
+                          "--modes", "eager", "--warmup", "1", "--steps", "1", "--rounds", "2"])
+    rows = tt.run(args)
+    assert [(r["model"], r["mode"], r["precision"]) for r in rows] == [
+        ("vmixer_t4_28", "eager", "fp32"), ("vmixer_t4_28", "eager", "bf16"),
+        ("imixer_t4_28", "eager", "fp32"), ("imixer_t4_28", "eager", "bf16")]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["ms_per_step"] > 0 and len(r["times"]) == 2
+        assert r["flops_per_step"] > 0 and r["tflops"] > 0
+        assert r["mfu"] is None and r["peak_mem_bytes"] is None  # CPU: neither is reported
+    mixer, mixer_bf16, imixer, imixer_bf16 = rows
+    assert imixer["flops_per_step"] > mixer["flops_per_step"]  # the iMixer's fixed-point iterations
+    assert mixer["vs_first"] == 1.0 and mixer_bf16["vs_first"] == 1.0
+    assert imixer["vs_first"] == pytest.approx(imixer["images_per_s"] / mixer["images_per_s"])
+    assert imixer_bf16["bf16_speedup"] == pytest.approx(imixer["ms_per_step"] / imixer_bf16["ms_per_step"])
+    assert mixer["bf16_speedup"] is None
+    assert "| `imixer_t4_28` | eager | bf16 |" in "\n".join(tt.table(rows))
+
+
+def test_train_throughput_model_kwargs(tt):
+    assert tt.parse_model('imixer_s16_224:{"h_ratio": 2, "n_iter": 3}') == ("imixer_s16_224",
+                                                                           {"h_ratio": 2, "n_iter": 3})
+    assert tt.parse_model("derived_vmixer_s16_224") == ("derived_vmixer_s16_224", {})
+    with pytest.raises(ValueError):
+        tt.parse_model("no_such_model_xyz")
+    with pytest.raises(ValueError):
+        tt.parse_model("imixer_s16_224:[2]")
