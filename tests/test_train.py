@@ -218,3 +218,18 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
     assert "| sym |" in (tmp_path / "fig" / "symmetry.md").read_text()
     assert {"rank_collapse.png", "rank_collapse.md"} <= names and len(report["rank_collapse"]["vit"]) == 2
     assert "| vit | 2 | 2 |" in (tmp_path / "fig" / "rank_collapse.md").read_text()
+
+
+def test_rank_collapse_at_initialisation_script(tmp_path):
+    """Fresh ViT-Tiny on real Fashion-MNIST images: without skips the tokens collapse to rank 1 (down to float32
+    round-off), with skips they stay far from it; the figure and table are written."""
+    from experiments import rank_collapse_init
+
+    md = rank_collapse_init.main(["--out", str(tmp_path), "--seeds", "1", "--images", "4", "--alphas", "0", "0.5"])
+    assert {p.name for p in tmp_path.iterdir()} == {"rank_collapse_init.png", "rank_collapse_init.md"}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in md.splitlines()[2:]}
+    assert set(rows) == {"skip=residual, alpha'=0", "skip=residual, alpha'=0.5", "skip=none, alpha'=0",
+                         "skip=none, alpha'=0.5"}
+    last_residual = {k: float(v[-1].split("±")[0]) for k, v in rows.items()}
+    assert last_residual["skip=none, alpha'=0"] < 1e-5 < 0.5 < last_residual["skip=residual, alpha'=0"]
