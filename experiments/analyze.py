@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         except (ValueError, TypeError):
             rows = []
         for r in rows:
-            report["symmetry"].append({"run": label, **{k: v for k, v in r.items() if k != "module"}})
+            report["symmetry"].append({"run": label, **r})
     (args.out / "symmetry.md").write_text(analysis.symmetry_table(report["symmetry"]) + "\n")
     if report["rank_collapse"]:
         md = analysis.rank_collapse_report(report["rank_collapse"], path=args.out / "rank_collapse.png")

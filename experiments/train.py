@@ -166,6 +166,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
             raise ConfigError(f"override {item!r} must look like key=value")
         key, text = item.split("=", 1)
         _deep_update(raw, _nest(key.strip(), yaml.safe_load(text)))
+    if isinstance(raw.get("amp"), bool):  # configs written before the modes existed: true meant bf16 on GPU
+        raw["amp"] = "auto" if raw["amp"] else "off"
     cfg = _merge(TrainConfig(), raw, "")
     for key in ("epochs", "batch_size", "lr_base_size"):
         if not (isinstance(getattr(cfg, key), int) and getattr(cfg, key) > 0):

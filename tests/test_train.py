@@ -41,8 +41,9 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(CONFIG, ["epochs"])
     with pytest.raises(ConfigError, match="'amp' must be one of"):
         load_config(CONFIG, ["amp=fp8"])
+    assert load_config(CONFIG, ["amp=true"]).amp == "auto" and load_config(CONFIG, ["amp=false"]).amp == "off"
     with pytest.raises(ConfigError, match="'amp' must be str"):
-        load_config(CONFIG, ["amp=true"])
+        load_config(CONFIG, ["amp=1"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
