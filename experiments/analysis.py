@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -443,8 +444,7 @@ def rank_collapse(model: nn.Module, images: Tensor, *, path=None, label: str | N
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def rank_collapse_report(groups: Mapping[str, Sequence[Mapping]], *, path=None) -> str:

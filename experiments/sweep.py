@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
+import statistics
 from pathlib import Path
 
 import yaml
@@ -82,9 +82,7 @@ def _dirname(name: str) -> str:
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{m:.2f} ± {s:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
 
 def table(summaries: dict[str, list[dict]]) -> str:
