@@ -31,6 +31,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import struct
 import tempfile
 import zlib
@@ -479,7 +480,13 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset, Da
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed `random` and numpy in a loader worker from the seed torch gave it (loader generator + worker id)."""
+    """Seed `random` and numpy in a loader worker from the seed torch gave it (loader generator + worker id), and
+    leave SIGTERM/SIGINT to the main process: a signal sent to the whole process group (Ctrl-C, ``kill -- -PGID``, a
+    scheduler's preemption) would otherwise kill the worker, and torch's SIGCHLD handler would then raise in the
+    main process at an arbitrary point instead of letting it save its stop checkpoint. The loader still shuts its
+    workers down through its own queues, and they exit when the main process is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_seed = torch.utils.data.get_worker_info().seed % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)  # noqa: NPY002 (the global state is what worker code draws from)

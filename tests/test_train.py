@@ -111,19 +111,26 @@ def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
-    """SIGTERM part-way through, --resume, and the run ends exactly where an uninterrupted one does."""
+    """SIGTERM to the whole process group (main process and loader worker, as Ctrl-C or a scheduler does) part-way
+    through, --resume, and the run ends exactly where an uninterrupted one does."""
     args = [*TINY, "epochs=3", "data.train_subset=3000", "data.test_subset=500", "batch_size=32",
-            "data.crop_pad=2"]
+            "data.crop_pad=2", "data.num_workers=1"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     cmd = [sys.executable, "-m", "experiments.train", "--config", CONFIG, *args]
     subprocess.run([*cmd, f"out_dir={full}"], check=True, env=env1(), cwd=ROOT, capture_output=True)
 
-    proc = subprocess.Popen([*cmd, f"out_dir={killed}"], env=env1(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd, f"out_dir={killed}"], env=env1(), cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 120
     while not (killed / "checkpoint.pt").exists() and time.time() < deadline:  # after epoch 1
         time.sleep(0.05)
     time.sleep(0.5)  # into epoch 2
-    proc.send_signal(signal.SIGTERM)
+    workers = [int(c) for f in Path(f"/proc/{proc.pid}/task").glob("*/children") for c in f.read_text().split()]
+    assert workers, "the loader worker should be running"
+    for pid in workers:  # the worker first, so that its death (if it dies) reaches the main process mid-epoch
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stopped by signal" in err, err
     assert not (killed / "summary.json").exists()
