@@ -1,6 +1,7 @@
 """Seeds x models (x any grid of config values) in one command, resumable, ending in mean +- std tables.
 
     python -m experiments.sweep --sweep experiments/configs/sweep_fashion.yaml [--table-only] [--only NAME]
+                                [--seeds K ...]
 
 A sweep file names a base config, seeds, and runs: each run is a mapping of (dotted) config overrides, and may
 carry a ``grid`` of keys to lists of values whose product expands it (``imixer`` with
@@ -125,17 +126,23 @@ def claim(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = False) -> str:
+def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = False,
+              seeds: list[int] | None = None) -> str:
+    """Train every (run, seed) not finished yet, seed-major; ``only``/``seeds`` restrict what is trained (the
+    tables always cover all the sweep's seeds), so ``seeds=[0]`` gives a first full row of results early."""
     out = Path(spec.get("out_dir", "runs/sweep"))
-    seeds = list(spec.get("seeds", [0]))
+    all_seeds = list(spec.get("seeds", [0]))
     runs = expand(spec)
     unknown = [o for o in (only or []) if o not in runs]
     if unknown:
         raise ConfigError(f"--only {unknown}: not in this sweep's runs {list(runs)}")
+    unknown = [s for s in (seeds or []) if s not in all_seeds]
+    if unknown:
+        raise ConfigError(f"--seeds {unknown}: not in this sweep's seeds {all_seeds}")
     if not table_only:
         for overrides in runs.values():  # validate every config before training anything
             load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides)
-        for seed in seeds:
+        for seed in seeds or all_seeds:
             for name, overrides in runs.items():
                 if only and name not in only:
                     continue
@@ -158,7 +165,7 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
             else:
                 continue
             break
-    md = table(_summaries(out, runs, seeds))
+    md = table(_summaries(out, runs, all_seeds))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md + "\n")
     print(md)
@@ -169,10 +176,11 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", required=True, help="sweep YAML file")
     p.add_argument("--only", nargs="*", help="run names to train (default: all)")
+    p.add_argument("--seeds", nargs="*", type=int, help="seeds to train, a subset of the sweep's (default: all)")
     p.add_argument("--table-only", action="store_true", help="only collect finished runs into the tables")
     args = p.parse_args(argv)
     try:
-        return run_sweep(load_sweep(args.sweep), args.only, args.table_only)
+        return run_sweep(load_sweep(args.sweep), args.only, args.table_only, args.seeds)
     except ConfigError as e:
         p.error(str(e))
 

@@ -198,23 +198,26 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     assert "| imixer[n_iter=1] | 0 |" in md and (tmp_path / "results.md").exists()
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
+    with pytest.raises(ConfigError, match=r"--seeds \[7\]: not in this sweep's seeds \[0, 1\]"):
+        sweep.run_sweep(spec, seeds=[7])
 
 
 def test_sweep_processes_share_runs_through_locks(tmp_path, capsys):
     """A run another process has claimed (its flock held) is skipped; a free one is trained; the lock is released
     afterwards, so the skipped run can be claimed later."""
     import fcntl
-    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0],
+    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1],
             "overrides": [*TINY, "epochs=1", "data.train_subset=200", "data.test_subset=100", "batch_size=50",
                           "data.crop_pad=0", "data.hflip=0.0"],
             "runs": {"busy": {}, "free": {}}}
     (tmp_path / "busy" / "seed0").mkdir(parents=True)
     with open(tmp_path / "busy" / "seed0" / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stands for another sweep process
-        md = sweep.run_sweep(spec)
+        md = sweep.run_sweep(spec, seeds=[0])  # seed 1 is left for later
         assert "busy seed 0: another process is training it, skipped" in capsys.readouterr().out
     assert not (tmp_path / "busy" / "seed0" / "checkpoint.pt").exists()
     assert (tmp_path / "free" / "seed0" / "summary.json").exists()
+    assert not (tmp_path / "free" / "seed1").exists()
     assert "| busy | 0 |" in md and "| free | 1 |" in md
     with sweep.claim(tmp_path / "free" / "seed0") as mine:
         assert mine
