@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from .train import ConfigError, load_config, train
+from .train import ConfigError, check_model, load_config, train
 
 __all__ = ["claim", "expand", "load_sweep", "run_sweep", "table"]
 
@@ -140,8 +140,8 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
     if unknown:
         raise ConfigError(f"--seeds {unknown}: not in this sweep's seeds {all_seeds}")
     if not table_only:
-        for overrides in runs.values():  # validate every config before training anything
-            load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides)
+        for overrides in runs.values():  # validate every config and model before training anything
+            check_model(load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides))
         for seed in seeds or all_seeds:
             for name, overrides in runs.items():
                 if only and name not in only:

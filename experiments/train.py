@@ -9,11 +9,14 @@ with warm-up, cooldown and a lower bound, stepped every update), ``Mixup`` (mixu
 smoothing), RandAugment and random erasing (``experiments.data``), stochastic depth (``drop_path``). The
 learning rate is ``lr_base * global_batch / lr_base_size`` unless ``lr`` is given (iMixer paper, Table 5).
 
-Nothing is lost: a checkpoint is written atomically (temporary file, then rename) after every epoch and on
-SIGTERM/SIGINT (at the next step boundary), holding model, optimizer, scheduler, grad scaler, RNG states,
-epoch and step; ``--resume`` continues from it and ends where an uninterrupted run would. Checkpoints are
-read with ``torch.load(weights_only=True)``. Outputs in ``out_dir``: ``checkpoint.pt``, ``metrics.jsonl``,
-``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json``, ``config.yaml``.
+Nothing is lost: a checkpoint is written atomically (temporary file, fsync, then rename) after every epoch and
+on SIGTERM/SIGINT (at the next step boundary), holding model, optimizer, scheduler, grad scaler, RNG states,
+epoch and step; ``--resume`` continues from it and ends where an uninterrupted run would. With several
+processes, a signal to any one of them (or a non-finite loss on any one) stops all of them at the same step, and
+the checkpoint holds every process's RNG state. A checkpoint resumes only the run it came from (same config,
+number of processes and LR schedule; a different ``epochs`` is refused rather than silently keeping the old
+schedule). Checkpoints are read with ``torch.load(weights_only=True)``. Outputs in ``out_dir``: ``checkpoint.pt``,
+``metrics.jsonl``, ``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json``, ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .data import DataConfig, build_datasets, build_loaders
+from .data import DataConfig, build_datasets, build_loaders, dataset_info, validate_config
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "main", "train"]
+__all__ = ["ConfigError", "TrainConfig", "check_model", "load_config", "main", "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")  # timm's, stepped per update (not "plateau")
 
 
 class ConfigError(ValueError):
@@ -181,7 +185,36 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         raise ConfigError(f"config key 'amp' must be one of {AMP_MODES}, got {cfg.amp!r}")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise ConfigError(f"config key 'clip_grad' must be > 0 or null, got {cfg.clip_grad!r}")
+    for key in ("lr", "lr_base"):
+        if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {getattr(cfg, key)!r}")
+    for key in ("weight_decay", "warmup_lr", "min_lr", "mixup", "cutmix"):
+        if not getattr(cfg, key) >= 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)!r}")
+    if not 0 <= cfg.drop_path < 1:
+        raise ConfigError(f"config key 'drop_path' must be in [0, 1), got {cfg.drop_path!r}")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise ConfigError(f"config key 'batch_size' must be even with mixup/cutmix (timm's Mixup pairs each "
+                          f"batch with its reverse), got {cfg.batch_size}")
+    if cfg.sched not in SCHEDULERS:
+        raise ConfigError(f"config key 'sched' must be one of {SCHEDULERS}, got {cfg.sched!r}")
+    from timm.optim import list_optimizers
+
+    if cfg.opt.lower() not in list_optimizers():
+        raise ConfigError(f"config key 'opt': {cfg.opt!r} is not one of timm's optimizers {list_optimizers()}")
+    try:
+        validate_config(cfg.data)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data': {e}") from e
     return cfg
+
+
+def check_model(cfg: TrainConfig) -> None:
+    """Build the config's model on the meta device (no memory, no data): a wrong name or ``model_kwargs`` raises
+    ConfigError now rather than hours into a sweep."""
+    info = dataset_info(cfg.data)
+    with torch.device("meta"):
+        build_model(cfg, info.num_classes or 10, info.in_chans, info.img_size)
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -210,11 +243,31 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then rename over the old checkpoint."""
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` fills a temporary file in the same folder, which is flushed to disk and renamed over ``path``:
+    a reader (or a crash at any point) sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint."""
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best", "rng", "wall_s", "config")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -223,7 +276,9 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise RuntimeError(f"checkpoint {str(path)!r} cannot be read (corrupt or not a checkpoint): {e}") from e
-    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config") if k not in ckpt]
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a training checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise RuntimeError(f"checkpoint {str(path)!r} lacks {missing}: not written by experiments.train")
     return ckpt
@@ -243,7 +298,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int
         kwargs["drop_path_rate"] = cfg.drop_path
     try:
         return timm.create_model(cfg.model, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'model_kwargs' does not fit {cfg.model!r}: {e}") from e
 
 
@@ -346,40 +401,53 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         criterion = SoftTargetCrossEntropy()
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
-    net = model
+    net = eval_net = model  # evaluation bypasses DDP: its shards may differ by a batch, and it needs no all-reduce
     if distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
+        eval_net = torch.compile(model) if distributed else net
 
-    start_epoch, start_step, best, wall_before = 0, 0, None, 0.0
+    start_epoch, start_step, best, wall_before, resumed = 0, 0, None, 0.0, {}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        _check_resumable(ckpt, ckpt_path, scheduler, world, cfg.epochs)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RuntimeError(f"checkpoint {str(ckpt_path)!r} does not fit model {cfg.model!r}: {e}") from e
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
+        # this process's RNG and partial-epoch counters (one entry per process since multi-process stops)
+        resumed = ckpt["ranks"][rank] if "ranks" in ckpt else {
+            k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted")}
     # metrics of the epochs the checkpoint has seen (a kill between logging and saving leaves one extra line)
     history = [h for h in _read_jsonl(out / "metrics.jsonl") if h["epoch"] <= start_epoch] if ckpt else []
     if main_proc:
         if ckpt is None:
             (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg)))
-        for f in ("metrics.jsonl", "metrics.csv"):
-            (out / f).unlink(missing_ok=True)
-        for h in history:
-            _log(out, None, h)
+        _rewrite_logs(out, history)
     writer = None
     if main_proc:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
 
-    def state(epoch: int, step: int, loss_sum: float = 0.0, correct: int = 0, counted: int = 0) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch, "step": step, "best": best,
-                "epoch_loss_sum": loss_sum, "epoch_correct": correct, "epoch_counted": counted,
-                "wall_s": wall_before + time.perf_counter() - t_start, "config": _plain(cfg, ignore=(
-                    "out_dir", "progress", "epochs"))}
+    def state(epoch: int, step: int, ranks: list[dict] | None = None) -> dict:
+        """The checkpoint. ``ranks``: every process's RNG state and partial-epoch counters, for a mid-epoch stop
+        (at an epoch boundary they are re-derived from the seed); entry 0 also goes where one process reads it."""
+        own = (ranks or [{}])[0]
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                   "rng": own.get("rng", _rng_state()), "epoch": epoch, "step": step, "best": best,
+                   "epochs": cfg.epochs, "world_size": world, "epoch_loss_sum": own.get("epoch_loss_sum", 0.0),
+                   "epoch_correct": own.get("epoch_correct", 0), "epoch_counted": own.get("epoch_counted", 0),
+                   "wall_s": wall_before + time.perf_counter() - t_start,
+                   "config": _plain(cfg, ignore=("out_dir", "progress", "epochs"))}
+        if ranks is not None and world > 1:
+            payload["ranks"] = ranks
+        return payload
 
     t_start = time.perf_counter()
     stopped = None
@@ -396,13 +464,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             seen, loss_sum, t0 = 0, torch.zeros((), dtype=torch.float64), time.perf_counter()
             correct = counted = 0
             if skip:  # the interrupted part of this epoch counts in its training loss and accuracy
-                loss_sum += ckpt.get("epoch_loss_sum", 0.0)
-                correct, counted = ckpt.get("epoch_correct", 0), ckpt.get("epoch_counted", 0)
+                loss_sum += resumed["epoch_loss_sum"]
+                correct, counted = resumed["epoch_correct"], resumed["epoch_counted"]
             bar = _bar(cfg, main_proc, steps_per_epoch, epoch, total_epochs)
             for step, (x, y) in enumerate(train_loader):
                 if step < skip:  # fast-forward a resumed epoch: the loader consumes its randomness as before
                     if step == skip - 1:
-                        _set_rng_state(ckpt["rng"])
+                        _set_rng_state(resumed["rng"])
+                        t0 = time.perf_counter()  # images/s of this epoch counts only what is trained now
                     if bar is not None:
                         bar.update()
                     continue
@@ -414,9 +483,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                     loss = criterion(logits, y)
                     if hasattr(model, "penalty"):
                         loss = loss + model.penalty()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; "
-                                             f"last good checkpoint: {ckpt_path}")
+                # every process takes the same branch: a non-finite loss or a signal on any one of them stops all
+                # at this step (alone, it would leave the others waiting in the gradient all-reduce)
+                flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop.signum is not None,
+                                                                                   device=loss.device)]).float()
+                if distributed:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                nonfinite, stopping = flags.tolist()
+                if nonfinite:
+                    raise FloatingPointError(f"loss is {loss.item()} (or non-finite on another process) at epoch "
+                                             f"{epoch} step {step}; last good checkpoint: {ckpt_path}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.clip_grad is not None:
@@ -436,19 +512,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                     bar.set_postfix(loss=f"{loss.item():.3f}", acc=acc, lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{rate:.0f}")
                     bar.update()
-                if stop.signum is not None:
-                    stopped = (epoch, step + 1, loss_sum.item(), correct, counted)
+                if stopping:
+                    stopped = (epoch, step + 1, {"rng": _rng_state(), "epoch_loss_sum": loss_sum.item(),
+                                                 "epoch_correct": correct, "epoch_counted": counted})
                     break
             if bar is not None:
                 bar.close()
             if stopped is not None:
                 break
             epoch_time = time.perf_counter() - t0
+            totals = torch.tensor([loss_sum.item(), correct, counted], dtype=torch.float64, device=device)
+            if distributed:  # training loss and accuracy over all processes' batches
+                dist.all_reduce(totals)
+            loss_total, correct_total, counted_total = totals.tolist()
             metrics = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                       "train_loss": loss_sum.item() / steps_per_epoch,
-                       "train_top1": 100 * correct / counted if counted else None,
-                       **evaluate(net, test_loader, device, autocast),
-                       "images_per_s": seen / epoch_time, "epoch_time_s": epoch_time,
+                       "train_loss": loss_total / (steps_per_epoch * world),
+                       "train_top1": 100 * correct_total / counted_total if counted_total else None,
+                       **evaluate(eval_net, test_loader, device, autocast),
+                       "images_per_s": seen / epoch_time if seen else None, "epoch_time_s": epoch_time,
                        "wall_s": wall_before + time.perf_counter() - t_start}
             if best is None or metrics["test_top1"] > best["test_top1"]:
                 best = {"epoch": epoch + 1, "test_top1": metrics["test_top1"], "test_top5": metrics["test_top5"]}
@@ -461,9 +542,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             scheduler.step(epoch + 1)
 
     if stopped is not None:
+        ranks = [stopped[2]]
+        if distributed:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, stopped[2])
         if main_proc:
-            save_checkpoint(ckpt_path, state(*stopped))
-            print(f"stopped by signal {stop.signum} at epoch {stopped[0]} step {stopped[1]}; checkpoint "
+            save_checkpoint(ckpt_path, state(stopped[0], stopped[1], ranks))
+            by = f"signal {stop.signum}" if stop.signum is not None else "a signal to another process"
+            print(f"stopped by {by} at epoch {stopped[0]} step {stopped[1]}; checkpoint "
                   f"{ckpt_path}; continue with --resume", file=sys.stderr)
         if writer is not None:
             writer.close()
@@ -478,7 +564,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                "best_top1": best["test_top1"] if best else None, "best_top5": best["test_top5"] if best else None,
                "best_epoch": best["epoch"] if best else None,
                "last_top1": last.get("test_top1"), "last_top5": last.get("test_top5"),
-               "images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
+               "images_per_s": _mean([h["images_per_s"] for h in history]),
                "wall_s": wall_before + time.perf_counter() - t_start, "ranks_identical": identical,
                "device": str(device), "precision": "bf16 autocast" if use_amp else "float32"}
     if main_proc:
@@ -491,12 +577,36 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def _ranks_identical(model: nn.Module) -> bool:
-    """Whether every process ends with bit-identical weights (DDP keeps them in step)."""
-    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in model.parameters()])
-    digest = torch.tensor([flat.sum().item(), (flat * torch.arange(flat.numel(), dtype=torch.float64)).sum().item()])
-    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, digest)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
+    """Whether every process ends with bit-identical weights and buffers (DDP keeps them in step): each compares
+    its own tensors element by element with process 0's."""
+    same = True
+    for t in model.state_dict().values():
+        ref = t.detach().clone()
+        dist.broadcast(ref, src=0)
+        same = same and torch.equal(t, ref)
+    flag = torch.tensor(float(same), device=next(iter(model.state_dict().values())).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _check_resumable(ckpt: dict, path: Path, scheduler, world: int, epochs: int) -> None:
+    """A checkpoint continues only the run it came from: same number of processes and same LR schedule (the
+    scheduler's state would otherwise silently keep the old run's length)."""
+    if ckpt.get("world_size", world) != world:
+        raise RuntimeError(f"checkpoint {str(path)!r} was written by {ckpt['world_size']} processes; resume it with "
+                           f"the same number (this run has {world}) or use another out_dir")
+    fresh = scheduler.state_dict()
+    differ = sorted(k for k, v in fresh.items() if k != "metric" and ckpt["scheduler"].get(k, v) != v)
+    if differ:
+        was = f"epochs={ckpt['epochs']}" if "epochs" in ckpt else "another length"
+        raise RuntimeError(f"checkpoint {str(path)!r} was written for a different LR schedule ({was}; this config "
+                           f"has epochs={epochs}; scheduler fields {differ} differ): resume with the checkpoint's "
+                           "epochs, or start a new run in another out_dir")
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _plain(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> dict:
@@ -515,9 +625,37 @@ def _bar(cfg: TrainConfig, main_proc: bool, total: int, epoch: int, epochs: int)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The metrics history; a last line cut short (a process killed while appending it) is dropped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise RuntimeError(f"{str(path)!r} line {i + 1} is not JSON: {e}") from e
+    return out
+
+
+def _rewrite_logs(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl and metrics.csv holding exactly ``history``, each replaced atomically."""
+    def jsonl(tmp):
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    def table(tmp):
+        with open(tmp, "w", newline="") as f:
+            if history:
+                w = csv.DictWriter(f, fieldnames=list(history[0]))
+                w.writeheader()
+                w.writerows(history)
+
+    _atomic_write(out / "metrics.jsonl", jsonl)
+    if history:
+        _atomic_write(out / "metrics.csv", table)
+    else:
+        (out / "metrics.csv").unlink(missing_ok=True)
 
 
 def _log(out: Path, writer, metrics: dict) -> None:

@@ -50,12 +50,26 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("epochs: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
-    cfg = load_config(CONFIG, ["epochs=3", "model_kwargs.h_ratio=2", "data.name=cifar10"])
+    cfg = load_config(CONFIG, ["epochs=3", "model_kwargs.h_ratio=2", "data.name=cifar10", "data.root=/data/c10"])
     assert cfg.epochs == 3 and cfg.model_kwargs == {"h_ratio": 2} and cfg.data.name == "cifar10"
     with pytest.raises(ConfigError, match="unknown model 'nomodel'"):
         train.build_model(load_config(CONFIG, ["model=nomodel"]), 10, 1, 28)
     with pytest.raises(ConfigError, match="model_kwargs"):
         train.build_model(load_config(CONFIG, ["model_kwargs.wings=2"]), 10, 1, 28)
+    for override, message in (("sched=plateau", "'sched' must be one of"), ("opt=adamx", "'opt': 'adamx' is not"),
+                              ("lr=-1", "'lr' must be > 0"), ("mixup=-0.1", "'mixup' must be >= 0"),
+                              ("drop_path=1.0", r"'drop_path' must be in \[0, 1\)"),
+                              ("data.hflip=2", r"'data': DataConfig.hflip must be a probability"),
+                              ("data.name=mnist", "'data': DataConfig.name='mnist' is not a known dataset")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(CONFIG, [override])
+    with pytest.raises(ConfigError, match="'batch_size' must be even with mixup"):
+        load_config(CONFIG, ["cutmix=1.0", "batch_size=33"])
+    # the model is checked without data or memory (meta device), as a sweep does before training anything
+    train.check_model(load_config(CONFIG, ["model=mhavit_t4_28"]))
+    for kwargs in ("{wings: 2}", "{n_iter: -1}", "{h_ratio: -1}", "{embed_dim: 0}"):
+        with pytest.raises(ConfigError, match="config key 'model_kwargs' does not fit 'derived_imixer_t4_28'"):
+            train.check_model(load_config(CONFIG, [f"model_kwargs={kwargs}"]))
 
 
 def test_command_line_reports_config_errors():
@@ -93,6 +107,46 @@ def test_resume_refuses_a_different_config(tmp_path):
                                  "batch_size=32", f"out_dir={tmp_path}"])
     with pytest.raises(RuntimeError, match="different configuration"):
         train.train(other, resume=True)
+    # epochs is not part of the configuration check, but the LR schedule's length is
+    longer = load_config(CONFIG, [*TINY, "epochs=2", "data.train_subset=256", "data.test_subset=128",
+                                  "batch_size=64", f"out_dir={tmp_path}"])
+    with pytest.raises(RuntimeError, match=r"different LR schedule \(epochs=1; this config has epochs=2"):
+        train.train(longer, resume=True)
+    path = tmp_path / "checkpoint.pt"
+    good = torch.load(path, weights_only=True)
+    train.save_checkpoint(path, {**good, "world_size": 2})
+    with pytest.raises(RuntimeError, match=f"checkpoint '{path}' was written by 2 processes"):
+        train.train(cfg, resume=True)
+    train.save_checkpoint(path, {**good, "model": {k: v for k, v in list(good["model"].items())[1:]}})
+    with pytest.raises(RuntimeError, match=f"checkpoint '{path}' does not fit model 'vmixer_t4_28'"):
+        train.train(cfg, resume=True)
+    # a metrics line cut short by a kill is dropped on resume; the finished run is summarised again
+    train.save_checkpoint(path, good)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "lr"')
+    assert train.train(cfg, resume=True)["epochs"] == 1 and len(metrics(tmp_path)) == 1
+
+
+@pytest.mark.slow
+def test_recipe_lr_scaling_schedule_mixup_clipping_and_penalty(tmp_path):
+    """lr = lr_base * global batch / lr_base_size, a cosine schedule stepped per update and then a cooldown at
+    min_lr; mixup/cutmix (soft targets: no running accuracy) with gradient clipping; the parallelized Mixer's
+    lam * ||W2||^2 is part of the loss that is minimised."""
+    common = [*TINY, "model=paramixer_t4_28", "epochs=2", "cooldown_epochs=1", "min_lr=1e-6", "data.train_subset=256",
+              "data.test_subset=64", "batch_size=32", "mixup=0.8", "cutmix=1.0", "clip_grad=0.5"]
+    runs = {}
+    for lam in (0.0, 1.0):
+        out = tmp_path / f"lam{lam}"
+        cfg = load_config(CONFIG, [*common, f"model_kwargs={{embed_dim: 32, num_blocks: 2, form: broken, lam: {lam}}}",
+                                   "lr=null", "lr_base=4e-2", "lr_base_size=256", f"out_dir={out}"])
+        train.train(cfg)
+        lr, m = 4e-2 * 32 / 256, metrics(out)
+        assert [h["lr"] for h in m] == pytest.approx([1e-6 + 0.5 * (lr - 1e-6), 1e-6, 1e-6], rel=1e-12)
+        assert all(h["train_top1"] is None and math.isfinite(h["train_loss"]) for h in m)
+        assert (m[0]["train_loss"] > 10) == (lam > 0)  # the logged loss holds lam ||W2||^2 (about 100 at first)
+        state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+        runs[lam] = sum(v.square().sum().item() for k, v in state.items() if k.endswith("fc2.weight"))
+    assert runs[1.0] < 0.7 * runs[0.0], runs
 
 
 def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path):
@@ -162,6 +216,67 @@ def test_ddp_two_processes_gloo_match_single_process(tmp_path):
     assert abs(ddp["last_top1"] - single["last_top1"]) <= 6.0, (ddp, single)
     m_ddp, m_one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
     assert abs(m_ddp[-1]["test_loss"] - m_one[-1]["test_loss"]) <= 0.1 * m_one[-1]["test_loss"]
+
+
+@pytest.mark.slow
+def test_ddp_signal_to_one_process_stops_both_and_resumes_exactly(tmp_path):
+    """SIGTERM to rank 1 alone, mid-epoch: both processes stop at the same step (rank 0 writes the checkpoint, with
+    each rank's RNG state), and the resumed 2-process run ends exactly where an uninterrupted one does."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "experiments.train", "--config", CONFIG,
+           *TINY, "epochs=3", "data.train_subset=3000", "data.test_subset=500", "batch_size=32", "data.crop_pad=2",
+           "drop_path=0.1"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run([*cmd, f"out_dir={full}"], check=True, env=env1(), cwd=ROOT, capture_output=True)
+    proc = subprocess.Popen([*cmd, f"out_dir={killed}"], env=env1(), cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (killed / "checkpoint.pt").exists() and time.time() < deadline:  # after epoch 1
+            time.sleep(0.05)
+        time.sleep(0.3)  # into epoch 2
+        rank1 = [pid for pid in _descendants(proc.pid) if b"\0RANK=1\0" in b"\0" + _environ(pid)]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)  # without the shared stop flag, rank 0 waits forever
+    finally:
+        if proc.poll() is None:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "stopped by a signal to another process" in err, err
+    assert "ranks" in torch.load(killed / "checkpoint.pt", weights_only=True)
+    subprocess.run([*cmd, f"out_dir={killed}", "--resume"], check=True, env=env1(), cwd=ROOT, capture_output=True)
+    a, b = metrics(full), metrics(killed)
+    assert [m["epoch"] for m in b] == [1, 2, 3]
+    for ma, mb in zip(a, b):
+        assert (ma["test_top1"], ma["train_top1"]) == (mb["test_top1"], mb["train_top1"])
+        assert abs(ma["test_loss"] - mb["test_loss"]) < 1e-9 and abs(ma["train_loss"] - mb["train_loss"]) < 1e-9
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes below ``pid`` (torchrun's workers live in their own sessions, so a process group misses them)."""
+    children = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
 
 
 # ------------------------------------------------------------------------------------------ end to end
