@@ -350,20 +350,52 @@ def _fashion_mnist(root: Path, train_tf, test_tf):
 # ---------------------------------------------------------------------------------------------------------- CIFAR
 
 
-class CIFAR10Unchecked(datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader without the md5 comparison: files are required to exist, then parsed as usual."""
+class _CIFARUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles of dicts, lists, strings and one uint8 numpy array. Only the callables that
+    rebuild such an array are resolved; any other global (``os.system``, ...) raises instead of running."""
 
-    train_list: ClassVar[list] = [[name, None] for name, _ in datasets.CIFAR10.train_list]
-    test_list: ClassVar[list] = [[name, None] for name, _ in datasets.CIFAR10.test_list]
-    meta: ClassVar[dict] = {**datasets.CIFAR10.meta, "md5": None}
+    ALLOWED: ClassVar[set] = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                              ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+        return super().find_class(module, name)
 
 
-class CIFAR100Unchecked(datasets.CIFAR100):
-    """torchvision's CIFAR-100 reader without the md5 comparison: files are required to exist, then parsed as usual."""
+def _read_cifar_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        entry = _CIFARUnpickler(f, encoding="latin1").load()
+    if not isinstance(entry, dict):
+        raise pickle.UnpicklingError(f"{path} holds a {type(entry).__name__}, not a CIFAR batch dict")
+    return entry
 
-    train_list: ClassVar[list] = [[name, None] for name, _ in datasets.CIFAR100.train_list]
-    test_list: ClassVar[list] = [[name, None] for name, _ in datasets.CIFAR100.test_list]
-    meta: ClassVar[dict] = {**datasets.CIFAR100.meta, "md5": None}
+
+class _SafeCIFAR:
+    """torchvision's CIFAR dataset (its ``__getitem__``, ``data`` and ``targets``) read with `_CIFARUnpickler` and
+    without the md5 comparison: the files are required to exist, then parsed as torchvision parses them."""
+
+    def __init__(self, root: str, train: bool = True, transform=None, target_transform=None, download=False):
+        datasets.VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+        self.train = train
+        folder = Path(root) / self.base_folder
+        data, targets = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            entry = _read_cifar_pickle(folder / name)
+            data.append(entry["data"])
+            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = targets
+        self.classes = _read_cifar_pickle(folder / self.meta["filename"])[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class CIFAR10Unchecked(_SafeCIFAR, datasets.CIFAR10):
+    """CIFAR-10 in torchvision's python format, read without arbitrary pickle and without md5 sums."""
+
+
+class CIFAR100Unchecked(_SafeCIFAR, datasets.CIFAR100):
+    """CIFAR-100 in torchvision's python format, read without arbitrary pickle and without md5 sums."""
 
 
 def _cifar(name: str, root: Path, train_tf, test_tf):
@@ -451,11 +483,19 @@ def _subset(ds, size: int | None, seed: tuple[int, ...], field: str):
     return Subset(ds, balanced_subset_indices(ds.targets, size, seed).tolist())
 
 
-def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset, DataInfo]:
-    """Load the train and test splits with their transforms; subsets are drawn with `seed`."""
+def dataset_info(cfg: DataConfig) -> DataInfo:
+    """What the config fixes without reading any file: channels, image size, normalisation, and the number of
+    classes (0 for imagefolder, whose classes are its folders); sizes are 0."""
     validate_config(cfg)
     spec = _SPECS[cfg.name]
     img_size = cfg.img_size or spec.native_size or IMAGEFOLDER_DEFAULT_SIZE
+    return DataInfo(spec.num_classes, spec.in_chans, img_size, spec.mean, spec.std, 0, 0)
+
+
+def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset, DataInfo]:
+    """Load the train and test splits with their transforms. A ``train_subset`` is drawn with `seed`; a
+    ``test_subset`` does not depend on it, so runs with different seeds are scored on the same test images."""
+    img_size, spec = dataset_info(cfg).img_size, _SPECS[cfg.name]
     train_tf, test_tf = build_transforms(cfg, img_size, spec.mean, spec.std, spec.in_chans)
     root = Path(cfg.root or DEFAULT_FASHION_MNIST_ROOT).expanduser()
     if cfg.name == "fashion_mnist":
@@ -466,7 +506,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset, Da
         train, test = _imagefolder(root, train_tf, test_tf)
     num_classes = len(train.classes)
     train = _subset(train, cfg.train_subset, (seed, 0), "train_subset")
-    test = _subset(test, cfg.test_subset, (seed, 1), "test_subset")
+    test = _subset(test, cfg.test_subset, (0, 1), "test_subset")
     info = DataInfo(
         num_classes=num_classes,
         in_chans=spec.in_chans,
@@ -507,19 +547,20 @@ def build_loaders(
     """Return (train_loader, test_loader, train_sampler); train_sampler is None unless `distributed`.
 
     The shuffle order depends only on `seed` (and, when distributed, on the epoch passed to
-    ``train_sampler.set_epoch``). When distributed, the test split is sharded too (in order, no shuffle):
-    each process sees ``ceil(len / world)`` images, the last shard padded with repeats of the first images, so
-    metrics must be summed over processes (``all_reduce``) and divided by the summed counts.
-    `num_replicas` and `rank` default to the initialised process group's.
+    ``train_sampler.set_epoch``). When distributed, the test split is sharded too, without padding (process r
+    sees images r, r + world, ...), so every image is scored exactly once: sum the metrics over processes
+    (``all_reduce``) and divide by the summed counts. `num_replicas` and `rank` default to the initialised
+    process group's.
     """
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not _is_int(num_workers) or num_workers < 0:
         raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
-    train_sampler = test_sampler = None
+    train_sampler = None
     if distributed:
         train_sampler = DistributedSampler(train_ds, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        test_sampler = DistributedSampler(test_ds, num_replicas=num_replicas, rank=rank, shuffle=False)
+        # not a DistributedSampler: it would pad the last shard with repeats, counting some images twice
+        test_ds = Subset(test_ds, range(train_sampler.rank, len(test_ds), train_sampler.num_replicas))
     per_process = len(train_sampler) if train_sampler is not None else len(train_ds)
     if drop_last and per_process < batch_size:
         raise ValueError(
@@ -545,5 +586,5 @@ def build_loaders(
         generator=generator,
         **common,
     )
-    test_loader = DataLoader(test_ds, shuffle=False, sampler=test_sampler, drop_last=False, **common)
+    test_loader = DataLoader(test_ds, shuffle=False, drop_last=False, **common)
     return train_loader, test_loader, train_sampler

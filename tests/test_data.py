@@ -1,6 +1,7 @@
 """The data layer reads small fixtures written in the real on-disk formats through the real torchvision readers."""
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -246,6 +247,23 @@ def test_truncated_cifar_batch_is_reported(tmp_path):
         build_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
 
 
+def test_cifar_batch_with_arbitrary_pickle_is_refused_not_run(tmp_path):
+    """The CIFAR files are pickles; a batch that names any callable other than numpy's array rebuilding is
+    refused (CorruptDatasetError naming the folder), and the callable never runs."""
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(CorruptDatasetError, match=r"cifar-10-batches-py.*(posix|os)\.system is not allowed"):
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------- ImageFolder fixtures
 
 
@@ -360,6 +378,7 @@ def test_subsets_are_seeded_and_class_balanced(fmnist_source, tmp_path):
     assert len(set(test.dataset.targets[test.indices].tolist())) == 5
     assert build_datasets(cfg, seed=3)[0].indices == train.indices
     assert any(build_datasets(cfg, seed=s)[0].indices != train.indices for s in (4, 5, 6))
+    assert all(build_datasets(cfg, seed=s)[1].indices == test.indices for s in (4, 5))  # same test images
     with pytest.raises(ValueError, match=r"DataConfig\.train_subset=21 exceeds the 20"):
         build_datasets(DataConfig(root=str(tmp_path / "cache"), train_subset=21))
 
@@ -391,16 +410,16 @@ def test_loader_with_workers_is_deterministic():
 
 def test_distributed_loaders_shard_both_splits():
     train_ds, test_ds = TensorDataset(torch.arange(40)), TensorDataset(torch.arange(11))
-    shards = []
+    shards, tests = [], []
     for rank in (0, 1):
         train_loader, test_loader, sampler = build_loaders(
             train_ds, test_ds, 4, num_workers=0, seed=5, distributed=True, num_replicas=2, rank=rank
         )
         assert isinstance(sampler, DistributedSampler) and train_loader.sampler is sampler
-        assert isinstance(test_loader.sampler, DistributedSampler) and not test_loader.sampler.shuffle
         shards.append([i for (batch,) in train_loader for i in batch.tolist()])
-        assert len(test_loader.sampler) == 6  # 11 test images padded to 12 over 2 processes
+        tests.append([i for (batch,) in test_loader for i in batch.tolist()])
     assert sorted(shards[0] + shards[1]) == list(range(40))
+    assert tests == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9]]  # 11 test images, each scored once (no padding)
 
 
 # ---------------------------------------------------------------------------------------------------- real dataset
