@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from hopfield import Affine, DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
+from mixers.models import check_sizes
 
 from .discrete import DerivedBlock, DiscreteConfig
 
@@ -123,6 +124,9 @@ class DerivedMixerConfig:
     def __post_init__(self):
         if self.block not in KINDS:
             raise ValueError(f"DerivedMixerConfig.block must be one of {KINDS}, got {self.block!r}")
+        check_sizes(self, ("in_chans", "patch_size", "num_blocks", "embed_dim"),
+                    {"mlp_ratio": self.mlp_ratio, **{f"block_kwargs.{k}": v for k, v in self.block_kwargs.items()
+                                                     if k == "h_ratio"}})
         if self.img_size % self.patch_size:
             raise ValueError(f"DerivedMixerConfig: img_size {self.img_size} is not a multiple of patch_size "
                              f"{self.patch_size}")

@@ -256,6 +256,20 @@ class ParaMixerBlock(nn.Module):
 BLOCK_TYPES = ("mixer", "imixer", "limixer", "paramixer")
 
 
+def check_sizes(cfg, ints: tuple[str, ...], ratios: dict[str, Any]) -> None:
+    """ValueError naming the config class and field unless each of ``ints`` is a positive integer and each of
+    ``ratios`` (name -> a number or a tuple of numbers) is > 0: bad sizes fail here, not deep inside a layer."""
+    where = type(cfg).__name__
+    for name in ints:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}.{name} must be a positive integer, got {v!r}")
+    for name, v in ratios.items():
+        values = v if isinstance(v, (tuple, list)) else (v,)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in values):
+            raise ValueError(f"{where}.{name} must be > 0, got {v!r}")
+
+
 @dataclass
 class MixerConfig:
     """Configuration of `MlpMixer` (the fields of timm's ``MlpMixer`` plus the block type).
@@ -284,6 +298,9 @@ class MixerConfig:
     def __post_init__(self) -> None:
         if self.block not in BLOCK_TYPES:
             raise ValueError(f"unknown block {self.block!r}; expected one of {BLOCK_TYPES}")
+        check_sizes(self, ("in_chans", "patch_size", "num_blocks", "embed_dim"),
+                    {"mlp_ratio": self.mlp_ratio, **{f"block_kwargs.{k}": v for k, v in self.block_kwargs.items()
+                                                     if k == "h_ratio"}})
         if self.global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {self.global_pool!r}")
         h, w = self.image_hw

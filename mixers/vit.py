@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import Mlp
-from .models import PatchStem, register_entrypoints
+from .models import PatchStem, check_sizes, register_entrypoints
 
 __all__ = ["SKIP_MODES", "VIT_MODEL_NAMES", "Attention", "Block", "ViTConfig", "VisionTransformer"]
 
@@ -137,11 +137,11 @@ class Block(nn.Module):
         self, x: torch.Tensor, h_prev: torch.Tensor | None = None, alpha_h: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         a, h = self.attn(self.norm1(x), h_prev, alpha_h)
-        a = self.drop_path1(self.ls1(a))
+        a = self.ls1(a)
         if self.skip == "residual":
-            x = x + a
-        elif self.skip == "convex":
-            x = self.alpha * x + (1.0 - self.alpha) * a
+            x = x + self.drop_path1(a)
+        elif self.skip == "convex":  # alpha x + (1 - alpha) a, written as x plus an update that drop-path can drop
+            x = x + self.drop_path1((1.0 - self.alpha) * (a - x))
         else:
             x = a
         m = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -184,6 +184,7 @@ class ViTConfig:
     alpha_h: float = 0.0
 
     def __post_init__(self) -> None:
+        check_sizes(self, ("in_chans", "patch_size", "depth", "embed_dim", "num_heads"), {"mlp_ratio": self.mlp_ratio})
         if self.global_pool not in ("token", "avg", ""):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
@@ -243,7 +244,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.patch_embed.num_patches, dim))
         self.pos_drop = nn.Dropout(0.0)
-        dpr = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        dpr = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu")]
         self.blocks = nn.ModuleList(
             Block(
                 dim,
