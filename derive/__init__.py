@@ -13,6 +13,8 @@ from .attention import (
     euler_alpha,
     from_reference_vit,
     load_reference_vit_block,
+    score_memory,
+    score_tau,
     vit_block_network,
 )
 from .discrete import DerivedBlock, DiscreteConfig, SolveCertificate, discretize
@@ -54,6 +56,8 @@ __all__ = [
     "from_timm",
     "load_reference_block",
     "load_reference_vit_block",
+    "score_memory",
+    "score_tau",
     "to_reference",
     "to_timm",
     "vit_block_network",

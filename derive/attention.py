@@ -13,7 +13,11 @@ then MLP), is timm's ViT ``Block``. Keeping s as a state and taking one Euler st
 
     h_n = alpha' h_(n-1) + (1 - alpha') scale q_n k_n^T,   alpha' = 1 - dt / tau_s     (MHA's Euler form)
 
-(``DerivedViTBlock(net, alpha_h)``; h_0 = s_0 for the first block; alpha' = 0 is the adiabatic limit).
+(``DerivedViTBlock(net, alpha_h)``; h_0 = s_0 for the first block; alpha' = 0 is the adiabatic limit). With the
+block's step dt = tau_v, alpha' in (0, 1) means tau_s = tau_v / (1 - alpha') > tau_v: MHA with the residual skip
+is a score layer slower than the visible one (alpha' = 0.2: tau_s = 1.25 tau_v). ``DerivedViTBlock(net)`` reads
+alpha' from the network's time constants (``score_memory``); ``from_reference_vit`` builds each network with the
+tau_s of its model's alpha' (``score_tau``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from hopfield import lagrangians as lag
 from .models import _copy
 
 __all__ = ["DerivedViT", "DerivedViTBlock", "euler_alpha", "from_reference_vit", "load_reference_vit_block",
-           "vit_block_network"]
+           "score_memory", "score_tau", "vit_block_network"]
 
 
 def vit_block_network(dim: int, seq_len: int, heads: int, mlp_ratio: float = 4.0, ln_eps: float = 1e-6, *,
@@ -52,6 +56,21 @@ def euler_alpha(dt: float, tau: float) -> float:
     return 1.0 - dt / tau
 
 
+def score_memory(tau_v: float, tau_s: float) -> float:
+    """MHA's alpha' of a network whose visible layer takes the Euler step dt = tau_v (the residual block):
+    ``euler_alpha(tau_v, tau_s)`` when tau_s >= tau_v; 0 when tau_s < tau_v, where an explicit step of s would
+    overshoot its target and s is eliminated instead (the adiabatic limit)."""
+    return euler_alpha(tau_v, tau_s) if tau_s >= tau_v else 0.0
+
+
+def score_tau(alpha_h: float, tau_v: float = 1.0, adiabatic_tau: float = 0.01) -> float:
+    """The score layer's time constant that ``score_memory`` maps to ``alpha_h``: tau_v / (1 - alpha_h) for
+    alpha_h in (0, 1) (a score layer slower than the visible one); ``adiabatic_tau`` for alpha_h = 0."""
+    if not 0.0 <= alpha_h < 1.0:
+        raise ValueError(f"score_tau: alpha_h must be in [0, 1), got {alpha_h!r}")
+    return tau_v / (1.0 - alpha_h) if alpha_h > 0 else adiabatic_tau
+
+
 class DerivedViTBlock(nn.Module):
     """One sequential Euler step (dt = tau_v, alpha = 0) of ``vit_block_network``'s visible layer; module doc.
 
@@ -60,19 +79,21 @@ class DerivedViTBlock(nn.Module):
     The parameters are the network's (``self.net``).
     """
 
-    def __init__(self, net: Network, alpha_h: float = 0.0):
+    def __init__(self, net: Network, alpha_h: float | None = None):
         super().__init__()
-        if not 0.0 <= alpha_h <= 1.0:
-            raise ValueError(f"DerivedViTBlock: alpha_h must be in [0, 1], got {alpha_h!r}")
         attn = [s for s in net.synapses if isinstance(s, AttentionCoupling)]
         dense = [s for s in net.synapses if isinstance(s, DenseSynapse)]
         if len(attn) != 1 or len(dense) != 1 or len(net.synapses) != 2:
             raise ValueError("DerivedViTBlock: the network must have one AttentionCoupling and one DenseSynapse "
                              "(see vit_block_network)")
         self.net = net
-        self.alpha_h = float(alpha_h)
         self._ia, self._im = list(net.synapses).index(attn[0]), list(net.synapses).index(dense[0])
         self.visible, self.scores = self.attn.layers
+        if alpha_h is None:  # from the time constants: the step dt = tau_v taken by s too, if it does not overshoot
+            alpha_h = score_memory(net.layers[self.visible].tau, net.layers[self.scores].tau)
+        if not 0.0 <= alpha_h <= 1.0:
+            raise ValueError(f"DerivedViTBlock: alpha_h must be in [0, 1], got {alpha_h!r}")
+        self.alpha_h = float(alpha_h)
         if self.mlp.layers[0] != self.visible:
             raise ValueError(f"DerivedViTBlock: the DenseSynapse {self.mlp.name!r} must leave the visible layer "
                              f"{self.visible!r}")
@@ -101,7 +122,9 @@ class DerivedViTBlock(nn.Module):
 
     def explain(self) -> str:
         v, s, c = self.visible, self.scores, self.channels
-        hs = f"{s} <- {self.alpha_h:g} {s} + {1 - self.alpha_h:g} scale q k^T(LN {v})" if self.alpha_h else \
+        ratio = self.net.layers[s].tau / self.net.layers[v].tau
+        hs = f"{s} <- {self.alpha_h:g} {s} + {1 - self.alpha_h:g} scale q k^T(LN {v})  (tau_{s} / tau_{v} = " \
+            f"{ratio:g})" if self.alpha_h else \
             f"{s} <- scale q k^T(LN {v})  (adiabatic)"
         return (f"{hs}\n{v} <- {v} + W_o softmax({s}) V(LN {v})\n"
                 f"{v} <- {v} + W_2 GELU(W_1 Affine(LN {v}) + b_1) + b_2  (layer {c})")
@@ -191,7 +214,11 @@ def from_reference_vit(model: nn.Module) -> DerivedViT:
     ref = next(model.parameters())
     blocks = []
     for rb in model.blocks:
-        net = vit_block_network(cfg.embed_dim, n, cfg.num_heads, cfg.mlp_ratio, rb.norm1.eps, qkv_bias=cfg.qkv_bias)
-        block = DerivedViTBlock(net, cfg.alpha_h).to(dtype=ref.dtype, device=ref.device)
+        net = vit_block_network(cfg.embed_dim, n, cfg.num_heads, cfg.mlp_ratio, rb.norm1.eps, qkv_bias=cfg.qkv_bias,
+                                tau_s=score_tau(cfg.alpha_h))
+        block = DerivedViTBlock(net).to(dtype=ref.dtype, device=ref.device)
+        if abs(block.alpha_h - cfg.alpha_h) > 1e-12:
+            raise ValueError(f"from_reference_vit: alpha_h {cfg.alpha_h} has no score time constant (got "
+                             f"{block.alpha_h})")
         blocks.append(load_reference_vit_block(block, rb))
     return DerivedViT(model, blocks)

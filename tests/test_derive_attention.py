@@ -10,6 +10,7 @@ from helpers import DTYPES, TOL, perturb, randn, rel_err
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+import derive
 import mixers
 from derive import (
     DerivedViTBlock,
@@ -152,6 +153,25 @@ def test_mha_alpha_is_one_euler_step_of_the_score_layer():
     assert rel_err(h, euler) <= 1e-12
     with pytest.raises(ValueError):
         euler_alpha(0.1, 0.05)
+
+
+def test_mha_block_takes_its_alpha_from_the_time_constants():
+    """The block steps v with dt = tau_v; the same step for s gives alpha' = 1 - tau_v / tau_s, so MHA's
+    alpha' = 0.2 is a score layer with tau_s = 1.25 tau_v, and tau_s < tau_v is the adiabatic alpha' = 0."""
+    slow = perturb(vit_block_network(8, 4, 2, mlp_ratio=2.0, tau_s=2.5).double(), 0.3, 1)
+    block = DerivedViTBlock(slow)
+    assert block.alpha_h == pytest.approx(0.6, abs=1e-15) and "tau_s / tau_v = 2.5" in block.explain()
+    state = slow.init_state(3, generator=torch.Generator().manual_seed(4))
+    euler = state["s"] + 1.0 * slow.vector_field(state)["s"]  # one step dt = tau_v = 1
+    assert rel_err(block(state["v"], state["s"])[1], euler) <= 1e-12
+    assert DerivedViTBlock(small_net(0.01)).alpha_h == 0.0
+    assert derive.score_memory(1.0, derive.score_tau(0.2)) == pytest.approx(0.2, abs=1e-15)
+    derived = from_reference_vit(perturb(mixers.VisionTransformer(**SMALL, alpha_h=0.2)).double())
+    for b in derived.blocks:
+        assert b.net.layers["s"].tau == pytest.approx(1.25) and b.net.layers["v"].tau == 1.0
+        assert b.alpha_h == pytest.approx(0.2, abs=1e-15)
+    with pytest.raises(ValueError, match="alpha_h must be in"):
+        derive.score_tau(1.0)
 
 
 def test_caveats_and_pseudo_energy():
