@@ -72,6 +72,21 @@ def test_config_errors_name_the_key(tmp_path):
             train.check_model(load_config(CONFIG, [f"model_kwargs={kwargs}"]))
 
 
+def test_every_shipped_config_and_sweep_builds_its_models():
+    """Each YAML in experiments/configs loads, and each of its models builds (meta device): a typo in a shipped
+    config fails here, not hours into a sweep."""
+    configs = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
+    sweeps = [c for c in configs if c.name.startswith("sweep_")]
+    assert sweeps and len(configs) > len(sweeps)
+    for path in configs:
+        if path in sweeps:
+            spec = sweep.load_sweep(str(path))
+            for overrides in sweep.expand(spec).values():
+                train.check_model(load_config(str(ROOT / spec["base"]), [*spec.get("overrides", []), *overrides]))
+        else:
+            train.check_model(load_config(str(path)))
+
+
 def test_command_line_reports_config_errors():
     out = subprocess.run([sys.executable, "-m", "experiments.train", "--config", CONFIG, "lr_bsae=1"],
                          capture_output=True, text=True, env=env1(), cwd=ROOT)
