@@ -421,7 +421,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
         # this process's RNG and partial-epoch counters (one entry per process since multi-process stops)
         resumed = ckpt["ranks"][rank] if "ranks" in ckpt else {
-            k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted")}
+            k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted", "epoch_seen",
+                                        "epoch_time_s")}
     # metrics of the epochs the checkpoint has seen (a kill between logging and saving leaves one extra line)
     history = [h for h in _read_jsonl(out / "metrics.jsonl") if h["epoch"] <= start_epoch] if ckpt else []
     if main_proc:
@@ -443,6 +444,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                    "rng": own.get("rng", _rng_state()), "epoch": epoch, "step": step, "best": best,
                    "epochs": cfg.epochs, "world_size": world, "epoch_loss_sum": own.get("epoch_loss_sum", 0.0),
                    "epoch_correct": own.get("epoch_correct", 0), "epoch_counted": own.get("epoch_counted", 0),
+                   "epoch_seen": own.get("epoch_seen", 0), "epoch_time_s": own.get("epoch_time_s", 0.0),
                    "wall_s": wall_before + time.perf_counter() - t_start,
                    "config": _plain(cfg, ignore=("out_dir", "progress", "epochs"))}
         if ranks is not None and world > 1:
@@ -463,15 +465,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             skip = start_step if epoch == start_epoch else 0
             seen, loss_sum, t0 = 0, torch.zeros((), dtype=torch.float64), time.perf_counter()
             correct = counted = 0
-            if skip:  # the interrupted part of this epoch counts in its training loss and accuracy
+            seen_before, time_before = 0, 0.0  # images and seconds this epoch trained before a stop
+            if skip:  # the interrupted part of this epoch counts in its loss, accuracy, time and images/s
                 loss_sum += resumed["epoch_loss_sum"]
                 correct, counted = resumed["epoch_correct"], resumed["epoch_counted"]
+                seen_before, time_before = resumed.get("epoch_seen", 0), resumed.get("epoch_time_s", 0.0)
             bar = _bar(cfg, main_proc, steps_per_epoch, epoch, total_epochs)
             for step, (x, y) in enumerate(train_loader):
                 if step < skip:  # fast-forward a resumed epoch: the loader consumes its randomness as before
                     if step == skip - 1:
                         _set_rng_state(resumed["rng"])
-                        t0 = time.perf_counter()  # images/s of this epoch counts only what is trained now
+                        t0 = time.perf_counter()  # the fast-forward is not training time
                     if bar is not None:
                         bar.update()
                     continue
@@ -514,13 +518,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                     bar.update()
                 if stopping:
                     stopped = (epoch, step + 1, {"rng": _rng_state(), "epoch_loss_sum": loss_sum.item(),
-                                                 "epoch_correct": correct, "epoch_counted": counted})
+                                                 "epoch_correct": correct, "epoch_counted": counted,
+                                                 "epoch_seen": seen_before + seen,
+                                                 "epoch_time_s": time_before + time.perf_counter() - t0})
                     break
             if bar is not None:
                 bar.close()
             if stopped is not None:
                 break
-            epoch_time = time.perf_counter() - t0
+            seen, epoch_time = seen_before + seen, time_before + time.perf_counter() - t0
             totals = torch.tensor([loss_sum.item(), correct, counted], dtype=torch.float64, device=device)
             if distributed:  # training loss and accuracy over all processes' batches
                 dist.all_reduce(totals)

@@ -211,6 +211,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
         assert ma["test_top1"] == mb["test_top1"]
         assert abs(ma["test_loss"] - mb["test_loss"]) < 1e-9 and abs(ma["train_loss"] - mb["train_loss"]) < 1e-9
         assert ma["train_top1"] == mb["train_top1"]
+        # images/s and epoch time cover the whole epoch, both parts of the interrupted one (not the fast-forward)
+        images = ma["images_per_s"] * ma["epoch_time_s"]
+        assert images == pytest.approx(mb["images_per_s"] * mb["epoch_time_s"], rel=1e-9) and images >= 2900
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
     assert sa["last_top1"] == sb["last_top1"] and sa["best_top1"] == sb["best_top1"]
 
