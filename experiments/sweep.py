@@ -7,7 +7,7 @@ A sweep file names a base config, seeds, and runs: each run is a mapping of (dot
 carry a ``grid`` of keys to lists of values whose product expands it (``imixer`` with
 ``grid: {model_kwargs.n_iter: [1, 2, 4]}`` gives imixer[n_iter=1], ...). Every (run, seed) trains into
 ``<out_dir>/<run>/seed<k>``; a finished one (summary.json present) is skipped, a killed one resumes from its
-checkpoint, so re-running the command after an interruption continues the sweep. The tables (markdown, like the
+checkpoint (a finished or killed run whose config differs from the sweep file's is an error, not silently reused), so re-running the command after an interruption continues the sweep. The tables (markdown, like the
 iMixer paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from .train import ConfigError, check_model, load_config, train
+from .train import ConfigError, _plain, check_model, load_config, train
 
 __all__ = ["claim", "expand", "load_sweep", "run_sweep", "table"]
 
@@ -71,6 +71,38 @@ def expand(spec: dict) -> dict[str, list[str]]:
                             if keys else "")
             runs[label] = base + [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
     return runs
+
+
+def _drift(stored: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys whose value in a finished run's config.yaml differs from what the sweep asks for now (keys the stored
+    config lacks, fields added to the config since, are not compared)."""
+    out = []
+    for k, v in stored.items():
+        if k in ("out_dir", "progress") and not prefix or k not in new:
+            continue
+        if isinstance(v, dict) and isinstance(new[k], dict) and k != "model_kwargs":
+            out += _drift(v, new[k], f"{prefix}{k}.")
+        elif v != new[k]:
+            out.append(f"{prefix}{k}: {v!r} -> {new[k]!r}")
+    return out
+
+
+def _check_finished(spec: dict, out: Path, runs: dict, seeds: list[int]) -> None:
+    """A finished (run, seed) is only reused if it trained the config the sweep file asks for now: an edited sweep
+    file must not mix old results into its tables under the new settings."""
+    stale = []
+    for name, overrides in runs.items():
+        for seed in seeds:
+            run_dir = out / _dirname(name) / f"seed{seed}"
+            if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
+                continue
+            cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides + [f"seed={seed}"])
+            diff = _drift(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, _plain(cfg))
+            if diff:
+                stale.append(f"{run_dir}: " + "; ".join(diff))
+    if stale:
+        raise ConfigError("finished runs trained another config than the sweep file now asks for (move them away "
+                          "or restore the sweep file):\n  " + "\n  ".join(stale))
 
 
 def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]:
@@ -139,6 +171,7 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
     unknown = [s for s in (seeds or []) if s not in all_seeds]
     if unknown:
         raise ConfigError(f"--seeds {unknown}: not in this sweep's seeds {all_seeds}")
+    _check_finished(spec, out, runs, all_seeds)
     if not table_only:
         for overrides in runs.values():  # validate every config and model before training anything
             check_model(load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides))

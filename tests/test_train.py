@@ -356,6 +356,12 @@ def test_sweep_processes_share_runs_through_locks(tmp_path, capsys):
         assert mine
         with sweep.claim(tmp_path / "free" / "seed0") as again:
             assert not again
+    # an edited sweep file does not reuse the finished run under the new settings, in training or table mode
+    spec["runs"]["free"] = {"lr": 1e-4, "model_kwargs": {"embed_dim": 16}}
+    for table_only in (False, True):
+        with pytest.raises(ConfigError, match=r"free/seed0: lr: 0\.002 -> 0\.0001; model_kwargs: .*embed_dim"):
+            sweep.run_sweep(spec, seeds=[1], table_only=table_only)
+    assert not (tmp_path / "busy" / "seed1").exists()
 
 
 @pytest.mark.slow
