@@ -7,8 +7,9 @@ A sweep file names a base config, seeds, and runs: each run is a mapping of (dot
 carry a ``grid`` of keys to lists of values whose product expands it (``imixer`` with
 ``grid: {model_kwargs.n_iter: [1, 2, 4]}`` gives imixer[n_iter=1], ...). Every (run, seed) trains into
 ``<out_dir>/<run>/seed<k>``; a finished one (summary.json present) is skipped, a killed one resumes from its
-checkpoint (a finished or killed run whose config differs from the sweep file's is an error, not silently reused), so re-running the command after an interruption continues the sweep. The tables (markdown, like the
-iMixer paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout.
+checkpoint, so re-running the command after an interruption continues the sweep. A finished or killed run whose
+config differs from the sweep file's is an error, not silently reused. The tables (markdown, like the iMixer
+paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
 ``flock`` on ``<run dir>/.lock`` (released by the OS when its process exits, killed or not), and a claimed run is
@@ -78,7 +79,7 @@ def _drift(stored: dict, new: dict, prefix: str = "") -> list[str]:
     config lacks, fields added to the config since, are not compared)."""
     out = []
     for k, v in stored.items():
-        if k in ("out_dir", "progress") and not prefix or k not in new:
+        if (k in ("out_dir", "progress") and not prefix) or k not in new:
             continue
         if isinstance(v, dict) and isinstance(new[k], dict) and k != "model_kwargs":
             out += _drift(v, new[k], f"{prefix}{k}.")

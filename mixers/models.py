@@ -270,8 +270,34 @@ def check_sizes(cfg, ints: tuple[str, ...], ratios: dict[str, Any]) -> None:
             raise ValueError(f"{where}.{name} must be > 0, got {v!r}")
 
 
+class ImageGrid:
+    """The patch grid of a config with ``img_size`` (an int or (H, W)) and ``patch_size`` fields."""
+
+    def check_grid(self) -> None:
+        h, w = self.image_hw
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"{type(self).__name__}: img_size {self.img_size} is not a multiple of patch_size "
+                             f"{self.patch_size}")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        if isinstance(self.img_size, (tuple, list)):
+            return int(self.img_size[0]), int(self.img_size[1])
+        return int(self.img_size), int(self.img_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+
 @dataclass
-class MixerConfig:
+class MixerConfig(ImageGrid):
     """Configuration of `MlpMixer` (the fields of timm's ``MlpMixer`` plus the block type).
 
     ``block``: ``"mixer"`` (timm's `MixerBlock`), ``"imixer"`` (`iMlp` token mixer; ``block_kwargs`` h_ratio,
@@ -303,25 +329,7 @@ class MixerConfig:
                                                      if k == "h_ratio"}})
         if self.global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {self.global_pool!r}")
-        h, w = self.image_hw
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        if isinstance(self.img_size, (tuple, list)):
-            return int(self.img_size[0]), int(self.img_size[1])
-        return int(self.img_size), int(self.img_size)
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        h, w = self.image_hw
-        return h // self.patch_size, w // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        gh, gw = self.grid_size
-        return gh * gw
+        self.check_grid()
 
 
 class PatchStem(nn.Module):

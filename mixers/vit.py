@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import Mlp
-from .models import PatchStem, check_sizes, register_entrypoints
+from .models import ImageGrid, PatchStem, check_sizes, register_entrypoints
 
 __all__ = ["SKIP_MODES", "VIT_MODEL_NAMES", "Attention", "Block", "ViTConfig", "VisionTransformer"]
 
@@ -152,7 +152,7 @@ class Block(nn.Module):
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(ImageGrid):
     """Configuration of `VisionTransformer` (timm's ViT fields plus the MHA options).
 
     ``alpha_h``: MHA's memory ``alpha'`` of past scores, ``h_n = alpha_h h_(n-1) + (1 - alpha_h) s_n``; 0 is the
@@ -198,20 +198,7 @@ class ViTConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
-        h, w = self.image_hw
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        if isinstance(self.img_size, (tuple, list)):
-            return int(self.img_size[0]), int(self.img_size[1])
-        return int(self.img_size), int(self.img_size)
-
-    @property
-    def num_patches(self) -> int:
-        h, w = self.image_hw
-        return (h // self.patch_size) * (w // self.patch_size)
+        self.check_grid()
 
 
 class VisionTransformer(nn.Module):

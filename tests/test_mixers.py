@@ -442,3 +442,17 @@ def test_entrypoint_errors():
         timm.create_model("imixer_t4_32", form="broken")
     with pytest.raises(ValueError, match="does not match"):
         timm.create_model("vmixer_t4_32")(torch.randn(1, 3, 28, 28))
+
+
+def test_model_configs_name_the_bad_field():
+    """Bad sizes fail in the config, naming its class and field, not deep inside a layer."""
+    for cfg_cls in (mixers.MixerConfig, mixers.ViTConfig):
+        name = cfg_cls.__name__
+        with pytest.raises(ValueError, match=f"{name}: img_size 30 is not a multiple of patch_size 4"):
+            cfg_cls(img_size=30, patch_size=4)
+        with pytest.raises(ValueError, match=f"{name}.patch_size must be a positive integer, got 0"):
+            cfg_cls(patch_size=0)
+        with pytest.raises(ValueError, match=f"{name}.mlp_ratio must be > 0"):
+            cfg_cls(mlp_ratio=-1.0)
+        cfg = cfg_cls(img_size=(28, 32), patch_size=4)
+        assert cfg.image_hw == (28, 32) and cfg.num_patches == 7 * 8
