@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from .train import ConfigError, _plain, check_model, load_config, train
+from .train import ConfigError, check_model, config_diff, load_config, train
 
 __all__ = ["claim", "expand", "load_sweep", "run_sweep", "table"]
 
@@ -74,20 +74,6 @@ def expand(spec: dict) -> dict[str, list[str]]:
     return runs
 
 
-def _drift(stored: dict, new: dict, prefix: str = "") -> list[str]:
-    """Keys whose value in a finished run's config.yaml differs from what the sweep asks for now (keys the stored
-    config lacks, fields added to the config since, are not compared)."""
-    out = []
-    for k, v in stored.items():
-        if (k in ("out_dir", "progress") and not prefix) or k not in new:
-            continue
-        if isinstance(v, dict) and isinstance(new[k], dict) and k != "model_kwargs":
-            out += _drift(v, new[k], f"{prefix}{k}.")
-        elif v != new[k]:
-            out.append(f"{prefix}{k}: {v!r} -> {new[k]!r}")
-    return out
-
-
 def _check_finished(spec: dict, out: Path, runs: dict, seeds: list[int]) -> None:
     """A finished (run, seed) is only reused if it trained the config the sweep file asks for now: an edited sweep
     file must not mix old results into its tables under the new settings."""
@@ -98,7 +84,8 @@ def _check_finished(spec: dict, out: Path, runs: dict, seeds: list[int]) -> None
             if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
                 continue
             cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides + [f"seed={seed}"])
-            diff = _drift(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, _plain(cfg))
+            diff = config_diff(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg,
+                               ignore=("out_dir", "progress"))
             if diff:
                 stale.append(f"{run_dir}: " + "; ".join(diff))
     if stale:

@@ -45,7 +45,7 @@ from torch import nn
 
 from .data import DataConfig, build_datasets, build_loaders, dataset_info, validate_config
 
-__all__ = ["ConfigError", "TrainConfig", "check_model", "load_config", "main", "train"]
+__all__ = ["ConfigError", "TrainConfig", "check_model", "config_diff", "load_config", "main", "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -374,9 +374,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if resume and ckpt is None and main_proc:
         print(f"no checkpoint at {ckpt_path}: starting from scratch", file=sys.stderr)
-    if ckpt is not None and ckpt["config"] != _plain(cfg, ignore=("out_dir", "progress", "epochs")):
-        raise RuntimeError(f"checkpoint {str(ckpt_path)!r} was written for a different configuration; "
-                           "resume with the same config or use another out_dir")
+    if ckpt is not None and (diff := config_diff(ckpt["config"], cfg, ignore=("out_dir", "progress", "epochs"))):
+        raise RuntimeError(f"checkpoint {str(ckpt_path)!r} was written for a different configuration "
+                           f"({'; '.join(diff)}); resume with the same config or use another out_dir")
 
     # data and model: the same seed on every process gives the same initial weights
     _seed_everything(cfg.seed)
@@ -613,6 +613,24 @@ def _check_resumable(ckpt: dict, path: Path, scheduler, world: int, epochs: int)
 def _mean(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def config_diff(stored: dict, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"key: old -> new"`` for each (dotted) key whose value in a saved config (a checkpoint's, a run's
+    config.yaml) differs from ``cfg``'s. Keys ``cfg`` does not have after ``ignore``, and keys the saved config
+    lacks (fields added since, at their defaults), are not compared; ``model_kwargs`` compares as one value."""
+    def walk(old: dict, new: dict, prefix: str) -> list[str]:
+        out = []
+        for k, v in old.items():
+            if k not in new:
+                continue
+            if isinstance(v, dict) and isinstance(new[k], dict) and k != "model_kwargs":
+                out += walk(v, new[k], f"{prefix}{k}.")
+            elif v != new[k]:
+                out.append(f"{prefix}{k}: {v!r} -> {new[k]!r}")
+        return out
+
+    return walk(stored, _plain(cfg, ignore), "")
 
 
 def _plain(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> dict:

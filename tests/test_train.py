@@ -120,7 +120,7 @@ def test_resume_refuses_a_different_config(tmp_path):
     train.train(cfg)
     other = load_config(CONFIG, [*TINY, "epochs=1", "data.train_subset=256", "data.test_subset=128",
                                  "batch_size=32", f"out_dir={tmp_path}"])
-    with pytest.raises(RuntimeError, match="different configuration"):
+    with pytest.raises(RuntimeError, match=r"different configuration \(batch_size: 64 -> 32\)"):
         train.train(other, resume=True)
     # epochs is not part of the configuration check, but the LR schedule's length is
     longer = load_config(CONFIG, [*TINY, "epochs=2", "data.train_subset=256", "data.test_subset=128",
