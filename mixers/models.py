@@ -529,15 +529,24 @@ _CONFIG_FIELDS = frozenset(f.name for f in fields(MixerConfig)) - {"block", "blo
 _IGNORED_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _create_mixer(name: str, family: str, size: str, pretrained: bool, kwargs: dict[str, Any]) -> MlpMixer:
+def create_registered(name: str, pretrained: bool, kwargs: dict[str, Any],
+                      build: Callable[[dict[str, Any]], nn.Module]) -> nn.Module:
+    """What every entry point shares: refuse ``pretrained``, drop timm's loader keys, build from the remaining
+    keyword arguments, then move to ``device``/``dtype``."""
     if pretrained:
         raise RuntimeError(
             f"no pretrained weights exist for {name!r}; create it with pretrained=False "
             "(and load a checkpoint, e.g. timm.create_model(..., checkpoint_path=...))"
         )
-    for key in _IGNORED_FACTORY_KWARGS:
-        kwargs.pop(key, None)
+    kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_FACTORY_KWARGS}
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    model = build(kwargs)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _build_mixer(name: str, family: str, size: str, kwargs: dict[str, Any]) -> MlpMixer:
     block, defaults = _FAMILIES[family]
     cfg_kwargs = dict(_SIZES[size])
     block_kwargs = dict(defaults)
@@ -551,15 +560,12 @@ def _create_mixer(name: str, family: str, size: str, pretrained: bool, kwargs: d
                 f"{name}() got an unexpected keyword argument {key!r}; it accepts the MixerConfig fields "
                 f"{sorted(_CONFIG_FIELDS)} and the block options {sorted(block_kwargs)}"
             )
-    model = MlpMixer(MixerConfig(block=block, block_kwargs=block_kwargs, **cfg_kwargs))
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
+    return MlpMixer(MixerConfig(block=block, block_kwargs=block_kwargs, **cfg_kwargs))
 
 
 def _make_entrypoint(name: str, family: str, size: str) -> Callable[..., MlpMixer]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
-        return _create_mixer(name, family, size, pretrained, kwargs)
+        return create_registered(name, pretrained, kwargs, lambda kw: _build_mixer(name, family, size, kw))
 
     block, defaults = _FAMILIES[family]
     entrypoint.__doc__ = (

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import Mlp
-from .models import ImageGrid, PatchStem, check_sizes, register_entrypoints
+from .models import ImageGrid, PatchStem, check_sizes, create_registered, register_entrypoints
 
 __all__ = ["SKIP_MODES", "VIT_MODEL_NAMES", "Attention", "Block", "ViTConfig", "VisionTransformer"]
 
@@ -371,33 +371,21 @@ _VIT_FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 _VIT_FIELDS = frozenset(f.name for f in fields(ViTConfig))
-_IGNORED_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _create_vit(name: str, family: str, size: str, pretrained: bool, kwargs: dict[str, Any]) -> VisionTransformer:
-    if pretrained:
-        raise RuntimeError(
-            f"no pretrained weights exist for {name!r}; create it with pretrained=False "
-            "(and load a checkpoint, e.g. timm.create_model(..., checkpoint_path=...))"
-        )
-    for key in _IGNORED_FACTORY_KWARGS:
-        kwargs.pop(key, None)
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+def _build_vit(name: str, family: str, size: str, kwargs: dict[str, Any]) -> VisionTransformer:
     unknown = sorted(set(kwargs) - _VIT_FIELDS)
     if unknown:
         raise TypeError(
             f"{name}() got unexpected keyword arguments {unknown}; "
             f"it accepts the ViTConfig fields {sorted(_VIT_FIELDS)}"
         )
-    model = VisionTransformer(ViTConfig(**{**_VIT_SIZES[size], **_VIT_FAMILIES[family], **kwargs}))
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
+    return VisionTransformer(ViTConfig(**{**_VIT_SIZES[size], **_VIT_FAMILIES[family], **kwargs}))
 
 
 def _make_vit_entrypoint(name: str, family: str, size: str) -> Callable[..., VisionTransformer]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-        return _create_vit(name, family, size, pretrained, kwargs)
+        return create_registered(name, pretrained, kwargs, lambda kw: _build_vit(name, family, size, kw))
 
     entrypoint.__doc__ = (
         f"{name}: VisionTransformer({_VIT_SIZES[size]}, {_VIT_FAMILIES[family]}). "
