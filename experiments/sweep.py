@@ -112,7 +112,9 @@ def _dirname(name: str) -> str:
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+    if len(values) == 1:  # one seed has no spread: no "± 0.00" that reads as a measured one
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def table(summaries: dict[str, list[dict]]) -> str:

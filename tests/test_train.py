@@ -326,8 +326,13 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"best_top1": top1, "last_top1": top1 - 1, "params": 1000,
                                                     "images_per_s": 500.0}))
+    d = tmp_path / sweep._dirname("imixer[n_iter=4]") / "seed0"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"best_top1": 93.0, "last_top1": 92.5, "params": 2000,
+                                                "images_per_s": 300.0}))
     md = sweep.run_sweep(spec, table_only=True)
     assert "| mixer | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 1,000 | 500 |" in md
+    assert "| imixer[n_iter=4] | 1 | 93.00 | 92.50 | 2,000 | 300 |" in md  # one seed: no spread to show
     assert "| imixer[n_iter=1] | 0 |" in md and (tmp_path / "results.md").exists()
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
