@@ -466,7 +466,8 @@ def rank_collapse_report(groups: Mapping[str, Sequence[Mapping]], *, path=None) 
         stats = {key: [_mean_std([r[key][i] for r in results]) for i in range(n)] for key in ("cosine", "residual")}
         curves[name] = stats
         picks = (0, (n - 1) // 2, n - 1)
-        cells = [f"{stats[k][i][0]:.3g} ± {stats[k][i][1]:.2g}" for k in ("cosine", "residual") for i in picks]
+        cells = [f"{stats[k][i][0]:.3g}" + (f" ± {stats[k][i][1]:.2g}" if len(results) > 1 else "")
+                 for k in ("cosine", "residual") for i in picks]  # one seed: no spread to show
         lines.append(f"| {name} | {len(results)} | {n - 1} | " + " | ".join(cells) + " |")
     if path is not None and curves:
         plt = _pyplot()

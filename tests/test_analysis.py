@@ -241,7 +241,8 @@ def test_rank_collapse_report_averages_seeds_per_run(tmp_path):
 
     a = {"layer": [0, 1, 2], "cosine": [0.1, 0.5, 0.9], "residual": [1.0, 0.1, 0.01]}
     b = {"layer": [0, 1, 2], "cosine": [0.3, 0.7, 0.9], "residual": [1.0, 0.3, 0.03]}
-    md = rank_collapse_report({"mha": [a, b], "empty": []}, path=tmp_path / "rc.png")
+    md = rank_collapse_report({"mha": [a, b], "empty": [], "one": [a]}, path=tmp_path / "rc.png")
+    assert "| one | 1 | 2 | 0.1 | 0.5 | 0.9 | 1 | 0.1 | 0.01 |" in md  # one seed: values without a spread
     row = next(line for line in md.splitlines() if line.startswith("| mha |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     # depth 2; cosine embed 0.2 +- 0.141, middle (layer 1) 0.6, last 0.9 +- 0; residual middle 0.2 +- 0.141
