@@ -447,6 +447,13 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def mean_std_cell(values: Sequence[float], fmt: str = ".2f", std_fmt: str | None = None) -> str:
+    """A table cell ``mean ± std`` over seeds; one seed has no spread, so its cell is the value alone (a
+    "± 0" would read as a measured zero spread)."""
+    mean, std = _mean_std(values)
+    return f"{mean:{fmt}}" + (f" ± {std:{std_fmt or fmt}}" if len(values) > 1 else "")
+
+
 def rank_collapse_report(groups: Mapping[str, Sequence[Mapping]], *, path=None) -> str:
     """Mean +- std over seeds of `rank_collapse` results, grouped by run (``{"vit": [seed0, seed1, ...]}``).
 
@@ -463,11 +470,10 @@ def rank_collapse_report(groups: Mapping[str, Sequence[Mapping]], *, path=None) 
         if len(depths) != 1:
             raise ValueError(f"rank_collapse_report: the seeds of {name!r} have different depths {sorted(depths)}")
         n = depths.pop()
-        stats = {key: [_mean_std([r[key][i] for r in results]) for i in range(n)] for key in ("cosine", "residual")}
-        curves[name] = stats
+        values = {key: [[r[key][i] for r in results] for i in range(n)] for key in ("cosine", "residual")}
+        curves[name] = {key: [_mean_std(v) for v in vs] for key, vs in values.items()}
         picks = (0, (n - 1) // 2, n - 1)
-        cells = [f"{stats[k][i][0]:.3g}" + (f" ± {stats[k][i][1]:.2g}" if len(results) > 1 else "")
-                 for k in ("cosine", "residual") for i in picks]  # one seed: no spread to show
+        cells = [mean_std_cell(values[k][i], ".3g", ".2g") for k in ("cosine", "residual") for i in picks]
         lines.append(f"| {name} | {len(results)} | {n - 1} | " + " | ".join(cells) + " |")
     if path is not None and curves:
         plt = _pyplot()

@@ -26,11 +26,11 @@ import contextlib
 import fcntl
 import itertools
 import json
-import statistics
 from pathlib import Path
 
 import yaml
 
+from .analysis import mean_std_cell
 from .train import ConfigError, check_model, config_diff, load_config, train
 
 __all__ = ["claim", "expand", "load_sweep", "run_sweep", "table"]
@@ -109,14 +109,6 @@ def _dirname(name: str) -> str:
     return name.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "")
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:  # one seed has no spread: no "± 0.00" that reads as a measured one
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def table(summaries: dict[str, list[dict]]) -> str:
     """Markdown: run, seeds, best and last test top-1 (mean +- std over seeds), parameters, images/s."""
     lines = ["| model | seeds | best top-1 (%) | last top-1 (%) | params | images/s |",
@@ -127,8 +119,8 @@ def table(summaries: dict[str, list[dict]]) -> str:
             continue
         params = rows[0]["params"]
         ips = sum(r["images_per_s"] for r in rows) / len(rows)
-        lines.append(f"| {name} | {len(rows)} | {_mean_std([r['best_top1'] for r in rows])} | "
-                     f"{_mean_std([r['last_top1'] for r in rows])} | {params:,} | {ips:.0f} |")
+        lines.append(f"| {name} | {len(rows)} | {mean_std_cell([r['best_top1'] for r in rows])} | "
+                     f"{mean_std_cell([r['last_top1'] for r in rows])} | {params:,} | {ips:.0f} |")
     return "\n".join(lines)
 
 
