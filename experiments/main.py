@@ -86,7 +86,7 @@ def train_fashion(epochs: int, subset: int, out: Path, seed: int) -> dict:
         f"epochs={epochs}", "warmup_epochs=0", "lr=2e-3", "batch_size=64", "smoothing=0.0", "data.crop_pad=0",
         "data.hflip=0.0", "data.num_workers=0", f"data.train_subset={subset}", f"seed={seed}",
         f"out_dir={out}"])
-    summary = train(cfg)
+    summary = train(cfg, overwrite=True)  # out is this job's own demo folder, remade each time
     print(f"\nFashion-MNIST test top-1 after {epochs} epochs: {summary['last_top1']:.2f}% "
           f"({summary['params']:,} parameters, {summary['images_per_s']:.0f} images/s, "
           f"{summary['wall_s']:.0f} s; metrics in {out})")

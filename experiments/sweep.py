@@ -26,27 +26,63 @@ import contextlib
 import fcntl
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import yaml
 
 from .analysis import mean_std_cell
-from .train import ConfigError, check_model, config_diff, load_config, train
+from .data import CorruptDatasetError, DatasetNotFoundError
+from .train import CheckpointError, ConfigError, check_model, config_diff, load_config, train
 
-__all__ = ["claim", "expand", "load_sweep", "run_sweep", "table"]
+__all__ = ["check_spec", "claim", "expand", "load_sweep", "run_sweep", "table"]
 
 
 def load_sweep(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file {str(p)!r} does not exist")
-    spec = yaml.safe_load(p.read_text()) or {}
+    try:
+        spec = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {str(p)!r} must hold a mapping of keys, got {type(spec).__name__}")
     for key in spec:
         if key not in ("base", "out_dir", "seeds", "overrides", "runs"):
             raise ConfigError(f"sweep file {str(p)!r}: unknown key {key!r} (base, out_dir, seeds, overrides, runs)")
     if not spec.get("runs"):
         raise ConfigError(f"sweep file {str(p)!r} lists no runs")
+    try:
+        check_spec(spec)
+    except ConfigError as e:
+        raise ConfigError(f"sweep file {str(p)!r}: {e}") from e
     return spec
+
+
+def check_spec(spec: dict) -> None:
+    """Each sweep key has the shape ``expand`` and ``run_sweep`` read; the error names the key."""
+    def is_list(v, typ):
+        return isinstance(v, list) and all(isinstance(x, typ) and not isinstance(x, bool) for x in v)
+
+    if not is_list(spec.get("seeds", [0]), int):
+        raise ConfigError(f"key 'seeds' must be a list of integers, got {spec['seeds']!r}")
+    if not is_list(spec.get("overrides", []), str):
+        raise ConfigError(f"key 'overrides' must be a list of key=value strings, got {spec['overrides']!r}")
+    for key in ("base", "out_dir"):
+        if not isinstance(spec.get(key, ""), str):
+            raise ConfigError(f"key {key!r} must be a path, got {spec[key]!r}")
+    if not isinstance(spec.get("runs"), dict):
+        raise ConfigError(f"key 'runs' must map run names to config keys, got {spec.get('runs')!r}")
+    for name, body in spec["runs"].items():
+        if not isinstance(body, dict | None):
+            raise ConfigError(f"run {name!r} must be a mapping of config keys, got {body!r}")
+        grid = (body or {}).get("grid") or {}
+        if not isinstance(grid, dict):
+            raise ConfigError(f"run {name!r}: 'grid' must map config keys to lists of values, got {grid!r}")
+        for key, values in grid.items():
+            if not (isinstance(values, list) and values):
+                raise ConfigError(f"run {name!r}: grid key {key!r} must be a non-empty list of values, got {values!r}")
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:
@@ -144,6 +180,7 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
               seeds: list[int] | None = None) -> str:
     """Train every (run, seed) not finished yet, seed-major; ``only``/``seeds`` restrict what is trained (the
     tables always cover all the sweep's seeds), so ``seeds=[0]`` gives a first full row of results early."""
+    check_spec(spec)
     out = Path(spec.get("out_dir", "runs/sweep"))
     all_seeds = list(spec.get("seeds", [0]))
     runs = expand(spec)
@@ -198,6 +235,8 @@ def main(argv=None) -> str:
         return run_sweep(load_sweep(args.sweep), args.only, args.table_only, args.seeds)
     except ConfigError as e:
         p.error(str(e))
+    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ processes, a signal to any one of them (or a non-finite loss on any one) stops a
 the checkpoint holds every process's RNG state. A checkpoint resumes only the run it came from (same config,
 number of processes and LR schedule; a different ``epochs`` is refused rather than silently keeping the old
 schedule). Checkpoints are read with ``torch.load(weights_only=True)``. Outputs in ``out_dir``: ``checkpoint.pt``,
-``metrics.jsonl``, ``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json``, ``config.yaml``.
+``metrics.jsonl``, ``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json``, ``config.yaml``. A fresh start
+refuses an ``out_dir`` that holds a previous run's checkpoint or summary; ``--overwrite`` deletes them first.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -43,9 +45,18 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .data import DataConfig, build_datasets, build_loaders, dataset_info, validate_config
+from .data import (
+    CorruptDatasetError,
+    DataConfig,
+    DatasetNotFoundError,
+    build_datasets,
+    build_loaders,
+    dataset_info,
+    validate_config,
+)
 
-__all__ = ["ConfigError", "TrainConfig", "check_model", "config_diff", "load_config", "main", "train"]
+__all__ = ["CheckpointError", "ConfigError", "TrainConfig", "check_model", "config_diff", "load_config", "main",
+           "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -54,6 +65,10 @@ SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")  # timm's, stepped 
 
 class ConfigError(ValueError):
     """An invalid configuration: the message names the key."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or that does not continue this run: the message names the file."""
 
 
 @dataclass
@@ -169,7 +184,12 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, text = item.split("=", 1)
-        _deep_update(raw, _nest(key.strip(), yaml.safe_load(text)))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value of config key {key.strip()!r} is not valid YAML: "
+                              f"{e}") from e
+        _deep_update(raw, _nest(key.strip(), value))
     if isinstance(raw.get("amp"), bool):  # configs written before the modes existed: true meant bf16 on GPU
         raw["amp"] = "auto" if raw["amp"] else "off"
     cfg = _merge(TrainConfig(), raw, "")
@@ -275,12 +295,15 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
-        raise RuntimeError(f"checkpoint {str(path)!r} cannot be read (corrupt or not a checkpoint): {e}") from e
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt or not a checkpoint): {e}") from e
     if not isinstance(ckpt, dict):
-        raise RuntimeError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a training checkpoint")
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a training checkpoint")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
-        raise RuntimeError(f"checkpoint {str(path)!r} lacks {missing}: not written by experiments.train")
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}: not written by experiments.train")
+    wrong = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "config") if not isinstance(ckpt[k], dict)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {wrong} are not mappings: not written by experiments.train")
     return ckpt
 
 
@@ -343,8 +366,12 @@ def evaluate(model, loader, device, autocast) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run (or continue) a training run; returns the summary (also written to out_dir/summary.json)."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or continue) a training run; returns the summary (also written to out_dir/summary.json).
+
+    A fresh start refuses an ``out_dir`` that holds another run's checkpoint or summary, unless ``overwrite``
+    (which deletes that run's outputs). A signal that arrives after the last training step (during the last
+    evaluation) is delivered again once the summary is written, so a sweep stops instead of starting a new run."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -366,7 +393,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode needs it
+        torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    check_model(cfg)  # a wrong model name or model_kwargs fails now, before any data is read
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
     if main_proc:
@@ -375,8 +406,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if resume and ckpt is None and main_proc:
         print(f"no checkpoint at {ckpt_path}: starting from scratch", file=sys.stderr)
     if ckpt is not None and (diff := config_diff(ckpt["config"], cfg, ignore=("out_dir", "progress", "epochs"))):
-        raise RuntimeError(f"checkpoint {str(ckpt_path)!r} was written for a different configuration "
-                           f"({'; '.join(diff)}); resume with the same config or use another out_dir")
+        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} was written for a different configuration "
+                              f"({'; '.join(diff)}); resume with the same config or use another out_dir")
+    previous = [name for name in ("checkpoint.pt", "summary.json") if (out / name).exists()]
+    if ckpt is None and previous and not overwrite:
+        raise ConfigError(f"config key 'out_dir': {str(out)!r} holds a previous run ({', '.join(previous)}); "
+                          "continue it with --resume, replace it with --overwrite, or choose another out_dir")
 
     # data and model: the same seed on every process gives the same initial weights
     _seed_everything(cfg.seed)
@@ -415,25 +450,32 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise RuntimeError(f"checkpoint {str(ckpt_path)!r} does not fit model {cfg.model!r}: {e}") from e
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
-        # this process's RNG and partial-epoch counters (one entry per process since multi-process stops)
-        resumed = ckpt["ranks"][rank] if "ranks" in ckpt else {
-            k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted", "epoch_seen",
-                                        "epoch_time_s")}
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit model {cfg.model!r}: {e}") from e
+        try:
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
+            # this process's RNG and partial-epoch counters (one entry per process since multi-process stops)
+            resumed = ckpt["ranks"][rank] if "ranks" in ckpt else {
+                k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted", "epoch_seen",
+                                            "epoch_time_s")}
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has a damaged training state: {e!r}") from e
     # metrics of the epochs the checkpoint has seen (a kill between logging and saving leaves one extra line)
     history = [h for h in _read_jsonl(out / "metrics.jsonl") if h["epoch"] <= start_epoch] if ckpt else []
     if main_proc:
-        if ckpt is None:
-            (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg)))
+        if ckpt is None:  # a fresh start: nothing of an earlier run in out_dir survives to mix with this one's
+            for name in previous:
+                (out / name).unlink()
+            shutil.rmtree(out / "tb", ignore_errors=True)
+            _atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(_plain(cfg))))
         _rewrite_logs(out, history)
     writer = None
     if main_proc:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
+        # on resume, TensorBoard drops the events of epochs logged after the checkpoint (as metrics.jsonl does)
+        writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch + 1 if ckpt else None)
 
     def state(epoch: int, step: int, ranks: list[dict] | None = None) -> dict:
         """The checkpoint. ``ranks``: every process's RNG state and partial-epoch counters, for a mid-epoch stop
@@ -573,12 +615,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                "images_per_s": _mean([h["images_per_s"] for h in history]),
                "wall_s": wall_before + time.perf_counter() - t_start, "ranks_identical": identical,
                "device": str(device), "precision": "bf16 autocast" if use_amp else "float32"}
-    if main_proc:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main_proc:  # atomic: a sweep takes summary.json as the mark of a finished run
+        _atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if writer is not None:
         writer.close()
     if distributed:
         dist.destroy_process_group()
+    if stop.signum is not None:  # it came after the last step: the run is complete, and the signal still counts
+        signal.raise_signal(stop.signum)
     return summary
 
 
@@ -599,15 +643,15 @@ def _check_resumable(ckpt: dict, path: Path, scheduler, world: int, epochs: int)
     """A checkpoint continues only the run it came from: same number of processes and same LR schedule (the
     scheduler's state would otherwise silently keep the old run's length)."""
     if ckpt.get("world_size", world) != world:
-        raise RuntimeError(f"checkpoint {str(path)!r} was written by {ckpt['world_size']} processes; resume it with "
-                           f"the same number (this run has {world}) or use another out_dir")
+        raise CheckpointError(f"checkpoint {str(path)!r} was written by {ckpt['world_size']} processes; resume it "
+                              f"with the same number (this run has {world}) or use another out_dir")
     fresh = scheduler.state_dict()
     differ = sorted(k for k, v in fresh.items() if k != "metric" and ckpt["scheduler"].get(k, v) != v)
     if differ:
         was = f"epochs={ckpt['epochs']}" if "epochs" in ckpt else "another length"
-        raise RuntimeError(f"checkpoint {str(path)!r} was written for a different LR schedule ({was}; this config "
-                           f"has epochs={epochs}; scheduler fields {differ} differ): resume with the checkpoint's "
-                           "epochs, or start a new run in another out_dir")
+        raise CheckpointError(f"checkpoint {str(path)!r} was written for a different LR schedule ({was}; this "
+                              f"config has epochs={epochs}; scheduler fields {differ} differ): resume with the "
+                              "checkpoint's epochs, or start a new run in another out_dir")
 
 
 def _mean(values: list) -> float | None:
@@ -703,13 +747,16 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with TrainConfig keys")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir that holds a previous run, "
+                   "deleting its checkpoint, summary and TensorBoard logs")
     p.add_argument("overrides", nargs="*", help="key=value (dotted keys, YAML values)")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        summary = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     except ConfigError as e:
         p.error(str(e))
-    summary = train(cfg, resume=args.resume)
+    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError) as e:
+        sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return summary

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from experiments import sweep, train
-from experiments.train import ConfigError, load_config
+from experiments.train import CheckpointError, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "experiments" / "configs" / "fashion_small.yaml")
@@ -50,6 +50,9 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("epochs: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"override 'model_kwargs=\{a: \[1,': the value of config key "
+                                          "'model_kwargs' is not valid YAML"):
+        load_config(CONFIG, ["model_kwargs={a: [1,"])
     cfg = load_config(CONFIG, ["epochs=3", "model_kwargs.h_ratio=2", "data.name=cifar10", "data.root=/data/c10"])
     assert cfg.epochs == 3 and cfg.model_kwargs == {"h_ratio": 2} and cfg.data.name == "cifar10"
     with pytest.raises(ConfigError, match="unknown model 'nomodel'"):
@@ -70,6 +73,20 @@ def test_config_errors_name_the_key(tmp_path):
     for kwargs in ("{wings: 2}", "{n_iter: -1}", "{h_ratio: -1}", "{embed_dim: 0}"):
         with pytest.raises(ConfigError, match="config key 'model_kwargs' does not fit 'derived_imixer_t4_28'"):
             train.check_model(load_config(CONFIG, [f"model_kwargs={kwargs}"]))
+
+
+def test_sweep_file_errors_name_the_file_and_key(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    for text, message in (("runs: {a: [1,\n", "is not valid YAML"), ("- 1\n", "must hold a mapping"),
+                          ("runs: {a: 3}\n", "run 'a' must be a mapping of config keys, got 3"),
+                          ("runs: {a: {grid: {lr: 3}}}\n", "run 'a': grid key 'lr' must be a non-empty list"),
+                          ("runs: {a: {grid: [lr]}}\n", "run 'a': 'grid' must map config keys"),
+                          ("seeds: 0\nruns: {a: {}}\n", "key 'seeds' must be a list of integers, got 0"),
+                          ("overrides: epochs=1\nruns: {a: {}}\n", "key 'overrides' must be a list"),
+                          ("runs: [a]\n", "key 'runs' must map run names")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=f"sweep file '{f}'.*{message}"):
+            sweep.load_sweep(str(f))
 
 
 def test_every_shipped_config_and_sweep_builds_its_models():
@@ -93,6 +110,17 @@ def test_command_line_reports_config_errors():
     assert out.returncode == 2 and "unknown config key 'lr_bsae'" in out.stderr
 
 
+def test_command_line_reports_model_and_checkpoint_errors_without_a_traceback(tmp_path):
+    """A wrong model fails before any data is read; a corrupt checkpoint names its file."""
+    run = [sys.executable, "-m", "experiments.train", "--config", CONFIG, f"out_dir={tmp_path}"]
+    out = subprocess.run([*run, "model=nomodel"], capture_output=True, text=True, env=env1(), cwd=ROOT)
+    assert out.returncode == 2 and "unknown model 'nomodel'" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage")
+    out = subprocess.run([*run, "--resume"], capture_output=True, text=True, env=env1(), cwd=ROOT)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"error: checkpoint '{tmp_path / 'checkpoint.pt'}' cannot be read" in out.stderr
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoints_are_atomic_weights_only_and_errors_name_the_file(tmp_path):
     path = tmp_path / "checkpoint.pt"
@@ -111,6 +139,59 @@ def test_checkpoints_are_atomic_weights_only_and_errors_name_the_file(tmp_path):
     torch.save({"model": Evil()}, path)  # an arbitrary pickle is refused, not executed
     with pytest.raises(RuntimeError, match="cannot be read"):
         train.load_checkpoint(path)
+
+
+def tb_steps(run: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_a_previous_run_is_kept_unless_overwritten_and_resume_trims_tensorboard(tmp_path, monkeypatch):
+    cfg = load_config(CONFIG, [*TINY, "epochs=2", "data.train_subset=128", "data.test_subset=64", "batch_size=64",
+                               f"out_dir={tmp_path}"])
+    save = train.save_checkpoint
+    with monkeypatch.context() as m:  # a kill between logging epoch 2 and checkpointing it
+        m.setattr(train, "save_checkpoint", lambda path, payload: payload["epoch"] == 2 or save(path, payload))
+        train.train(cfg)
+    assert tb_steps(tmp_path, "test_top1") == [1, 2] and torch.load(tmp_path / "checkpoint.pt")["epoch"] == 1
+    train.train(cfg, resume=True)  # epoch 2 again: TensorBoard keeps only the new one, as metrics.jsonl does
+    assert tb_steps(tmp_path, "test_top1") == [1, 2] and [h["epoch"] for h in metrics(tmp_path)] == [1, 2]
+    with pytest.raises(ConfigError, match=rf"config key 'out_dir': '{tmp_path}' holds a previous run "
+                                          r"\(checkpoint.pt, summary.json\); continue it with --resume"):
+        train.train(cfg)
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 2  # untouched
+    one = load_config(CONFIG, [*TINY, "epochs=1", "data.train_subset=128", "data.test_subset=64", "batch_size=64",
+                               f"out_dir={tmp_path}"])
+    train.train(one, overwrite=True)  # nothing of the old run is left to mix with the new one
+    assert tb_steps(tmp_path, "test_top1") == [1] and len(metrics(tmp_path)) == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_last_evaluation_is_delivered_after_the_summary(tmp_path, monkeypatch):
+    """The run is complete, so it is summarised; then the signal goes on to the caller's handler (a sweep's, a
+    scheduler job's), which would otherwise never see it."""
+    evaluate = train.evaluate
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args)
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    cfg = load_config(CONFIG, [*TINY, "epochs=1", "data.train_subset=128", "data.test_subset=64", "batch_size=64",
+                               f"out_dir={tmp_path}"])
+    caught = []
+    caller = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        summary = train.train(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, caller)
+    assert caught == [signal.SIGTERM] and summary["epochs"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
 
 
 @pytest.mark.slow
@@ -134,6 +215,12 @@ def test_resume_refuses_a_different_config(tmp_path):
         train.train(cfg, resume=True)
     train.save_checkpoint(path, {**good, "model": {k: v for k, v in list(good["model"].items())[1:]}})
     with pytest.raises(RuntimeError, match=f"checkpoint '{path}' does not fit model 'vmixer_t4_28'"):
+        train.train(cfg, resume=True)
+    train.save_checkpoint(path, {**good, "ranks": []})
+    with pytest.raises(CheckpointError, match=f"checkpoint '{path}' has a damaged training state"):
+        train.train(cfg, resume=True)
+    train.save_checkpoint(path, {**good, "scheduler": [1]})
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{path}': \['scheduler'\] are not mappings"):
         train.train(cfg, resume=True)
     # a metrics line cut short by a kill is dropped on resume; the finished run is summarised again
     train.save_checkpoint(path, good)
