@@ -432,7 +432,9 @@ def _cifar(name: str, root: Path, train_tf, test_tf):
 
 
 def _imagefolder(root: Path, train_tf, test_tf):
-    hint = "expected root/train/<class>/<image> and root/val/<class>/<image> (or root/test/...)"
+    hint = ("expected root/train/<class>/<image> and root/val/<class>/<image> (or root/test/...); the archives of "
+            "Food-101 (split by meta/train.txt, meta/test.txt), Stanford Cars (by its devkit's annotations) and "
+            "ImageNet (val/ by its devkit's labels) must first be sorted into class folders")
     if not root.is_dir():
         raise DatasetNotFoundError(f"imagefolder root {root} does not exist; {hint}")
     train_dir = root / "train"

@@ -296,6 +296,8 @@ def test_imagefolder_missing_paths_are_named(tmp_path):
     write_image_tree(tmp_path, splits=("train",))
     with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "val")):
         build_datasets(DataConfig(name="imagefolder", root=str(tmp_path)))
+    with pytest.raises(DatasetNotFoundError, match=r"Food-101 \(split by meta/train.txt"):
+        build_datasets(DataConfig(name="imagefolder", root=str(tmp_path)))
 
 
 # ------------------------------------------------------------------------------------------------------- transforms
