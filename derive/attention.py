@@ -174,6 +174,7 @@ class DerivedViT(nn.Module):
         self.head = copy.deepcopy(ref.head)
         self.global_pool = ref.global_pool
         self.num_prefix_tokens = ref.num_prefix_tokens
+        self.pretrained_cfg = self.default_cfg = dict(getattr(ref, "pretrained_cfg", {}))
 
     def embed(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hopfield import Affine, DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
-from mixers.models import check_sizes
+from mixers.models import check_sizes, timm_data_cfg
 
 from .discrete import DerivedBlock, DiscreteConfig
 
@@ -149,6 +149,8 @@ class DerivedMixer(nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.reset_parameters()
+        self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, (cfg.img_size,) * 2,
+                                                               0.875, "stem.proj")
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -410,17 +410,8 @@ class MlpMixer(nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
-        self.pretrained_cfg = self.default_cfg = {
-            "num_classes": cfg.num_classes,
-            "input_size": (cfg.in_chans, *cfg.image_hw),
-            "fixed_input_size": True,
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-            "mean": (0.5,) * cfg.in_chans,
-            "std": (0.5,) * cfg.in_chans,
-            "first_conv": "stem.proj",
-            "classifier": "head",
-        }
+        self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, cfg.image_hw, 0.875,
+                                                               "stem.proj")
 
     def _make_block(self) -> nn.Module:
         cfg = self.cfg
@@ -527,6 +518,15 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(MixerConfig)) - {"block", "block_kwargs"}
 _IGNORED_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def timm_data_cfg(num_classes: int, in_chans: int, image_hw: tuple[int, int], crop_pct: float,
+                  first_conv: str) -> dict[str, Any]:
+    """The ``pretrained_cfg`` that timm's ``resolve_data_config`` reads (input size, normalisation, crop); no
+    weights are behind it. Without it timm assumes 3 x 224 x 224 ImageNet inputs."""
+    return {"num_classes": num_classes, "input_size": (in_chans, *image_hw), "fixed_input_size": True,
+            "interpolation": "bicubic", "crop_pct": crop_pct, "mean": (0.5,) * in_chans, "std": (0.5,) * in_chans,
+            "first_conv": first_conv, "classifier": "head"}
 
 
 def create_registered(name: str, pretrained: bool, kwargs: dict[str, Any],

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import Mlp
-from .models import ImageGrid, PatchStem, check_sizes, create_registered, register_entrypoints
+from .models import ImageGrid, PatchStem, check_sizes, create_registered, register_entrypoints, timm_data_cfg
 
 __all__ = ["SKIP_MODES", "VIT_MODEL_NAMES", "Attention", "Block", "ViTConfig", "VisionTransformer"]
 
@@ -252,17 +252,8 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
-        self.pretrained_cfg = self.default_cfg = {
-            "num_classes": cfg.num_classes,
-            "input_size": (cfg.in_chans, *cfg.image_hw),
-            "fixed_input_size": True,
-            "interpolation": "bicubic",
-            "crop_pct": 0.9,
-            "mean": (0.5,) * cfg.in_chans,
-            "std": (0.5,) * cfg.in_chans,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        }
+        self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, cfg.image_hw, 0.9,
+                                                                "patch_embed.proj")
 
     @property
     def alpha_h(self) -> float:

@@ -89,6 +89,7 @@ def test_model_equals_mixers_vit(dtype, alpha_h):
         ours.train(train)
         ref.train(train)
         assert rel_err(ours(x), ref(x)) <= TOL[dtype], train
+    assert ours.pretrained_cfg == ref.pretrained_cfg  # timm's data helpers see the same input size
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

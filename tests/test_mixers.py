@@ -456,3 +456,15 @@ def test_model_configs_name_the_bad_field():
             cfg_cls(mlp_ratio=-1.0)
         cfg = cfg_cls(img_size=(28, 32), patch_size=4)
         assert cfg.image_hw == (28, 32) and cfg.num_patches == 7 * 8
+
+
+@pytest.mark.parametrize("name", ["vmixer_t4_28", "imixer_t4_28", "derived_imixer_t4_28", "derived_paramixer_t4_28",
+                                  "mhavit_t4_28"])
+def test_timm_resolves_the_models_own_input_size_and_normalisation(name):
+    """timm's data helpers read ``pretrained_cfg``; without it they would assume 3 x 224 x 224 ImageNet inputs."""
+    from timm.data import resolve_data_config
+
+    import derive  # noqa: F401 -- registers derived_*
+
+    data = resolve_data_config({}, model=timm.create_model(name, in_chans=1, num_classes=7))
+    assert data["input_size"] == (1, 28, 28) and data["mean"] == (0.5,) and data["std"] == (0.5,)
