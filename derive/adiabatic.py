@@ -244,7 +244,11 @@ class ReducedField:
 
 
 def _newton(net: Network, start: dict[str, Tensor], visible: str, tol: float, max_iter: int) -> dict[str, Tensor]:
-    """Solve x_A = (currents into A) for every layer A but ``visible`` (held), per sample, by Newton's method."""
+    """Solve x_A = (currents into A) for every layer A but ``visible`` (held), per sample, by Newton's method.
+
+    The iterations run off the autograd graph; the solution x* is then differentiable by the implicit function
+    theorem: one more Newton step x* - J^-1 r(x*, v, theta), with J = dr/dx held constant and r on the graph,
+    has the gradient J^-1 dcurrents/d(v, theta) = dx*/d(v, theta) (its value moves by less than ``tol``)."""
     fast = [n for n in net.layers if n != visible]
     shapes = [net.layers[n].shape for n in fast]
     sizes = [net.layers[n].size for n in fast]
@@ -262,16 +266,24 @@ def _newton(net: Network, start: dict[str, Tensor], visible: str, tol: float, ma
     scale = max(1.0, float(x.abs().max()))
     jac_fn = torch.func.vmap(torch.func.jacrev(residual))
     res_fn = torch.func.vmap(residual)
+    on_graph = torch.is_grad_enabled() and (start[visible].requires_grad or
+                                            any(p.requires_grad for p in net.parameters()))
     with torch.enable_grad():
         for _ in range(max_iter):
-            r = res_fn(x, v)
-            if float(r.detach().abs().max()) <= tol * scale:
-                parts = torch.split(x, sizes, dim=1)
-                out = {n: p.reshape(batch, *sh) for n, p, sh in zip(fast, parts, shapes)}
-                out[visible] = start[visible]
-                return out
+            r = res_fn(x, v).detach()
+            if float(r.abs().max()) <= tol * scale:
+                break
             x = (x - torch.linalg.solve(jac_fn(x, v), r.unsqueeze(-1)).squeeze(-1)).detach()
-    raise RuntimeError(f"Newton's method on the fast layers {fast} did not reach tol {tol:g} in {max_iter} steps")
+        else:
+            raise RuntimeError(f"Newton's method on the fast layers {fast} did not reach tol {tol:g} in {max_iter} "
+                               "steps")
+        if on_graph:
+            jac = jac_fn(x, v).detach()
+            x = x - torch.linalg.solve(jac, res_fn(x, start[visible]).unsqueeze(-1)).squeeze(-1)
+    parts = torch.split(x, sizes, dim=1)
+    out = {n: p.reshape(batch, *sh) for n, p, sh in zip(fast, parts, shapes)}
+    out[visible] = start[visible]
+    return out
 
 
 def adiabatic(net: Network, visible: str = "v", fast: Iterable[str] | None = None, **kwargs) -> ReducedField:

@@ -208,7 +208,8 @@ class DerivedBlock(nn.Module):
 
     def certificate(self, v: Tensor | None = None) -> list[SolveCertificate]:
         """Every implicit solve's bound Lip(F^A) <= prod ||W|| x largest activation slope (composed through
-        nested inverses as 1 / (1 - Lip)); with a state ``v`` also the measured contraction ratios."""
+        nested inverses as 1 / (1 - Lip)); with a state ``v`` also the measured contraction ratios. Both describe
+        the block's next forward in its current mode; the call leaves every buffer (power iteration) as it was."""
         out = []
         for top in self.branches:
             for br in top.walk():
@@ -216,13 +217,16 @@ class DerivedBlock(nn.Module):
                     out.append(SolveCertificate(br.node, self.config.n_iter,
                                                 self._lip(br.node, br.children, self._exact_norms)))
         if v is not None and out:
-            was = self.record
+            was, saved = self.record, [(b, b.clone()) for b in self.buffers()]
             self.record = True
             try:
                 with torch.no_grad():
                     self(v)
             finally:
                 self.record = was
+                with torch.no_grad():
+                    for b, copy in saved:
+                        b.copy_(copy)
             by_layer = {c.layer: c for c in out}
             for rec in self.trace:
                 xs = rec["iterates"]

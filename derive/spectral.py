@@ -52,8 +52,13 @@ class SoftSpectralNorm(nn.Module):
             return (wf / torch.clamp(sigma / self.coeff, min=1.0)).to(w.dtype)
 
     def bound(self, w: Tensor) -> float:
-        """The exact spectral norm of the normalised matrix (stored u, v, no power iteration)."""
+        """The exact spectral norm of the normalised matrix the next ``forward`` would give: from the stored u, v
+        in eval mode, after ``n_power`` power steps from them in train mode (on copies: nothing is stored)."""
         with torch.no_grad():
             u, v = self.weight_u.to(w.dtype), self.weight_v.to(w.dtype)
+            if self.training:
+                for _ in range(self.n_power):
+                    v = F.normalize(w.T @ u, dim=0, eps=self.eps)
+                    u = F.normalize(w @ v, dim=0, eps=self.eps)
             scale = torch.clamp(torch.dot(u, w @ v) / self.coeff, min=1.0)
             return float(torch.linalg.matrix_norm(w / scale, ord=2))

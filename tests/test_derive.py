@@ -87,6 +87,22 @@ def test_fixed_point_solve_converges_to_the_newton_solve():
     assert all(b < a or b < 1e-14 for a, b in zip(errs, errs[1:])), errs
 
 
+@pytest.mark.parametrize("kind", ["mixing", "imixer"])
+def test_newton_reduced_field_has_the_implicit_function_gradient(kind):
+    """The Newton solve runs off the graph; its solution still carries dx*/dv and dx*/dW (implicit function
+    theorem): gradcheck in float64, and the same gradients as the converged fixed-point solve."""
+    net = randomize(presets.mixing(6, 4, 5, axis=-2).double()) if kind == "mixing" else imixer_net()
+    v = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    newton, fixed = adiabatic(net, solver="newton"), adiabatic(net, solver="fixed_point", n_iter=60)
+    assert torch.autograd.gradcheck(newton, (v,))
+    w = net.synapses[0].weight
+    grads = [torch.autograd.grad((f(v) ** 2).sum(), (v, w)) for f in (newton, fixed)]
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0.1 and (a - b).abs().max() < 1e-10
+    with torch.no_grad():
+        assert not newton(v).requires_grad
+
+
 def test_adiabatic_errors_name_the_offending_thing():
     net = presets.star(6, 4)
     with pytest.raises(ValueError, match="unknown visible layer 'w'"):
@@ -269,6 +285,23 @@ def test_paper_setting_is_not_certified_and_a_certified_coeff_is_found():
     (cert,) = block.certificate(v)
     assert cert.certified and cert.lipschitz_bound < 0.91
     assert cert.ratios and max(cert.ratios) < cert.lipschitz_bound  # measured contraction within the bound
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_certificate_describes_the_next_forward_and_leaves_the_block_as_it_was(train):
+    """In train mode the bound uses the power iteration the next forward runs; the measuring forward of
+    ``certificate(v)`` does not advance the stored power-iteration vectors (a diagnostic must not change training)."""
+    block = derive.derived_block("imixer", 8, 6, h_ratio=2).double()
+    randomize(block, scale=2.0)
+    block.train(train)
+    v = torch.randn(2, 8, 6, dtype=torch.float64)
+    before = {k: b.clone() for k, b in block.named_buffers()}
+    (cert,) = block.certificate(v)
+    assert cert.ratios and all(torch.equal(b, before[k]) for k, b in block.named_buffers())
+    block(v)  # the forward the certificate described
+    block.eval()
+    (after,) = block.certificate()
+    assert abs(cert.lipschitz_bound - after.lipschitz_bound) < 1e-6  # the forward may run more power steps
 
 
 def test_nested_certificate_composes_inverses():
