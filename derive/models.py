@@ -19,14 +19,14 @@ per-channel gamma is a diagonal factor along the other (channel) axis, for the c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from hopfield import Affine, DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
-from mixers.models import check_sizes, timm_data_cfg
+from mixers.models import check_sizes, ratio_pair, run_blocks, timm_data_cfg
 
 from .discrete import DerivedBlock, DiscreteConfig
 
@@ -37,13 +37,13 @@ KINDS = ("mixer", "imixer", "limixer", "paramixer")
 LN_EPS = 1e-6
 
 
-
 def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
                   depth: int = 4, form: str = "untied", norm: str = "matrix", bias: bool | None = None) -> Network:
     """The hierarchical Hopfield network whose discrete-time limit is a ``kind`` block (see the module doc)."""
     if kind not in KINDS:
         raise ValueError(f"block_network: kind must be one of {KINDS}, got {kind!r}")
-    tokens_dim, channels_dim = int(mlp_ratio[0] * dim), int(mlp_ratio[1] * dim)
+    tokens_ratio, channels_ratio = ratio_pair(mlp_ratio)
+    tokens_dim, channels_dim = int(tokens_ratio * dim), int(channels_ratio * dim)
     gelu = lag.gelu()
     if kind == "paramixer":
         if norm not in ("matrix", "channel"):
@@ -114,16 +114,19 @@ class DerivedMixerConfig:
     patch_size: int = 16
     num_blocks: int = 8
     embed_dim: int = 512
-    mlp_ratio: tuple[float, float] = (0.5, 4.0)
+    mlp_ratio: float | tuple[float, float] = (0.5, 4.0)  # one number serves both MLPs
     block: str = "mixer"
     block_kwargs: dict = field(default_factory=dict)  # h_ratio, depth, form, norm, bias, n_iter, n_power, ...
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     lam: float = 0.0  # weight of the symmetry-breaking penalty (paramixer, form="broken")
+    global_pool: str = "avg"  # "avg": mean over tokens; "": no pooling, the head acts on every token
 
     def __post_init__(self):
         if self.block not in KINDS:
             raise ValueError(f"DerivedMixerConfig.block must be one of {KINDS}, got {self.block!r}")
+        if self.global_pool not in ("avg", ""):
+            raise ValueError(f"DerivedMixerConfig.global_pool must be 'avg' or '', got {self.global_pool!r}")
         check_sizes(self, ("in_chans", "patch_size", "num_blocks", "embed_dim"),
                     {"mlp_ratio": self.mlp_ratio, **{f"block_kwargs.{k}": v for k, v in self.block_kwargs.items()
                                                      if k == "h_ratio"}})
@@ -133,12 +136,18 @@ class DerivedMixerConfig:
 
 
 class DerivedMixer(nn.Module):
-    """Patch embedding, derived blocks, final LayerNorm, mean over tokens, linear head (timm's layout and names)."""
+    """Patch embedding, derived blocks, final LayerNorm, mean over tokens (``global_pool="avg"``), linear head:
+    timm's layout and names, and timm's model API as ``mixers.MlpMixer`` has it (``num_features``, ``global_pool``,
+    ``get_classifier``, ``reset_classifier``, ``set_grad_checkpointing``)."""
 
     def __init__(self, cfg: DerivedMixerConfig | None = None, **kwargs):
         super().__init__()
         self.cfg = cfg = cfg or DerivedMixerConfig(**kwargs)
         self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans
+        self.global_pool = cfg.global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = cfg.embed_dim
+        self.grad_checkpointing = False
         self.seq_len = (cfg.img_size // cfg.patch_size) ** 2
         self.stem = nn.Module()
         self.stem.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
@@ -169,12 +178,32 @@ class DerivedMixer(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (as ``mixers.MlpMixer``)."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (``nn.Linear``'s own init, as timm's) and optionally a new pooling;
+        ``cfg`` follows."""
+        pool = self.global_pool if global_pool is None else global_pool
+        self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=pool)  # validates global_pool
+        self.num_classes, self.global_pool = num_classes, pool
+        ref = self.norm.weight
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
+                     else nn.Identity())
+        self.head.train(self.training)
+
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem.proj(x).flatten(2).transpose(1, 2)
-        return self.norm(self.blocks(x))
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_drop(x.mean(dim=1))
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -286,39 +315,47 @@ def load_reference_block(block: DerivedBlock, ref: nn.Module) -> DerivedBlock:
     return block
 
 
-def _mixer_config_of(ref: nn.Module) -> DerivedMixerConfig:
-    conv = ref.stem.proj
-    patch = conv.kernel_size[0]
-    blocks = list(ref.blocks)
-    first = blocks[0]
-    seq_len = first.mlp_tokens.fc1.in_features if hasattr(first.mlp_tokens, "fc1") else None
-    side = round(math.sqrt(seq_len)) * patch if seq_len else None
-    dim = conv.out_channels
-    head = ref.head
-    return DerivedMixerConfig(num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
-                              img_size=side, in_chans=conv.in_channels, patch_size=patch, num_blocks=len(blocks),
-                              embed_dim=dim, block="mixer")
+def _timm_config(model: nn.Module) -> DerivedMixerConfig:
+    """The derived config of a timm MlpMixer, read from its modules: timm keeps no config object."""
+    conv, first = model.stem.proj, model.blocks[0]
+    dim, patch = conv.out_channels, conv.kernel_size[0]
+    if first.norm1.eps != LN_EPS:
+        raise ValueError(f"from_timm: LayerNorm eps {first.norm1.eps} differs from {LN_EPS}")
+    proj_drop = sorted({m.p for m in model.blocks.modules() if isinstance(m, nn.Dropout) and m.p})
+    if proj_drop:
+        raise ValueError(f"from_timm: proj_drop_rate {proj_drop[-1]} (dropout inside the MLPs) has no derived "
+                         "counterpart")
+    path_rates = sorted({float(getattr(b.drop_path, "drop_prob", 0.0)) for b in model.blocks})
+    if len(path_rates) > 1:
+        raise ValueError(f"from_timm: the blocks' drop_path rates differ ({path_rates}); a derived model has one "
+                         "drop_path_rate")
+    seq_len = first.mlp_tokens.fc1.in_features
+    return DerivedMixerConfig(
+        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+        img_size=round(math.sqrt(seq_len)) * patch, in_chans=conv.in_channels, patch_size=patch,
+        num_blocks=len(model.blocks), embed_dim=dim, block="mixer",
+        mlp_ratio=(first.mlp_tokens.fc1.out_features / dim, first.mlp_channels.fc1.out_features / dim),
+        drop_rate=model.head_drop.p, drop_path_rate=path_rates[0], global_pool=model.global_pool)
+
+
+def _twin(model: nn.Module, like: nn.Module, pairs, reverse: bool, what: str) -> nn.Module:
+    """``model`` on ``like``'s dtype and device, in its train/eval mode, holding its weights."""
+    ref = next(like.parameters())
+    model = model.to(dtype=ref.dtype, device=ref.device).train(like.training)
+    _copy(model, like.state_dict(), pairs, reverse, what)
+    return model
 
 
 def from_timm(model: nn.Module) -> DerivedMixer:
     """A timm ``mixer_*`` model (timm.models.mlp_mixer.MlpMixer with MixerBlocks, any size and weights) as the
-    equivalent derived model: the same logits, its LayerNorm affines folded into the token and channel synapses."""
+    equivalent derived model: the same logits, its LayerNorm affines folded into the token and channel synapses.
+    It takes the source's drop rates and train/eval mode."""
     from timm.models.mlp_mixer import MixerBlock, MlpMixer
 
     if not isinstance(model, MlpMixer) or not all(isinstance(b, MixerBlock) for b in model.blocks):
         raise TypeError(f"from_timm expects a timm MlpMixer made of MixerBlocks, got {type(model).__name__}")
-    if getattr(model, "global_pool", "avg") != "avg":
-        raise ValueError(f"from_timm: global_pool {model.global_pool!r} is not supported (only 'avg')")
-    first = model.blocks[0]
-    cfg = _mixer_config_of(model)
-    cfg.mlp_ratio = (first.mlp_tokens.fc1.out_features / cfg.embed_dim,
-                     first.mlp_channels.fc1.out_features / cfg.embed_dim)
-    if abs(first.norm1.eps - LN_EPS) > 0:
-        raise ValueError(f"from_timm: LayerNorm eps {first.norm1.eps} differs from {LN_EPS}")
-    ref = next(model.parameters())
-    derived = DerivedMixer(cfg).to(dtype=ref.dtype, device=ref.device)
-    _copy(derived, model.state_dict(), _model_map(derived), False, "from_timm")
-    return derived
+    derived = DerivedMixer(_timm_config(model))
+    return _twin(derived, model, _model_map(derived), False, "from_timm")
 
 
 def to_timm(derived: DerivedMixer) -> nn.Module:
@@ -329,24 +366,21 @@ def to_timm(derived: DerivedMixer) -> nn.Module:
     if cfg.block != "mixer":
         raise ValueError(f"to_timm: only block='mixer' has a timm twin, this model's block is {cfg.block!r}; "
                          "use to_reference for the mixers package's modules")
-    ref = next(derived.parameters())
     model = MlpMixer(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
                      patch_size=cfg.patch_size, num_blocks=cfg.num_blocks, embed_dim=cfg.embed_dim,
-                     mlp_ratio=cfg.mlp_ratio, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
-    model = model.to(dtype=ref.dtype, device=ref.device)
-    _copy(model, derived.state_dict(), _model_map(derived), True, "to_timm")
-    return model
+                     mlp_ratio=cfg.mlp_ratio, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+                     global_pool=cfg.global_pool)
+    return _twin(model, derived, _model_map(derived), True, "to_timm")
 
 
 def from_reference(model: nn.Module) -> DerivedMixer:
-    """A hand-written ``mixers.MlpMixer`` (any block kind) as the equivalent derived model.
+    """A hand-written ``mixers.MlpMixer`` (any block kind) as the equivalent derived model, in the same
+    train/eval mode.
 
     Names differ in one place: the parallelized Mixer's ``n_iter`` (repeats of the block with the same weights)
     is the derived block's ``steps`` (Euler steps); ``n_iter`` of a derived block counts fixed-point iterations.
     """
     rcfg = model.cfg
-    if getattr(rcfg, "global_pool", "avg") != "avg":
-        raise ValueError(f"from_reference: global_pool {rcfg.global_pool!r} is not supported (only 'avg')")
     if isinstance(rcfg.img_size, (tuple, list)):
         if len(set(rcfg.img_size)) != 1:
             raise ValueError(f"from_reference: non-square img_size {tuple(rcfg.img_size)} is not supported")
@@ -359,15 +393,12 @@ def from_reference(model: nn.Module) -> DerivedMixer:
               and k not in ("block_kwargs", "block")}
     if isinstance(fields["img_size"], (tuple, list)):
         fields["img_size"] = int(fields["img_size"][0])
-    cfg = DerivedMixerConfig(**fields, block=rcfg.block, block_kwargs=kw)
-    ref = next(model.parameters())
-    derived = DerivedMixer(cfg).to(dtype=ref.dtype, device=ref.device)
-    _copy(derived, model.state_dict(), _model_map(derived), False, "from_reference")
-    return derived
+    derived = DerivedMixer(DerivedMixerConfig(**fields, block=rcfg.block, block_kwargs=kw))
+    return _twin(derived, model, _model_map(derived), False, "from_reference")
 
 
 def to_reference(derived: DerivedMixer) -> nn.Module:
-    """The hand-written ``mixers.MlpMixer`` equal to a derived model."""
+    """The hand-written ``mixers.MlpMixer`` equal to a derived model, in the same train/eval mode."""
     import mixers
 
     cfg = derived.cfg
@@ -379,8 +410,5 @@ def to_reference(derived: DerivedMixer) -> nn.Module:
     rcfg = mixers.MixerConfig(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
                               patch_size=cfg.patch_size, num_blocks=cfg.num_blocks, embed_dim=cfg.embed_dim,
                               mlp_ratio=cfg.mlp_ratio, block=cfg.block, block_kwargs=kw, drop_rate=cfg.drop_rate,
-                              drop_path_rate=cfg.drop_path_rate, lam=cfg.lam)
-    ref = next(derived.parameters())
-    model = mixers.MlpMixer(rcfg).to(dtype=ref.dtype, device=ref.device)
-    _copy(model, derived.state_dict(), _model_map(derived), True, "to_reference")
-    return model
+                              drop_path_rate=cfg.drop_path_rate, lam=cfg.lam, global_pool=cfg.global_pool)
+    return _twin(mixers.MlpMixer(rcfg), derived, _model_map(derived), True, "to_reference")

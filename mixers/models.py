@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 
-def _pair(ratio: float | tuple[float, float]) -> tuple[float, float]:
+def ratio_pair(ratio: float | tuple[float, float]) -> tuple[float, float]:
+    """``mlp_ratio`` as (tokens, channels): a single number serves both (timm's ``to_2tuple``)."""
     if isinstance(ratio, (tuple, list)):
         if len(ratio) != 2:
             raise ValueError(f"mlp_ratio must be a float or a pair (tokens, channels), got {ratio!r}")
@@ -131,7 +132,7 @@ class MixerBlock(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        tokens_ratio, channels_ratio = _pair(mlp_ratio)
+        tokens_ratio, channels_ratio = ratio_pair(mlp_ratio)
         tokens_dim, channels_dim = int(tokens_ratio * dim), int(channels_ratio * dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp_tokens = build_token_mixer(token_mixer, seq_len, tokens_dim, drop=drop, **(token_kwargs or {}))
@@ -221,7 +222,7 @@ class ParaMixerBlock(nn.Module):
             raise ValueError(f"unknown norm {norm!r}; expected 'matrix' or 'channel'")
         if n_iter < 1:
             raise ValueError(f"n_iter must be >= 1, got {n_iter}")
-        tokens_ratio, channels_ratio = _pair(mlp_ratio)
+        tokens_ratio, channels_ratio = ratio_pair(mlp_ratio)
         tokens_dim, channels_dim = int(tokens_ratio * dim), int(channels_ratio * dim)
         self.form = form
         self.norm_kind = norm
@@ -350,23 +351,21 @@ class PatchStem(nn.Module):
 
 
 def _checkpoint_contexts(block: nn.Module) -> Callable[[], tuple[Any, Any]]:
-    """Context functions for non-reentrant checkpointing of a block with spectrally normalised layers.
+    """Context functions for non-reentrant checkpointing of a block whose forward pass updates its buffers.
 
-    In train mode every `SpectralNormLinear` call advances its power iteration. The recomputation in the backward pass
-    restarts from the ``u``, ``v`` the forward pass started from (so it rebuilds exactly the same weights) and puts the
-    end state back afterwards.
+    In train mode every spectral-norm call advances its power iteration (buffers ``weight_u``, ``weight_v``,
+    ``weight_sigma``). The recomputation in the backward pass restarts from the buffers the forward pass started from
+    (so it rebuilds exactly the same weights) and puts the end state back afterwards.
     """
-    layers = [m for m in block.modules() if isinstance(m, SpectralNormLinear)]
+    buffers = list(block.buffers())
 
-    def snapshot() -> list[tuple[torch.Tensor, ...]]:
-        return [(m.weight_u.clone(), m.weight_v.clone(), m.weight_sigma.clone()) for m in layers]
+    def snapshot() -> list[torch.Tensor]:
+        return [b.clone() for b in buffers]
 
     @torch.no_grad()
-    def restore(state: list[tuple[torch.Tensor, ...]]) -> None:
-        for m, (u, v, s) in zip(layers, state):
-            m.weight_u.copy_(u)
-            m.weight_v.copy_(v)
-            m.weight_sigma.copy_(s)
+    def restore(state: list[torch.Tensor]) -> None:
+        for b, saved in zip(buffers, state):
+            b.copy_(saved)
 
     def context_fn() -> tuple[Any, Any]:
         start = snapshot()
@@ -383,6 +382,16 @@ def _checkpoint_contexts(block: nn.Module) -> Callable[[], tuple[Any, Any]]:
         return contextlib.nullcontext(), recompute()
 
     return context_fn
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    """``blocks(x)``; with ``checkpointed`` (and grad enabled) each block's activations are recomputed in the backward
+    pass (``torch.utils.checkpoint``, non-reentrant, buffers restored as in `_checkpoint_contexts`)."""
+    if not (checkpointed and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False, context_fn=_checkpoint_contexts(block))
+    return x
 
 
 class MlpMixer(nn.Module):
@@ -454,26 +463,21 @@ class MlpMixer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
+        """A new head for ``num_classes`` (``nn.Linear``'s own init, as timm's) and optionally a new pooling;
+        ``cfg`` follows."""
+        pool = self.global_pool if global_pool is None else global_pool
+        self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=pool)  # validates global_pool
+        self.num_classes, self.global_pool = num_classes, pool
         ref = self.norm.weight
         self.head = (
             nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
             if num_classes > 0
             else nn.Identity()
         )
+        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False, context_fn=_checkpoint_contexts(block))
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, self.stem(x), self.grad_checkpointing))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":

@@ -286,11 +286,15 @@ class VisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
+        """A new head for ``num_classes`` and optionally a new pooling; ``cfg`` follows. As in timm, ``norm`` and
+        ``fc_norm`` stay as built, so a model built from the new ``cfg`` differs where the pooling moved to or
+        from ``"avg"``."""
         if global_pool is not None:
             if global_pool not in ("token", "avg", "") or (global_pool == "token" and self.cls_token is None):
                 raise ValueError(f"global_pool {global_pool!r} is not available for this model")
             self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=self.global_pool)
         ref = self.pos_embed
         self.head = (
             nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)

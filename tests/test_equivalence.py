@@ -1,8 +1,8 @@
 """Derived blocks and models equal the hand-written ``mixers`` modules and timm's Mixer.
 
 Max-abs error relative to the output's max-abs: float64 <= 1e-10, float32 <= 1e-5; random weights far from the
-initialisation; batch 3; train and eval mode (dropout and drop-path 0; in train mode the spectral-norm power
-iterations run in both twins and must leave the same state).
+initialisation; batch 3; train and eval mode (dropout and drop-path 0 unless a test seeds both twins alike; in train
+mode the spectral-norm power iterations run in both twins and must leave the same state).
 """
 
 import pytest
@@ -215,7 +215,135 @@ def test_mismatched_weights_are_refused_with_the_offending_names():
         derive.load_reference_block(derive.derived_block("mixer", S, C), mixers.MixerBlock(C, S + 1))
     with pytest.raises(ValueError, match="use steps="):
         derive.derived_block("paramixer", S, C, n_iter=3)
-    ref = mixers.MlpMixer(mixers.MixerConfig(num_classes=5, img_size=16, patch_size=4, num_blocks=1, embed_dim=C,
-                                             global_pool=""))
-    with pytest.raises(ValueError, match="global_pool"):
-        derive.from_reference(ref)
+    with pytest.raises(ValueError, match="proj_drop_rate"):
+        derive.from_timm(timm.models.mlp_mixer.MlpMixer(img_size=16, patch_size=4, num_blocks=1, embed_dim=C,
+                                                        proj_drop_rate=0.1))
+
+
+# ------------------------------------------------------------------------------------------ conversions keep state
+SMALL = dict(num_classes=7, img_size=16, in_chans=2, patch_size=4, num_blocks=2, embed_dim=C)
+
+
+def images(dtype, batch=3):
+    return torch.randn(batch, 2, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(2))
+
+
+def modes(model):
+    return {m.training for m in model.modules()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("train", [True, False])
+def test_conversions_keep_the_train_or_eval_mode(dtype, train):
+    # an iMixer's spectral norms power-iterate in train mode only: a twin in the other mode gives other logits
+    ref = perturb(mixers.MlpMixer(**SMALL, block="imixer", block_kwargs={"n_power": 1})).to(dtype).train(train)
+    derived = derive.from_reference(ref)
+    assert modes(derived) == {train}
+    assert modes(derive.to_reference(derived)) == {train}
+    x = images(dtype)
+    assert rel_err(derived(x), ref(x)) <= TOL[dtype]
+    timm_model = timm.models.mlp_mixer.MlpMixer(**SMALL).to(dtype).train(train)
+    assert modes(derive.from_timm(timm_model)) == {train}
+    assert modes(derive.to_timm(derive.from_timm(timm_model))) == {train}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conversions_keep_the_drop_rates(dtype):
+    """Same seed, same dropout and drop-path masks: the twins agree in train mode too, both ways."""
+    rates = dict(drop_rate=0.3, drop_path_rate=0.2)
+    timm_model = perturb(timm.models.mlp_mixer.MlpMixer(**SMALL, **rates)).to(dtype)
+    ref = perturb(mixers.MlpMixer(**SMALL, **rates, block="paramixer")).to(dtype)
+    x = images(dtype)
+    for model, there, back in [(timm_model, derive.from_timm, derive.to_timm),
+                               (ref, derive.from_reference, derive.to_reference)]:
+        derived = there(model)
+        assert (derived.cfg.drop_rate, derived.cfg.drop_path_rate) == (0.3, 0.2)
+        twin = back(derived)
+        assert twin.head_drop.p == 0.3 and {b.drop_path.drop_prob for b in twin.blocks} == {0.2}
+        for other in (derived, twin):
+            torch.manual_seed(5)
+            out = model(x)
+            torch.manual_seed(5)
+            assert rel_err(other(x), out) <= TOL[dtype]
+        torch.manual_seed(6)
+        assert rel_err(derived(x), out) > 0.01  # other masks: the rates are in force
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scalar_mlp_ratio_serves_both_mlps_as_in_the_reference(dtype):
+    torch.manual_seed(0)
+    derived = timm.create_model("derived_vmixer_t4_28", num_blocks=1, mlp_ratio=2.0)
+    torch.manual_seed(0)
+    ref = timm.create_model("vmixer_t4_28", num_blocks=1, mlp_ratio=2.0)
+    assert derived.blocks[0].net.layers["s"].shape == (256, 128)  # 2.0 * embed_dim on the tokens
+    assert derived.blocks[0].net.layers["c"].shape == (49, 256)  # and on the channels
+    ref = perturb(ref).to(dtype)
+    derived = derive.from_reference(ref)
+    x = torch.randn(3, 1, 28, 28, dtype=dtype)
+    assert_same(derived, ref, x, dtype, buffers=False)
+    assert rel_err(derive.to_timm(derived)(x), ref(x)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_from_reference_after_reset_classifier_builds_the_new_head(dtype):
+    ref = perturb(mixers.MlpMixer(**SMALL, block="imixer")).to(dtype)
+    x = images(dtype)
+    for num_classes, pool, shape in [(5, None, (3, 5)), (10, "", (3, 16, 10)), (4, "avg", (3, 4))]:
+        ref.reset_classifier(num_classes, global_pool=pool)
+        perturb(ref.head)
+        derived = derive.from_reference(ref)
+        assert derived.cfg.num_classes == num_classes and derived.global_pool == ref.global_pool
+        assert_same(derived, ref, x, dtype, buffers=False)
+        assert derived(x).shape == shape
+        back = derive.to_reference(derived)
+        assert back.global_pool == ref.global_pool and rel_err(back(x), ref(x)) <= TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------ timm's model API
+def test_derived_mixer_has_the_reference_model_api():
+    ref = mixers.MlpMixer(**SMALL, block="imixer")
+    derived = derive.from_reference(ref).double()
+    for name in ("num_classes", "in_chans", "global_pool", "num_features", "head_hidden_size", "embed_dim",
+                 "grad_checkpointing"):
+        assert getattr(derived, name) == getattr(ref, name), name
+    assert derived.num_features == C
+    assert derived.get_classifier() is derived.head
+    derived.eval()
+    derived.reset_classifier(3)
+    head = derived.get_classifier()
+    assert (head.out_features, head.weight.dtype, head.training) == (3, torch.float64, False)
+    assert derived.cfg.num_classes == derived.num_classes == 3
+    x = images(torch.float64)
+    assert derived(x).shape == (3, 3)
+    derived.reset_classifier(0, global_pool="")
+    assert isinstance(derived.head, torch.nn.Identity) and derived.cfg.global_pool == derived.global_pool == ""
+    assert derived(x).shape == (3, 16, C)
+    with pytest.raises(ValueError, match="global_pool must be 'avg' or '', got 'max'"):
+        derived.reset_classifier(3, global_pool="max")
+    assert derived.num_classes == 0 and derived.global_pool == ""  # a refused reset changes nothing
+    with pytest.raises(ValueError, match=r"DerivedMixerConfig\.global_pool"):
+        derive.DerivedMixerConfig(global_pool="token")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_derived_grad_checkpointing_recomputes_blocks_with_the_same_gradients_and_buffers(dtype):
+    # n_power=1: the spectral-norm state moves on every train-mode call; the recomputation must start where it did
+    ref = perturb(mixers.MlpMixer(**SMALL, block="imixer", block_kwargs={"n_power": 1})).to(dtype)
+    plain = derive.from_reference(ref).train()
+    ckpt = derive.from_reference(ref).train()
+    ckpt.set_grad_checkpointing()
+    assert ckpt.grad_checkpointing and not plain.grad_checkpointing
+    calls = []
+    for block in ckpt.blocks:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = images(dtype)
+    plain(x).square().sum().backward()
+    ckpt(x).square().sum().backward()
+    assert len(calls) == 2 * len(ckpt.blocks)  # each block ran again in the backward pass
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        ckpt(x)
+    assert len(calls) == 3 * len(ckpt.blocks)  # no graph, nothing to recompute

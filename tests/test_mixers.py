@@ -412,6 +412,24 @@ def test_grad_checkpointing_gives_the_same_gradients_and_buffers():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reset_classifier_keeps_the_config_in_step(dtype):
+    """A model built from ``cfg`` after ``reset_classifier`` is the same model (what ``derive`` relies on)."""
+    model = MlpMixer(num_classes=7, img_size=16, patch_size=4, num_blocks=1, embed_dim=32).to(dtype).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    for num_classes, pool, shape in [(5, None, (2, 5)), (10, "", (2, 16, 10)), (0, "avg", (2, 32))]:
+        model.reset_classifier(num_classes, global_pool=pool)
+        perturb(model)
+        assert (model.cfg.num_classes, model.cfg.global_pool) == (model.num_classes, model.global_pool)
+        assert not model.head.training and all(p.dtype == dtype for p in model.head.parameters())
+        rebuilt = MlpMixer(model.cfg).to(dtype).eval()
+        rebuilt.load_state_dict(model.state_dict())
+        assert model(x).shape == shape and torch.equal(rebuilt(x), model(x))
+    with pytest.raises(ValueError, match="global_pool must be 'avg' or '', got 'token'"):
+        model.reset_classifier(3, global_pool="token")
+    assert model.num_classes == model.cfg.num_classes == 0  # a refused reset changes nothing
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # timm registry
 

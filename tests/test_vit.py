@@ -190,6 +190,22 @@ def test_backward_and_checkpointing():
     assert all(torch.allclose(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reset_classifier_keeps_the_config_in_step(dtype):
+    model = VisionTransformer(**SMALL).to(dtype).eval()
+    x = images(dtype, batch=2)
+    model.reset_classifier(4)
+    perturb(model)
+    assert model.cfg.num_classes == model.num_classes == 4 and not model.head.training
+    rebuilt = VisionTransformer(model.cfg).to(dtype).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt(x), model(x))
+    model.reset_classifier(6, global_pool="avg")
+    assert (model.cfg.num_classes, model.cfg.global_pool) == (6, "avg") and model(x).shape == (2, 6)
+    with pytest.raises(ValueError, match="global_pool 'token' is not available"):
+        VisionTransformer(**{**SMALL, "global_pool": "avg"}, class_token=False).reset_classifier(3, "token")
+
+
 # ------------------------------------------------------------------------------------------ timm registration
 @pytest.mark.parametrize("name", VIT_MODEL_NAMES)
 def test_registered_names_build(name):
