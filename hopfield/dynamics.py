@@ -73,15 +73,20 @@ class NotConvergedError(RuntimeError):
         self.state, self.residual = state, residual
 
 
+class _BudgetExhausted(Exception):
+    """Raised inside the solver when ``_Field.max_nfe`` evaluations are spent."""
+
+
 class _Field(nn.Module):
-    """torchdiffeq's f(t, y) over a tuple of layer states; counts evaluations, checks finiteness."""
+    """torchdiffeq's f(t, y) over a tuple of layer states; counts evaluations (up to ``max_nfe``), checks
+    finiteness."""
 
     def __init__(self, net: Network, inputs: dict, clamped: tuple, check_finite: bool):
         super().__init__()
         self.net = net
         self.names = list(net.layers)
         self.inputs, self.clamped, self.check_finite = inputs, clamped, check_finite
-        self.nfe = 0
+        self.nfe, self.max_nfe = 0, None  # max_nfe: None, or raise _BudgetExhausted once nfe reaches it
         self.last = (0.0, ())  # time and states of the latest evaluation, for error messages
 
     def state(self, y: tuple[Tensor, ...]) -> State:
@@ -94,6 +99,8 @@ class _Field(nn.Module):
                 raise NonFiniteStateError(n, float(t))
 
     def forward(self, t, y):
+        if self.max_nfe is not None and self.nfe >= self.max_nfe:
+            raise _BudgetExhausted
         self.nfe += 1
         self.last = (t, y)
         if self.check_finite:
@@ -223,7 +230,7 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
     methods, 1e-6 for fixed grids, relative to |E|).
     """
     net.check_state(state)
-    inputs, clamped = net._check_inputs(inputs, clamped)
+    inputs, clamped = net._check_inputs(inputs, clamped, state)
     _check_method(method)
     t = torch.as_tensor(t)
     if t.ndim != 1 or len(t) < 1 or (len(t) > 1 and not bool((t[1:] > t[:-1]).all())):
@@ -250,48 +257,89 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
     return Trajectory(t=t, states=states, energy=energy, nfe=func.nfe, method=method, descent=report)
 
 
-def _max_speed(func: _Field, y) -> float:
-    dx = func(0.0, y)
+def _max_speed(dx) -> float:
     return float(torch.stack([d.abs().amax() for d in dx]).amax())
 
 
+RELAX_TOL_MARGIN = 10.0  # how far tol must clear the rounding floor: the currents add rounding of their own
+
+
+def _check_tol(net: Network, func: _Field, y, dx, tol: float) -> None:
+    """Refuse a ``tol`` that rounding alone keeps out of reach. tau dx/dt = I - x (Eq. 14) is a difference of
+    numbers of size m = max(|x|, |I|), known to eps m, so max |dx/dt| cannot fall below eps m / tau; the layer
+    where that floor is highest is named."""
+    floors = {}
+    for n, x, d in zip(func.names, y, dx):
+        if n not in func.clamped:
+            tau = net.layers[n].tau
+            size = max(float(x.abs().amax()), float((x + tau * d).abs().amax()))  # I = x + tau dx/dt
+            floors[n] = (torch.finfo(x.dtype).eps * size / tau, size, tau, x.dtype)
+    if not floors:
+        return
+    n = max(floors, key=lambda k: floors[k][0])
+    floor, size, tau, dtype = floors[n]
+    if tol < RELAX_TOL_MARGIN * floor:
+        raise ValueError(
+            f"relax: tol={tol:g} is below what {dtype} resolves in layer {n!r}: with tau={tau:g} and "
+            f"max(|x|, |I|) = {size:.3g}, rounding alone leaves |dx/dt| ~ eps max|x| / tau = {floor:.2g}; "
+            f"the smallest reachable tol is about {RELAX_TOL_MARGIN * floor:.2g} (or relax in float64)")
+
+
 def relax(net: Network, state: Mapping[str, Tensor], tol: float = 1e-6, *, t_max: float = 1e4,
-          method: str = "dopri5", rtol: float | None = None, atol: float | None = None,
-          options: dict | None = None, inputs: Mapping[str, Tensor] | None = None,
+          max_nfe: int | None = 100_000, method: str = "dopri5", rtol: float | None = None,
+          atol: float | None = None, options: dict | None = None, inputs: Mapping[str, Tensor] | None = None,
           clamped: Iterable[str] = ()) -> State:
     """Integrate until every unit's |dx/dt| < ``tol`` and return that state (a fixed point to ``tol``).
 
-    The solver's own error sets a floor under the speed it can reach, so ``rtol`` defaults to
-    min(1e-6, tol / 100) and ``atol`` to rtol / 100.
+    ``tol`` must be resolvable in the state's dtype: rounding leaves |dx/dt| ~ eps max|x| / tau in each
+    layer (about 1e-4 for float32 and tau = 0.01), so a ``tol`` within ``RELAX_TOL_MARGIN`` of that raises
+    ``ValueError`` naming the layer, checked at the start and after every horizon. The solver's own error
+    sets a floor under the speed too, so ``rtol`` defaults to min(1e-6, tol / 100), but at least 10 eps of
+    the dtype, and ``atol`` to rtol / 100.
 
     Integrates over horizons that double (starting at the largest tau) and checks max |dx/dt| after each;
-    raises ``NotConvergedError`` (carrying the state reached) if ``t_max`` comes first, as it does for
-    networks that oscillate. Runs without autograd: the fixed point is returned detached (differentiate
-    through ``simulate`` instead). Any torchdiffeq method works, e.g. ``"scipy_solver"`` with
-    ``options={"solver": "Radau"}`` for small stiff networks.
+    raises ``NotConvergedError`` (carrying the state reached at the last horizon) if ``t_max`` comes first,
+    as it does for networks that oscillate, or once ``max_nfe`` evaluations of the vector field are spent
+    (``None``: no limit), as it does for stiff networks that relax slowly. Runs without autograd: the fixed
+    point is returned detached (differentiate through ``simulate`` instead). Any torchdiffeq method works,
+    e.g. ``"scipy_solver"`` with ``options={"solver": "Radau"}`` for small stiff networks.
     """
     net.check_state(state)
-    inputs, clamped = net._check_inputs(inputs, clamped)
+    inputs, clamped = net._check_inputs(inputs, clamped, state)
     _check_method(method)
     if not tol > 0:
         raise ValueError(f"relax: tol must be > 0, got {tol}")
-    rtol = min(1e-6, tol / 100) if rtol is None else rtol
-    atol = rtol / 100 if atol is None else atol
+    if max_nfe is not None and not max_nfe >= 1:
+        raise ValueError(f"relax: max_nfe must be >= 1 or None, got {max_nfe}")
     names = list(net.layers)
+    y = tuple(state[n].detach() for n in names)
+    eps = max(torch.finfo(x.dtype).eps for x in y)
+    rtol = max(min(1e-6, tol / 100), 10 * eps) if rtol is None else rtol
+    atol = rtol / 100 if atol is None else atol
     func = _Field(net, inputs, clamped, check_finite=True)
     with torch.no_grad():
-        y = tuple(state[n].detach() for n in names)
         t, horizon = 0.0, max(layer.tau for layer in net.layers.values())
-        speed = _max_speed(func, y)
-        while not speed < tol:
+        dx = func(0.0, y)
+        while not (speed := _max_speed(dx)) < tol:
+            _check_tol(net, func, y, dx, tol)
             if t >= t_max:
                 raise NotConvergedError(
                     f"relax: max |dx/dt| = {speed:.3g} > tol = {tol:g} at t_max = {t_max:g}; the network may "
                     "oscillate (asymmetric synapses) or relax slower than t_max", dict(zip(names, y)), speed)
             t_next = min(t + horizon, t_max)
             grid = torch.tensor([t, t_next], dtype=torch.float64)
-            y = tuple(s[-1] for s in _odeint(func, y, grid, method=method, rtol=rtol, atol=atol,
-                                             options=options, adjoint=False, adjoint_options=None))
+            func.max_nfe = max_nfe
+            try:
+                y = tuple(s[-1] for s in _odeint(func, y, grid, method=method, rtol=rtol, atol=atol,
+                                                 options=options, adjoint=False, adjoint_options=None))
+            except _BudgetExhausted:
+                raise NotConvergedError(
+                    f"relax: used up max_nfe = {max_nfe} evaluations of the vector field on the way from t = {t:g} "
+                    f"to {t_next:g}; max |dx/dt| = {speed:.3g} > tol = {tol:g} at t = {t:g} (the state returned). "
+                    "A stiff network (fastest tau "
+                    f"{min(layer.tau for layer in net.layers.values()):g}) that relaxes slowly: raise max_nfe, "
+                    "loosen tol or clamp the slow layers", dict(zip(names, y)), speed) from None
+            func.max_nfe = None  # the speed check is not part of the budget
             t, horizon = t_next, 2 * horizon
-            speed = _max_speed(func, y)
+            dx = func(0.0, y)
     return dict(zip(names, y))

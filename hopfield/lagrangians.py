@@ -113,26 +113,41 @@ class _Identity(_Separable):
         return torch.ones_like(x)
 
 
+def _pos_power(x: Tensor, p: float) -> Tensor:
+    """relu(x)^p, p > 0, with finite derivatives of every order: x <= 0 is masked before and after the power
+    (the "double where"), so no 0^(negative) ever meets a zero gradient. At x = 0 a derivative that does not
+    exist (order >= p) is taken from the left, i.e. 0, the convention of relu'(0) = 0."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, 1.0) ** p, 0.0)
+
+
 class _RePU(_Separable):
+    """phi = relu(x)^n / n, phi' = relu(x)^(n-1), phi'' = (n-1) relu(x)^(n-2) (0 for x < 0, and at x = 0
+    for n > 2; relu'(0) = 0 for n = 2). n < 2 is refused: phi'' ~ x^(n-2) is unbounded as x -> 0+, so the
+    Hessian of Eq. 18 does not exist at 0 and the vector field is not Lipschitz there."""
+
     def __init__(self, n: float):
-        if not n > 1:
-            raise ValueError(f"repu(n) needs n > 1 for a differentiable activation, got n={n}")
+        if not n >= 2:
+            raise ValueError(
+                f"repu(n) needs n >= 2, got n={n}: for 1 < n < 2 the curvature (n-1) x^(n-2) is unbounded as "
+                "x -> 0+ (no Hessian at 0 for Eq. 18, a non-Lipschitz vector field), and n <= 1 has no "
+                "continuous activation"
+            )
         self.n = float(n)
         self.name = "relu()" if n == 2 else f"repu({n:g})"
         self.symbol = "ReLU" if n == 2 else f"ReLU^{n - 1:g}"
         self.lipschitz = 1.0 if n == 2 else math.inf
 
     def phi(self, x):
-        return torch.relu(x) ** self.n / self.n
+        return _pos_power(x, self.n) / self.n
 
     def activation(self, x):
-        r = torch.relu(x)
-        return r if self.n == 2 else r ** (self.n - 1)
+        return torch.relu(x) if self.n == 2 else _pos_power(x, self.n - 1)
 
     def curvature(self, x):
         if self.n == 2:
             return (x > 0).to(x.dtype)
-        return (self.n - 1) * torch.relu(x) ** (self.n - 2) * (x > 0)
+        return (self.n - 1) * _pos_power(x, self.n - 2)
 
 
 class _Exp(_Separable):
@@ -380,18 +395,21 @@ class _Symbolic(_Separable):
             symbol = free[0]
         elif set(free) - {symbol}:
             raise ValueError(f"symbolic({expr}): free symbols other than {symbol}: {set(free) - {symbol}}")
-        self.expr, self.symbol = expr, symbol
+        self.expr, self.var = expr, symbol  # ``symbol`` (below) is the display name of the activation
         self.d1 = sympy.simplify(sympy.diff(expr, symbol))
         self.d2 = sympy.simplify(sympy.diff(expr, symbol, 2))
         self._phi, self._d1, self._d2 = (self._lambdify(e) for e in (expr, self.d1, self.d2))
         self.name = name or f"symbolic({expr})"
         self.symbol = name or "phi'"
+        self.negative_set = None  # where phi'' < 0, when sympy could say
         self.convex = self._decide_convexity() if convex is None else bool(convex)
         if not self.convex:
-            self.caveat = f"{self.name}: phi''(x) = {self.d2} takes negative values, descent not guaranteed"
+            where = f" on {self.negative_set}" if self.negative_set is not None else ""
+            self.caveat = (f"{self.name}: phi''({self.var}) = {self.d2} takes negative values{where}, "
+                           "descent not guaranteed")
 
     def _lambdify(self, e) -> Callable[[Tensor], Tensor]:
-        f = sympy.lambdify(self.symbol, e, modules=[_SCALAR_SAFE, "torch"])
+        f = sympy.lambdify(self.var, e, modules=[_SCALAR_SAFE, "torch"])
 
         def call(x: Tensor) -> Tensor:
             out = f(x)
@@ -400,13 +418,19 @@ class _Symbolic(_Separable):
         return call
 
     def _decide_convexity(self) -> bool:
-        """phi'' >= 0 by sympy where it can decide, else on a dense float64 grid over [-50, 50]."""
+        """phi'' >= 0 on the reals: exactly by sympy's solveset of phi'' < 0 where it can decide (an empty or
+        an explicit set), else (an unsolved ConditionSet or an error) on a dense float64 grid over [-50, 50]."""
         try:
-            negative = sympy.solveset(self.d2 < 0, self.symbol, domain=sympy.S.Reals)
-            return negative is sympy.S.EmptySet
+            negative = sympy.solveset(self.d2 < 0, self.var, domain=sympy.S.Reals)
         except (NotImplementedError, TypeError, ValueError):
-            grid = torch.linspace(-50, 50, 200_001, dtype=torch.float64)
-            return bool((self._d2(grid) >= -1e-12).all())
+            negative = None
+        if negative is not None and not negative.has(sympy.ConditionSet):
+            if negative is sympy.S.EmptySet:
+                return True
+            self.negative_set = negative
+            return False
+        grid = torch.linspace(-50, 50, 200_001, dtype=torch.float64)
+        return bool((self._d2(grid) >= -1e-12).all())
 
     def phi(self, x):
         return self._phi(x)
@@ -429,7 +453,7 @@ def relu() -> Lagrangian:
 
 
 def repu(n: float) -> Lagrangian:
-    """L = 1/n sum relu(x)^n, g = relu(x)^(n-1) (rectified polynomial, Krotov & Hopfield 2016)."""
+    """L = 1/n sum relu(x)^n, g = relu(x)^(n-1) (rectified polynomial, Krotov & Hopfield 2016), n >= 2."""
     return _RePU(n)
 
 

@@ -77,8 +77,13 @@ class Network(nn.Module):
         return {n: l.init(batch, scale=scale, generator=generator, dtype=dtype, device=device)
                 for n, l in self.layers.items()}
 
+    def _reference(self) -> Tensor | None:
+        """The first floating-point parameter: states and inputs must share its dtype and device."""
+        return next((p for p in self.parameters() if p.is_floating_point()), None)
+
     def check_state(self, state: Mapping[str, Tensor]) -> None:
-        """Raise a clear error if ``state`` does not match the layers (names, shapes, one batch size)."""
+        """Raise a clear error if ``state`` does not match the layers (names, shapes, one batch size) or the
+        network's dtype and device (those of its parameters; of the first layer's state if it has none)."""
         if not isinstance(state, Mapping):
             raise TypeError(f"a state is a dict layer name -> tensor, got {type(state).__name__}")
         missing = [n for n in self.layers if n not in state]
@@ -95,12 +100,40 @@ class Network(nn.Module):
                 batch = x.shape[0]
             elif x.shape[0] != batch:
                 raise ValueError(f"state of layer {n!r} has batch size {x.shape[0]}, other layers {batch}")
+        ref = self._reference()
+        ref = state[next(iter(self.layers))] if ref is None else ref
+        for n in self.layers:
+            self._check_like(state[n], ref, f"state of layer {n!r}")
 
-    def _check_inputs(self, inputs: Mapping[str, Tensor] | None, clamped: Iterable[str]) -> tuple[dict, tuple]:
+    @staticmethod
+    def _check_like(x: Tensor, ref: Tensor, what: str) -> None:
+        """``x`` (a state or an input) is floating-point, with the dtype and device of ``ref``."""
+        if not x.is_floating_point():
+            raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}")
+        if x.dtype != ref.dtype or x.device != ref.device:
+            raise ValueError(
+                f"{what} is {x.dtype} on {x.device}, but the network computes in {ref.dtype} on {ref.device}: "
+                f"convert it with .to(dtype={ref.dtype}, device={str(ref.device)!r}) or the network with net.to(...)")
+
+    def _check_inputs(self, inputs: Mapping[str, Tensor] | None, clamped: Iterable[str],
+                      state: Mapping[str, Tensor]) -> tuple[dict, tuple]:
+        """Inputs I_A of Eq. 14: known layers, each broadcastable to its (checked) state's (batch, *shape)."""
         inputs = dict(inputs or {})
-        for n in inputs:
+        for n, cur in inputs.items():
             if n not in self.layers:
                 raise ValueError(f"input current for unknown layer {n!r}; layers are {list(self.layers)}")
+            if not isinstance(cur, Tensor):
+                raise TypeError(f"input current for layer {n!r} must be a tensor, got {type(cur).__name__}")
+            want = tuple(state[n].shape)
+            try:
+                ok = torch.broadcast_shapes(cur.shape, want) == want
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"input current for layer {n!r} has shape {tuple(cur.shape)}, which does not broadcast to the "
+                    f"layer's state (batch, *shape) = {want}")
+            self._check_like(cur, state[n], f"input current for layer {n!r}")
         clamped = tuple(clamped)
         for n in clamped:
             if n not in self.layers:
@@ -130,7 +163,7 @@ class Network(nn.Module):
     def energy_terms(self, state: Mapping[str, Tensor], inputs: Mapping[str, Tensor] | None = None) -> State:
         """Every term of Eq. 17 per sample: 'layer:A', 'synapse:NAME' and 'input:A', each (batch,)."""
         self.check_state(state)
-        inputs, _ = self._check_inputs(inputs, ())
+        inputs, _ = self._check_inputs(inputs, (), state)
         g = self.activations(state)
         terms = {f"layer:{n}": l.energy(state[n], g[n]) for n, l in self.layers.items()}
         for i, syn in enumerate(self.synapses):
@@ -149,7 +182,7 @@ class Network(nn.Module):
                      clamped: Iterable[str] = ()) -> State:
         """dx_A/dt from tau_A dx_A/dt = (currents into A) - x_A (Eq. 14); zero for clamped layers."""
         self.check_state(state)
-        inputs, clamped = self._check_inputs(inputs, clamped)
+        inputs, clamped = self._check_inputs(inputs, clamped, state)
         return self._vector_field(state, inputs, clamped)
 
     def _vector_field(self, state, inputs, clamped) -> State:

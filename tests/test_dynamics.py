@@ -146,6 +146,53 @@ def test_relax_raises_with_the_state_when_it_cannot_converge():
     assert set(e.value.state) == {"a", "b"} and e.value.residual > 1e-12
 
 
+def _stiff_chain(dtype):
+    torch.manual_seed(3)
+    net = presets.chain([6, 5, 4], other=(3,), lagrangians=[lag.layernorm(), lag.tanh(), lag.softmax()],
+                        taus=[0.05, 0.02, 0.01])
+    return net.to(dtype), net.init_state(2, scale=3.0, dtype=dtype)
+
+
+def test_relax_refuses_a_tol_below_the_float32_rounding_floor():
+    # tau dx/dt = I - x is known to eps max|x| only: about 1e-4 / s for |x| ~ 3 and tau = 0.01 in float32
+    net, state = _stiff_chain(torch.float32)
+    with pytest.raises(ValueError, match=r"tol=1e-06 is below what torch.float32 resolves in layer 'x2'.*"
+                                         r"smallest reachable tol is about ([0-9.e-]+)") as e:
+        net.relax(state, tol=1e-6, t_max=50.0)  # before the check it ran into t_max (or forever)
+    reachable = float(str(e.value).rsplit(" about ", 1)[1].split()[0])
+    assert 1e-4 < reachable < 1e-2
+    fp = net.relax(state, tol=reachable)  # the suggested tol is reached
+    assert max(d.abs().max() for d in net.vector_field(fp).values()) < reachable
+    net64, state64 = _stiff_chain(torch.float64)
+    fp64 = net64.relax(state64, tol=1e-6)  # float64 resolves it
+    assert max(d.abs().max() for d in net64.vector_field(fp64).values()) < 1e-6
+
+
+def test_relax_default_rtol_is_resolvable_in_float32(monkeypatch):
+    # a slow float32 layer resolves tol = 5e-6, but the default rtol = tol / 100 = 5e-8 is below eps = 1.2e-7
+    import hopfield.dynamics as dyn
+
+    seen, odeint = [], dyn._odeint
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["rtol"])
+        return odeint(*args, **kwargs)
+
+    monkeypatch.setattr(dyn, "_odeint", spy)
+    net = presets.chain([3, 2], lagrangians=[lag.tanh(), lag.tanh()], taus=[1.0, 1.0])
+    net.relax(net.init_state(2, scale=0.1), tol=5e-6)
+    assert seen and min(seen) >= 10 * torch.finfo(torch.float32).eps
+
+
+def test_relax_stops_at_its_evaluation_budget_with_the_state_reached():
+    net, state = _stiff_chain(torch.float64)
+    with pytest.raises(NotConvergedError, match=r"used up max_nfe = 300 evaluations.*fastest tau 0.01") as e:
+        net.relax(state, tol=1e-9, max_nfe=300)
+    assert set(e.value.state) == set(net.layers) and e.value.residual > 1e-9
+    with pytest.raises(ValueError, match="max_nfe must be >= 1 or None"):
+        net.relax(state, max_nfe=0)
+
+
 def test_clamped_layer_is_held_and_inputs_enter_the_energy():
     torch.manual_seed(2)
     net = presets.chain([4, 3], other=(2,), lagrangians=[lag.tanh(), lag.relu()]).double()

@@ -161,10 +161,44 @@ def test_symbolic_lagrangian_matches_closed_form_and_decides_convexity():
     assert (sg.activation(x) - F.gelu(x)).abs().max() < 1e-12
 
 
+def test_symbolic_convexity_is_decided_by_sympy_not_by_a_grid():
+    # phi'' = 2 - exp(x - 60) < 0 only beyond x = 60 + ln 2, outside any finite grid of [-50, 50]
+    late = lag.symbolic("x**2 - exp(x - 60)")
+    assert not late.convex
+    assert late.negative_set == sympy.Interval.open(60 + sympy.log(2), sympy.oo)
+    assert "log(2) + 60" in late.caveat
+    assert late.symbol == "phi'" and late.var == sympy.Symbol("x")  # display name and sympy variable apart
+    assert lag.symbolic("x**2/2 + exp(x - 60)").convex
+    # sympy leaves phi'' = GELU'(z) < 0 unsolved (a ConditionSet): the grid decides, and finds z < -0.75
+    z = sympy.Symbol("z")
+    gelu_phi = (z**2 + (z**2 - 1) * sympy.erf(z / sympy.sqrt(2)) + z * sympy.sqrt(2 / sympy.pi)
+                * sympy.exp(-(z**2) / 2)) / 4
+    undecided = lag.symbolic(gelu_phi)
+    assert not undecided.convex and undecided.negative_set is None
+
+
+def test_repu_refuses_an_unbounded_curvature_and_has_finite_derivatives():
+    # 1 < n < 2: phi'' = (n-1) x^(n-2) -> inf as x -> 0+; it gave NaN at x <= 0 (0^(n-2) * 0) before
+    with pytest.raises(ValueError, match=r"n >= 2, got n=1.5.*unbounded"):
+        lag.repu(1.5)
+    x = torch.tensor([[-1.0, 0.0, 2.0]], dtype=torch.float64)
+    v = torch.ones_like(x)
+    for n in (2.0, 2.5, 3.0):
+        L = lag.repu(n)
+        want = torch.tensor([[0.0, 0.0, (n - 1) * 2.0 ** (n - 2)]], dtype=torch.float64)
+        assert torch.equal(L.hvp(x, v), want)
+        # third derivatives too: forward mode through 0^(n-2) used to give NaN at x <= 0 for 2 < n < 3
+        third = torch.func.jvp(L.curvature, (x,), (v,))[1]
+        assert torch.isfinite(third).all() and (third[0, :2] == 0).all()
+        assert torch.isclose(third[0, 2], torch.tensor((n - 1) * (n - 2) * 2.0 ** (n - 3), dtype=torch.float64))
+        hess = torch.func.jacfwd(torch.func.jacfwd(L.activation))(x)
+        assert torch.isfinite(hess).all()
+
+
 def test_bad_lagrangian_arguments_are_named():
     with pytest.raises(ValueError, match="scalar"):
         lag.layernorm(gamma=torch.ones(4))
-    with pytest.raises(ValueError, match="n > 1"):
+    with pytest.raises(ValueError, match="n >= 2, got n=1"):
         lag.repu(1)
     with pytest.raises(ValueError, match="exactly one free symbol"):
         lag.symbolic("x*y")

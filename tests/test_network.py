@@ -198,6 +198,40 @@ def test_unknown_and_duplicate_layer_names():
         Layer((4,), lag.identity(), tau=0.0)
 
 
+def test_input_shape_dtype_and_device_errors_name_the_layer():
+    net = Network({"v": Layer((4, 6), lag.layernorm()), "h": Layer((4, 5), lag.relu(), 0.1)},
+                  [DenseSynapse("v", "h")])
+    s = net.init_state(2)
+    for bad in (torch.randn(3), torch.randn(7), torch.randn(3, 4, 5), torch.randn(2, 4, 5, 1)):
+        with pytest.raises(ValueError, match=r"input current for layer 'h' has shape .* \(2, 4, 5\)"):
+            net.energy(s, inputs={"h": bad})
+        with pytest.raises(ValueError, match="input current for layer 'h'"):
+            net.vector_field(s, inputs={"h": bad})
+    for good in (torch.randn(5), torch.randn(4, 1), torch.randn(2, 4, 5)):  # broadcastable inputs still work
+        assert net.energy(s, inputs={"h": good}).shape == (2,)
+    with pytest.raises(ValueError, match=r"input current for layer 'v' is torch.float64"):
+        net.vector_field(s, inputs={"v": torch.randn(6, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"state of layer 'v' is torch.float64 on cpu, but the network computes "
+                                         r"in torch.float32"):
+        net.vector_field({k: v.double() for k, v in s.items()})
+    with pytest.raises(ValueError, match=r"state of layer 'h' is torch.float64"):
+        net.simulate({"v": s["v"], "h": s["h"].double()}, torch.linspace(0, 1, 3))
+    with pytest.raises(TypeError, match="state of layer 'v' must be a floating-point tensor"):
+        net.energy({"v": s["v"].long(), "h": s["h"]})
+    # without parameters the first layer's state sets the dtype
+    free = Network({"a": Layer((3,), lag.identity()), "b": Layer((3,), lag.tanh())}, [])
+    with pytest.raises(ValueError, match=r"state of layer 'b' is torch\.float64"):
+        free.energy({"a": torch.zeros(2, 3), "b": torch.zeros(2, 3, dtype=torch.float64)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_state_on_another_device_names_the_layer():
+    net = Network({"v": Layer((4,), lag.tanh()), "h": Layer((3,), lag.relu())}, [DenseSynapse("v", "h")])
+    s = net.init_state(2)
+    with pytest.raises(ValueError, match=r"state of layer 'h' is torch.float32 on cuda:0, .* on cpu"):
+        net.energy({"v": s["v"], "h": s["h"].cuda()})
+
+
 class QuadraticLateral(Synapse):
     """A custom synapse: E = -1/2 sum g_a M g_a with a symmetric M (lateral coupling inside one layer)."""
 
