@@ -19,14 +19,14 @@ per-channel gamma is a diagonal factor along the other (channel) axis, for the c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from hopfield import Affine, DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
-from mixers.models import check_sizes, ratio_pair, run_blocks, timm_data_cfg
+from mixers.models import TimmClassifierAPI, check_sizes, ratio_pair, run_blocks, timm_data_cfg
 
 from .discrete import DerivedBlock, DiscreteConfig
 
@@ -135,7 +135,7 @@ class DerivedMixerConfig:
                              f"{self.patch_size}")
 
 
-class DerivedMixer(nn.Module):
+class DerivedMixer(TimmClassifierAPI, nn.Module):
     """Patch embedding, derived blocks, final LayerNorm, mean over tokens (``global_pool="avg"``), linear head:
     timm's layout and names, and timm's model API as ``mixers.MlpMixer`` has it (``num_features``, ``global_pool``,
     ``get_classifier``, ``reset_classifier``, ``set_grad_checkpointing``)."""
@@ -177,24 +177,6 @@ class DerivedMixer(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (as ``mixers.MlpMixer``)."""
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new head for ``num_classes`` (``nn.Linear``'s own init, as timm's) and optionally a new pooling;
-        ``cfg`` follows."""
-        pool = self.global_pool if global_pool is None else global_pool
-        self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=pool)  # validates global_pool
-        self.num_classes, self.global_pool = num_classes, pool
-        ref = self.norm.weight
-        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0
-                     else nn.Identity())
-        self.head.train(self.training)
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem.proj(x).flatten(2).transpose(1, 2)

@@ -33,21 +33,14 @@ import yaml
 
 from .analysis import mean_std_cell
 from .data import CorruptDatasetError, DatasetNotFoundError
-from .train import CheckpointError, ConfigError, check_model, config_diff, load_config, train
+from .train import CheckpointError, ConfigError, check_model, config_diff, load_config, read_yaml_mapping, train
 
 __all__ = ["check_spec", "claim", "expand", "load_sweep", "run_sweep", "table"]
 
 
 def load_sweep(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {str(p)!r} does not exist")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {str(p)!r} is not valid YAML: {e}") from e
-    if not isinstance(spec, dict):
-        raise ConfigError(f"sweep file {str(p)!r} must hold a mapping of keys, got {type(spec).__name__}")
+    spec = read_yaml_mapping(path, "sweep file")
     for key in spec:
         if key not in ("base", "out_dir", "seeds", "overrides", "runs"):
             raise ConfigError(f"sweep file {str(p)!r}: unknown key {key!r} (base, out_dir, seeds, overrides, runs)")

@@ -167,19 +167,23 @@ def _deep_update(a: dict, b: dict) -> dict:
     return a
 
 
+def read_yaml_mapping(path: str, what: str) -> dict:
+    """The mapping a YAML file holds; ConfigError naming ``what`` and the file if it is missing or not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
     """A TrainConfig from a YAML file and ``key=value`` overrides (dotted keys, YAML values)."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "config file") if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")

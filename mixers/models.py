@@ -394,7 +394,33 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointed: bool = Fals
     return x
 
 
-class MlpMixer(nn.Module):
+class TimmClassifierAPI:
+    """timm's model API shared by ``MlpMixer`` and ``derive.DerivedMixer``: both have ``cfg`` (with
+    ``num_classes``, ``global_pool``), ``norm``, ``head``, ``embed_dim`` and run their blocks with ``run_blocks``."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (``run_blocks``)."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (``nn.Linear``'s own init, as timm's) and optionally a new pooling;
+        ``cfg`` follows."""
+        pool = self.global_pool if global_pool is None else global_pool
+        self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=pool)  # validates global_pool
+        self.num_classes, self.global_pool = num_classes, pool
+        ref = self.norm.weight
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.head.train(self.training)
+
+
+class MlpMixer(TimmClassifierAPI, nn.Module):
     """MLP-Mixer with timm's structure and state-dict names (``stem.proj``, ``blocks.i``, ``norm``, ``head``).
 
     ``MlpMixer(cfg)``, ``MlpMixer(**fields)`` or ``MlpMixer(cfg, **overrides)``. With ``block="mixer"`` a timm
@@ -454,27 +480,6 @@ class MlpMixer(nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (``torch.utils.checkpoint``, non-reentrant)."""
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new head for ``num_classes`` (``nn.Linear``'s own init, as timm's) and optionally a new pooling;
-        ``cfg`` follows."""
-        pool = self.global_pool if global_pool is None else global_pool
-        self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=pool)  # validates global_pool
-        self.num_classes, self.global_pool = num_classes, pool
-        ref = self.norm.weight
-        self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-            if num_classes > 0
-            else nn.Identity()
-        )
-        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(run_blocks(self.blocks, self.stem(x), self.grad_checkpointing))
