@@ -22,8 +22,6 @@ total than one process using all cores (docs/benchmarks.md)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import itertools
 import json
 import sys
@@ -33,9 +31,18 @@ import yaml
 
 from .analysis import mean_std_cell
 from .data import CorruptDatasetError, DatasetNotFoundError
-from .train import CheckpointError, ConfigError, check_model, config_diff, load_config, read_yaml_mapping, train
+from .train import (
+    CheckpointError,
+    ConfigError,
+    check_model,
+    config_diff,
+    hold_out_dir,
+    load_config,
+    read_yaml_mapping,
+    train,
+)
 
-__all__ = ["check_spec", "claim", "expand", "load_sweep", "run_sweep", "table"]
+__all__ = ["check_spec", "expand", "load_sweep", "run_sweep", "table"]
 
 
 def load_sweep(path: str) -> dict:
@@ -153,22 +160,6 @@ def table(summaries: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def claim(run_dir: Path):
-    """Yield True if this process holds the run's exclusive lock (until the block ends), False if another does."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = False,
               seeds: list[int] | None = None) -> str:
     """Train every (run, seed) not finished yet, seed-major; ``only``/``seeds`` restrict what is trained (the
@@ -194,7 +185,7 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
                 run_dir = out / _dirname(name) / f"seed{seed}"
                 if (run_dir / "summary.json").exists():
                     continue
-                with claim(run_dir) as mine:
+                with hold_out_dir(run_dir) as mine:
                     if not mine:
                         print(f"== {name} seed {seed}: another process is training it, skipped", flush=True)
                         continue

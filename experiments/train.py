@@ -18,13 +18,16 @@ number of processes and LR schedule; a different ``epochs`` is refused rather th
 schedule). Checkpoints are read with ``torch.load(weights_only=True)``. Outputs in ``out_dir``: ``checkpoint.pt``,
 ``metrics.jsonl``, ``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json``, ``config.yaml``. A fresh start
 refuses an ``out_dir`` that holds a previous run's checkpoint or summary; ``--overwrite`` deletes them first.
+One process at a time trains into an ``out_dir``: the run holds ``out_dir/.lock`` (flock, POSIX).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -55,8 +58,8 @@ from .data import (
     validate_config,
 )
 
-__all__ = ["CheckpointError", "ConfigError", "TrainConfig", "check_model", "config_diff", "load_config", "main",
-           "train"]
+__all__ = ["CheckpointError", "ConfigError", "RunBusyError", "TrainConfig", "check_model", "config_diff",
+           "hold_out_dir", "load_config", "main", "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -65,6 +68,10 @@ SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")  # timm's, stepped 
 
 class ConfigError(ValueError):
     """An invalid configuration: the message names the key."""
+
+
+class RunBusyError(ConfigError):
+    """Another process is training into the same out_dir (it holds out_dir/.lock)."""
 
 
 class CheckpointError(RuntimeError):
@@ -370,12 +377,59 @@ def evaluate(model, loader, device, autocast) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- training
+_HELD: dict[Path, int] = {}  # out_dirs whose lock this process holds -> nesting depth
+
+
+@contextlib.contextmanager
+def hold_out_dir(out: Path):
+    """Yield True while this process holds ``out``'s exclusive lock (flock on out/.lock, released when the block
+    ends or the process dies), False if another process holds it. Re-entrant within a process, so a sweep that
+    holds a run's lock can call :func:`train` on it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield True
+        finally:
+            _HELD[key] -= 1
+        return
+    with open(out / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        _HELD[key] = 1
+        try:
+            yield True
+        finally:
+            del _HELD[key]
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run (or continue) a training run; returns the summary (also written to out_dir/summary.json).
 
-    A fresh start refuses an ``out_dir`` that holds another run's checkpoint or summary, unless ``overwrite``
-    (which deletes that run's outputs). A signal that arrives after the last training step (during the last
-    evaluation) is delivered again once the summary is written, so a sweep stops instead of starting a new run."""
+    The main process holds ``out_dir``'s lock for the whole run: a second process training into the same folder
+    is refused (:class:`RunBusyError`), and temporary files that a killed writer left there are deleted. A fresh
+    start refuses an ``out_dir`` that holds another run's checkpoint or summary, unless ``overwrite`` (which deletes
+    that run's outputs). A signal that arrives after the last training step (during the last evaluation) is
+    delivered again once the summary is written, so a sweep stops instead of starting a new run."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process holds the lock for all
+        return _train(cfg, resume, overwrite)
+    out = Path(cfg.out_dir)
+    with hold_out_dir(out) as mine:
+        if not mine:
+            raise RunBusyError(f"config key 'out_dir': {str(out)!r} is in use by another training process (it "
+                               f"holds {str(out / '.lock')!r}); wait for it to end or choose another out_dir")
+        for orphan in out.glob("*.tmp[0-9]*"):  # left by a writer killed mid-write: nobody else writes here now
+            orphan.unlink()
+        return _train(cfg, resume, overwrite)
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2

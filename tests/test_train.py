@@ -171,6 +171,38 @@ def test_a_previous_run_is_kept_unless_overwritten_and_resume_trims_tensorboard(
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
 
 
+def test_out_dir_in_use_by_another_process_is_refused_and_orphans_are_cleaned(tmp_path, capsys):
+    """Two trainings into one out_dir would overwrite each other's checkpoints: the second is refused, naming the
+    folder, before it writes anything. Once the folder is free, a writer's temporary files that a kill left behind
+    are deleted; other files stay."""
+    import fcntl
+    cfg = load_config(CONFIG, [*TINY, "epochs=1", "data.train_subset=128", "data.test_subset=64", "batch_size=64",
+                               f"out_dir={tmp_path}"])
+    with open(tmp_path / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stands for another training process
+        with pytest.raises(train.RunBusyError, match=rf"config key 'out_dir': '{tmp_path}' is in use by another "
+                                                     r"training process"):
+            train.train(cfg)
+        with pytest.raises(SystemExit):
+            train.main(["--config", CONFIG, *TINY, f"out_dir={tmp_path}"])
+        assert "is in use by another training process" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    for name in ("checkpoint.pt.tmp4242", "summary.json.tmp7", "notes.tmp"):
+        (tmp_path / name).write_text("x")
+    train.train(cfg)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert {"checkpoint.pt", "summary.json", "notes.tmp"} <= left and not any(".tmp4242" in n or ".tmp7" in n
+                                                                             for n in left)
+    with train.hold_out_dir(tmp_path) as mine:  # re-entrant in one process: a sweep holds it, then trains
+        assert mine
+        with train.hold_out_dir(tmp_path) as again:
+            assert again
+        train.train(cfg, resume=True)
+        with open(tmp_path / ".lock", "a") as other:  # still held after the nested exits
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 @pytest.mark.slow
 def test_a_signal_during_the_last_evaluation_is_delivered_after_the_summary(tmp_path, monkeypatch):
     """The run is complete, so it is summarised; then the signal goes on to the caller's handler (a sweep's, a
@@ -444,10 +476,8 @@ def test_sweep_processes_share_runs_through_locks(tmp_path, capsys):
     assert (tmp_path / "free" / "seed0" / "summary.json").exists()
     assert not (tmp_path / "free" / "seed1").exists()
     assert "| busy | 0 |" in md and "| free | 1 |" in md
-    with sweep.claim(tmp_path / "free" / "seed0") as mine:
-        assert mine
-        with sweep.claim(tmp_path / "free" / "seed0") as again:
-            assert not again
+    with open(tmp_path / "free" / "seed0" / ".lock", "a") as free:  # released when the run ended
+        fcntl.flock(free, fcntl.LOCK_EX | fcntl.LOCK_NB)
     # an edited sweep file does not reuse the finished run under the new settings, in training or table mode
     spec["runs"]["free"] = {"lr": 1e-4, "model_kwargs": {"embed_dim": 16}}
     for table_only in (False, True):
