@@ -341,8 +341,10 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_gloo_match_single_process(tmp_path):
     """torchrun, 2 CPU processes (gloo): identical weights on both, metrics close to one process with the same
-    global batch (the data order differs, so only within tolerance)."""
-    common = [*TINY, "epochs=2", "data.train_subset=4000", "data.test_subset=1000", "lr=3e-3"]
+    global batch (the data order differs, so only within tolerance). The learning rate scales with the global
+    batch (2 x 32), not the per-process one: both runs get lr_base * 64 / lr_base_size = 3e-3."""
+    common = [*TINY, "epochs=2", "data.train_subset=4000", "data.test_subset=1000", "lr=null", "lr_base=3e-3",
+              "lr_base_size=64"]
     torchrun = Path(sys.executable).with_name("torchrun")
     subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "experiments.train",
                     "--config", CONFIG, *common, "batch_size=32", f"out_dir={tmp_path / 'ddp'}"],
@@ -353,6 +355,9 @@ def test_ddp_two_processes_gloo_match_single_process(tmp_path):
     assert abs(ddp["last_top1"] - single["last_top1"]) <= 6.0, (ddp, single)
     m_ddp, m_one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
     assert abs(m_ddp[-1]["test_loss"] - m_one[-1]["test_loss"]) <= 0.1 * m_one[-1]["test_loss"]
+    assert [h["lr"] for h in m_ddp] == pytest.approx([h["lr"] for h in m_one], rel=1e-12)
+    # halfway down the cosine from 3e-3 to min_lr 1e-5 (scaled by the per-process batch it would be 7.6e-4)
+    assert m_one[0]["lr"] == pytest.approx(1e-5 + 0.5 * (3e-3 - 1e-5), rel=1e-12)
 
 
 @pytest.mark.slow
