@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hopfield import Affine, DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
-from mixers.models import TimmClassifierAPI, check_sizes, ratio_pair, run_blocks, timm_data_cfg
+from mixers.models import PatchStem, TimmClassifierAPI, check_sizes, ratio_pair, timm_data_cfg
 
 from .discrete import DerivedBlock, DiscreteConfig
 
@@ -138,7 +138,8 @@ class DerivedMixerConfig:
 class DerivedMixer(TimmClassifierAPI, nn.Module):
     """Patch embedding, derived blocks, final LayerNorm, mean over tokens (``global_pool="avg"``), linear head:
     timm's layout and names, and timm's model API as ``mixers.MlpMixer`` has it (``num_features``, ``global_pool``,
-    ``get_classifier``, ``reset_classifier``, ``set_grad_checkpointing``)."""
+    ``get_classifier``, ``reset_classifier``, ``set_grad_checkpointing``, ``forward_intermediates``,
+    ``feature_info``)."""
 
     def __init__(self, cfg: DerivedMixerConfig | None = None, **kwargs):
         super().__init__()
@@ -149,8 +150,7 @@ class DerivedMixer(TimmClassifierAPI, nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = cfg.embed_dim
         self.grad_checkpointing = False
         self.seq_len = (cfg.img_size // cfg.patch_size) ** 2
-        self.stem = nn.Module()
-        self.stem.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+        self.stem = PatchStem((cfg.img_size, cfg.img_size), cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.blocks = nn.Sequential(*[
             derived_block(cfg.block, self.seq_len, cfg.embed_dim, cfg.mlp_ratio, drop_path=cfg.drop_path_rate,
                           **cfg.block_kwargs) for _ in range(cfg.num_blocks)])
@@ -158,6 +158,7 @@ class DerivedMixer(TimmClassifierAPI, nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.reset_parameters()
+        self.feature_info = self.feature_info_for_blocks()
         self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, (cfg.img_size,) * 2,
                                                                0.875, "stem.proj")
 
@@ -177,19 +178,6 @@ class DerivedMixer(TimmClassifierAPI, nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = self.stem.proj(x).flatten(2).transpose(1, 2)
-        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def penalty(self) -> Tensor:
         """lam * sum ||W_break||^2 over the blocks: add it to the training loss."""

@@ -213,7 +213,7 @@ def energy_along_flow(model: nn.Module, image: Tensor, *, block: int = 0, t_end:
     derived.eval()
     try:
         with torch.no_grad():
-            v = derived.stem.proj(image.to(device=device, dtype=mdtype)).flatten(2).transpose(1, 2)
+            v = derived.stem(image.to(device=device, dtype=mdtype))
             for k in range(block):
                 v = derived.blocks[k](v)
     finally:

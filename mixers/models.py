@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from timm.layers import DropPath, lecun_normal_
 from timm.models import is_model, model_entrypoint, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -396,7 +397,13 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointed: bool = Fals
 
 class TimmClassifierAPI:
     """timm's model API shared by ``MlpMixer`` and ``derive.DerivedMixer``: both have ``cfg`` (with
-    ``num_classes``, ``global_pool``), ``norm``, ``head``, ``embed_dim`` and run their blocks with ``run_blocks``."""
+    ``num_classes``, ``global_pool``), a ``PatchStem`` ``stem``, ``blocks`` (run with ``run_blocks``), ``norm``,
+    ``head_drop``, ``head`` and ``embed_dim``."""
+
+    def feature_info_for_blocks(self) -> list[dict[str, Any]]:
+        """timm's ``feature_info``: every block's output, ``embed_dim`` channels at stride ``patch_size``."""
+        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=self.stem.patch_size)
+                for i in range(len(self.blocks))]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (``run_blocks``)."""
@@ -411,13 +418,64 @@ class TimmClassifierAPI:
         pool = self.global_pool if global_pool is None else global_pool
         self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=pool)  # validates global_pool
         self.num_classes, self.global_pool = num_classes, pool
-        ref = self.norm.weight
+        ref = self.stem.proj.weight  # norm and head may be pruned away
         self.head = (
             nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
             if num_classes > 0
             else nn.Identity()
         )
         self.head.train(self.training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(run_blocks(self.blocks, self.stem(x), self.grad_checkpointing))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: the outputs of the blocks ``indices`` (the last n if an int, all if
+        None; negative counts from the end), through ``norm`` if asked, as (B, C, H, W) (``"NCHW"``) or (B, N, C)
+        (``"NLC"``); with the final normed tokens unless ``intermediates_only``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        x = self.stem(x)
+        intermediates = []
+        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
+            x = run_blocks(nn.Sequential(block), x, self.grad_checkpointing)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == "NCHW":
+            h, w = self.stem.grid_size
+            intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the norm, the head if asked); the kept indices."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
 
 class MlpMixer(TimmClassifierAPI, nn.Module):
@@ -445,6 +503,7 @@ class MlpMixer(TimmClassifierAPI, nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
+        self.feature_info = self.feature_info_for_blocks()
         self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, cfg.image_hw, 0.875,
                                                                "stem.proj")
 
@@ -480,18 +539,6 @@ class MlpMixer(TimmClassifierAPI, nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(run_blocks(self.blocks, self.stem(x), self.grad_checkpointing))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def penalty(self) -> torch.Tensor:
         """``lam * sum(block.penalty())``: the symmetry-breaking term to add to the training loss (zero if unused)."""
@@ -549,9 +596,20 @@ def create_registered(name: str, pretrained: bool, kwargs: dict[str, Any],
         )
     kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_FACTORY_KWARGS}
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None)
+    feature_cls = kwargs.pop("feature_cls", "getter")
     model = build(kwargs)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
+    if features_only:
+        if feature_cls != "getter":
+            raise ValueError(f"{name}: feature_cls must be 'getter' (features from forward_intermediates), "
+                             f"got {feature_cls!r}")
+        # as timm's Mixer and ViT: the last 3 blocks unless out_indices says otherwise
+        model = FeatureGetterNet(model, out_indices=3 if out_indices is None else out_indices)
+    elif out_indices is not None:
+        raise TypeError(f"{name}: out_indices is given without features_only=True")
     return model
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from timm.layers import DropPath, trunc_normal_
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -252,6 +253,8 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=cfg.patch_size)
+                             for i in range(cfg.depth)]
         self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, cfg.image_hw, 0.9,
                                                                 "patch_embed.proj")
 
@@ -310,14 +313,17 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + self.pos_embed)
 
-    def forward_blocks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Run the blocks on the tokens ``x_0``: the states ``[x_0, ..., x_depth]`` and hidden scores ``[h_0, ...]``.
+    def forward_blocks(
+        self, x: torch.Tensor, blocks: nn.ModuleList | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run the blocks (all, or the first ones given) on the tokens ``x_0``: the states ``[x_0, ..., x_depth]``
+        and hidden scores ``[h_0, ...]``.
 
         ``h_n`` (B, heads, N, N) is block ``n``'s pre-softmax score state, passed to block ``n + 1``.
         """
         states, scores, h = [x], [], None
         alpha_h = self.cfg.alpha_h
-        for block in self.blocks:
+        for block in self.blocks if blocks is None else blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x, h = checkpoint(block, x, h, alpha_h, use_reentrant=False)
             else:
@@ -334,6 +340,48 @@ class VisionTransformer(nn.Module):
         states, _ = self.forward_blocks(self.embed(x))
         out = self.norm(states[-1])
         return (out, states) if return_layers else out
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """timm's ``forward_intermediates``: the patch tokens after the blocks ``indices`` (the last n if an int,
+        all if None; negative counts from the end), through ``norm`` if asked, as (B, C, H, W) (``"NCHW"``) or
+        (B, N, C) (``"NLC"``), paired with their prefix tokens if ``return_prefix_tokens``; with the final normed
+        tokens unless ``intermediates_only``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        states, _ = self.forward_blocks(self.embed(x), self.blocks[: last + 1] if stop_early else None)
+        taken = [self.norm(states[i + 1]) if norm else states[i + 1] for i in take]
+        prefix = [y[:, : self.num_prefix_tokens] for y in taken]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in taken]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.grid_size
+            intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens and self.num_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (self.norm(states[-1]), intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the norms, the head if asked); the kept indices."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":

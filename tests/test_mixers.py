@@ -7,8 +7,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import TOL, rel_err
+from helpers import DTYPES, TOL, assert_same_intermediates, rel_err
 from timm.layers import Mlp as TimmMlp
+from timm.models._features import FeatureGetterNet
 from timm.models.mlp_mixer import MixerBlock as TimmMixerBlock
 from timm.models.mlp_mixer import MlpMixer as TimmMlpMixer
 
@@ -93,6 +94,58 @@ def test_vmixer_is_timm_mixer_and_same_seed_gives_same_init():
     a, b = theirs.state_dict(), ours.state_dict()
     assert list(a) == list(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_intermediates_and_features_only_match_timm(dtype):
+    """timm's feature API: ``forward_intermediates`` (indices, norm, NCHW/NLC, stop_early), ``feature_info`` and
+    ``create_model(..., features_only=True)`` give what timm's Mixer gives with the same weights."""
+    kw = dict(num_classes=7, img_size=32, patch_size=8, num_blocks=3, embed_dim=24)
+    theirs = TimmMlpMixer(**kw)
+    perturb(theirs)
+    ours = timm.create_model("vmixer_t4_32", **kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        assert_same_intermediates(ours.to(dtype), theirs.to(dtype), x, dtype)
+        assert ours.feature_info == theirs.feature_info
+        theirs = FeatureGetterNet(theirs, out_indices=(0, 2))  # what timm's features_only=True builds
+        ours = timm.create_model("vmixer_t4_32", features_only=True, out_indices=(0, 2), **kw).to(dtype)
+        ours.model.load_state_dict(theirs.model.state_dict(), strict=True)  # both pruned: no norm, no head
+        assert ours.feature_info.channels() == theirs.feature_info.channels() == [24, 24]
+        assert ours.feature_info.reduction() == theirs.feature_info.reduction() == [8, 8]
+        a, b = ours(x), theirs(x)
+        assert [t.shape for t in a] == [t.shape for t in b] == [(2, 24, 4, 4)] * 2
+        assert all(rel_err(u, v) <= TOL[dtype] for u, v in zip(a, b))
+
+
+def test_forward_intermediates_of_imixer_and_derived_imixer_agree_with_checkpointing():
+    """Spectrally normalised blocks (power iteration in train mode) under gradient checkpointing: the derived
+    iMixer's intermediates equal the hand-written one's, the final output equals ``forward_features``, and
+    ``prune_intermediate_layers`` keeps exactly the blocks needed."""
+    import derive
+    kw = dict(num_classes=5, img_size=16, patch_size=4, num_blocks=3, embed_dim=16, n_power=1)
+    ref = timm.create_model("imixer_t4_32", **kw).double()
+    perturb(ref)
+    derived = derive.from_reference(ref)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for model in (ref, derived):
+        model.set_grad_checkpointing(True)
+    assert_same_intermediates(derived, ref, x, torch.float64)
+    ref.eval()
+    final, inter = ref.forward_intermediates(x, indices=[1], output_fmt="NLC")
+    assert rel_err(final, ref.forward_features(x)) <= TOL[torch.float64] and inter[0].shape == (2, 16, 16)
+    assert ref.prune_intermediate_layers([0, 1]) == [0, 1] and len(ref.blocks) == 2 and ref.num_classes == 0
+    assert len(ref.feature_info) == 2 and isinstance(ref.head, torch.nn.Identity)
+
+
+def test_feature_options_are_checked():
+    with pytest.raises(ValueError, match="feature_cls must be 'getter'"):
+        timm.create_model("vmixer_t4_28", features_only=True, feature_cls="hook")
+    with pytest.raises(TypeError, match="out_indices is given without features_only"):
+        timm.create_model("imixer_t4_28", out_indices=(1,))
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC'"):
+        timm.create_model("vmixer_t4_28").forward_intermediates(torch.zeros(1, 1, 28, 28), output_fmt="NHWC")
 
 
 # ---------------------------------------------------------------------------------------------------------------

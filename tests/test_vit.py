@@ -7,8 +7,9 @@ initialisation; batch 3; train and eval mode (all dropout and drop-path rates 0)
 import pytest
 import timm
 import torch
-from helpers import DTYPES, TOL, perturb, randn, rel_err
+from helpers import DTYPES, INTERMEDIATE_OPTIONS, TOL, assert_same_intermediates, perturb, randn, rel_err
 from timm.layers import Attention as TimmAttention
+from timm.models._features import FeatureGetterNet
 from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -64,6 +65,42 @@ def test_model_equals_timm(dtype, global_pool):
     ours.load_state_dict(ref.state_dict(), strict=True)
     assert set(ours.state_dict()) == set(ref.state_dict())
     assert_same(ours, ref, images(dtype), dtype)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_intermediates_and_features_only_equal_timm(dtype, global_pool):
+    """timm's feature API with the class token split off (and returned with ``return_prefix_tokens``), the final
+    norm (an identity under ``avg`` pooling, as in timm), ``feature_info`` and ``features_only=True``."""
+    cfg = dict(SMALL, depth=3, global_pool=global_pool)
+    ref = perturb(TimmViT(**cfg)).to(dtype)
+    ours = VisionTransformer(ViTConfig(**cfg)).to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = images(dtype)
+    with torch.no_grad():
+        assert_same_intermediates(ours, ref, x, dtype, [*INTERMEDIATE_OPTIONS, dict(return_prefix_tokens=True)])
+        assert ours.feature_info == ref.feature_info
+        theirs = FeatureGetterNet(ref, out_indices=(1,))
+        mine = timm.create_model("hvit_t4_28", features_only=True, out_indices=(1,), embed_dim=D, depth=3,
+                                 num_heads=H, global_pool=global_pool).to(dtype)
+        mine.model.load_state_dict(theirs.model.state_dict(), strict=True)  # both pruned after block 1
+        (a,), (b,) = mine(x), theirs(x)
+        assert a.shape == b.shape == (3, D, 7, 7) and rel_err(a, b) <= TOL[dtype]
+        assert len(mine.model.blocks) == 2
+
+
+def test_forward_intermediates_of_mha_carries_the_score_state():
+    """With alpha_h > 0 each block reads the previous block's scores: the intermediates are the states of
+    ``forward_features(..., return_layers=True)``, with and without stopping early."""
+    ours = perturb(VisionTransformer(ViTConfig(**SMALL, alpha_h=0.5))).double().eval()
+    x = images()
+    _, states = ours.forward_features(x, return_layers=True)
+    with torch.no_grad():
+        for stop_early in (False, True):
+            for i in (0, 1):
+                (y,) = ours.forward_intermediates(x, indices=[i], output_fmt="NLC", stop_early=stop_early,
+                                                  intermediates_only=True)
+                assert torch.equal(y, states[i + 1][:, 1:]), (stop_early, i)
 
 
 # ------------------------------------------------------------------------------------------ MHA
