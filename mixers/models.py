@@ -395,6 +395,29 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointed: bool = Fals
     return x
 
 
+def take_blocks(n_blocks: int, indices: int | list[int] | None, output_fmt: str = "NCHW") -> tuple[list[int], int]:
+    """timm's ``feature_take_indices`` (the last n blocks if an int, all if None, negative from the end) after
+    checking ``output_fmt``: the block indices to return and the last of them."""
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    return feature_take_indices(n_blocks, indices)
+
+
+def token_maps(tokens: list[torch.Tensor], output_fmt: str, grid: tuple[int, int]) -> list[torch.Tensor]:
+    """Patch tokens (B, N, C) in timm's feature format: as they are for ``"NLC"``, (B, C, H, W) for ``"NCHW"``."""
+    if output_fmt == "NLC":
+        return tokens
+    return [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in tokens]
+
+
+def prune_blocks(model: nn.Module, indices: int | list[int]) -> list[int]:
+    """Drop ``model.blocks`` (and their ``feature_info``) after the last of ``indices``; the kept indices."""
+    take, last = feature_take_indices(len(model.blocks), indices)
+    model.blocks = model.blocks[: last + 1]
+    model.feature_info = model.feature_info[: last + 1]
+    return take
+
+
 class TimmClassifierAPI:
     """timm's model API shared by ``MlpMixer`` and ``derive.DerivedMixer``: both have ``cfg`` (with
     ``num_classes``, ``global_pool``), a ``PatchStem`` ``stem``, ``blocks`` (run with ``run_blocks``), ``norm``,
@@ -450,27 +473,21 @@ class TimmClassifierAPI:
         """timm's ``forward_intermediates``: the outputs of the blocks ``indices`` (the last n if an int, all if
         None; negative counts from the end), through ``norm`` if asked, as (B, C, H, W) (``"NCHW"``) or (B, N, C)
         (``"NLC"``); with the final normed tokens unless ``intermediates_only``."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take, last = feature_take_indices(len(self.blocks), indices)
+        take, last = take_blocks(len(self.blocks), indices, output_fmt)
         x = self.stem(x)
         intermediates = []
         for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
             x = run_blocks(nn.Sequential(block), x, self.grad_checkpointing)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
-        if output_fmt == "NCHW":
-            h, w = self.stem.grid_size
-            intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        intermediates = token_maps(intermediates, output_fmt, self.stem.grid_size)
         return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the norm, the head if asked); the kept indices."""
-        take, last = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: last + 1]
-        self.feature_info = self.feature_info[: last + 1]
+        take = prune_blocks(self, indices)
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:

@@ -28,12 +28,21 @@ from typing import Any
 
 import torch
 from timm.layers import DropPath, trunc_normal_
-from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import Mlp
-from .models import ImageGrid, PatchStem, check_sizes, create_registered, register_entrypoints, timm_data_cfg
+from .models import (
+    ImageGrid,
+    PatchStem,
+    check_sizes,
+    create_registered,
+    prune_blocks,
+    register_entrypoints,
+    take_blocks,
+    timm_data_cfg,
+    token_maps,
+)
 
 __all__ = ["SKIP_MODES", "VIT_MODEL_NAMES", "Attention", "Block", "ViTConfig", "VisionTransformer"]
 
@@ -355,16 +364,12 @@ class VisionTransformer(nn.Module):
         all if None; negative counts from the end), through ``norm`` if asked, as (B, C, H, W) (``"NCHW"``) or
         (B, N, C) (``"NLC"``), paired with their prefix tokens if ``return_prefix_tokens``; with the final normed
         tokens unless ``intermediates_only``."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take, last = feature_take_indices(len(self.blocks), indices)
+        take, last = take_blocks(len(self.blocks), indices, output_fmt)
         states, _ = self.forward_blocks(self.embed(x), self.blocks[: last + 1] if stop_early else None)
         taken = [self.norm(states[i + 1]) if norm else states[i + 1] for i in take]
         prefix = [y[:, : self.num_prefix_tokens] for y in taken]
-        intermediates = [y[:, self.num_prefix_tokens :] for y in taken]
-        if output_fmt == "NCHW":
-            h, w = self.patch_embed.grid_size
-            intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        intermediates = token_maps([y[:, self.num_prefix_tokens :] for y in taken], output_fmt,
+                                   self.patch_embed.grid_size)
         if return_prefix_tokens and self.num_prefix_tokens:
             intermediates = list(zip(intermediates, prefix))
         return intermediates if intermediates_only else (self.norm(states[-1]), intermediates)
@@ -373,9 +378,7 @@ class VisionTransformer(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the norms, the head if asked); the kept indices."""
-        take, last = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: last + 1]
-        self.feature_info = self.feature_info[: last + 1]
+        take = prune_blocks(self, indices)
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
