@@ -417,6 +417,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     start refuses an ``out_dir`` that holds another run's checkpoint or summary, unless ``overwrite`` (which deletes
     that run's outputs). A signal that arrives after the last training step (during the last evaluation) is
     delivered again once the summary is written, so a sweep stops instead of starting a new run."""
+    check_model(cfg)  # a wrong model name or model_kwargs fails now, before any data is read or folder made
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process holds the lock for all
         return _train(cfg, resume, overwrite)
     out = Path(cfg.out_dir)
@@ -455,7 +456,6 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode needs it
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    check_model(cfg)  # a wrong model name or model_kwargs fails now, before any data is read
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoint.pt"
     if main_proc:

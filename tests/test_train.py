@@ -111,10 +111,12 @@ def test_command_line_reports_config_errors():
 
 
 def test_command_line_reports_model_and_checkpoint_errors_without_a_traceback(tmp_path):
-    """A wrong model fails before any data is read; a corrupt checkpoint names its file."""
+    """A wrong model fails before any data is read or any folder made; a corrupt checkpoint names its file."""
     run = [sys.executable, "-m", "experiments.train", "--config", CONFIG, f"out_dir={tmp_path}"]
-    out = subprocess.run([*run, "model=nomodel"], capture_output=True, text=True, env=env1(), cwd=ROOT)
+    out = subprocess.run([*run, "model=nomodel", f"out_dir={tmp_path / 'new'}"], capture_output=True, text=True,
+                         env=env1(), cwd=ROOT)
     assert out.returncode == 2 and "unknown model 'nomodel'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "new").exists()
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage")
     out = subprocess.run([*run, "--resume"], capture_output=True, text=True, env=env1(), cwd=ROOT)
     assert out.returncode == 1 and "Traceback" not in out.stderr
