@@ -32,6 +32,7 @@ import yaml
 from .analysis import mean_std_cell
 from .data import CorruptDatasetError, DatasetNotFoundError
 from .train import (
+    OPERATIONAL_KEYS,
     CheckpointError,
     ConfigError,
     check_model,
@@ -121,7 +122,7 @@ def _check_finished(spec: dict, out: Path, runs: dict, seeds: list[int]) -> None
                 continue
             cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides + [f"seed={seed}"])
             diff = config_diff(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg,
-                               ignore=("out_dir", "progress"))
+                               ignore=OPERATIONAL_KEYS)
             if diff:
                 stale.append(f"{run_dir}: " + "; ".join(diff))
     if stale:

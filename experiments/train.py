@@ -9,8 +9,9 @@ with warm-up, cooldown and a lower bound, stepped every update), ``Mixup`` (mixu
 smoothing), RandAugment and random erasing (``experiments.data``), stochastic depth (``drop_path``). The
 learning rate is ``lr_base * global_batch / lr_base_size`` unless ``lr`` is given (iMixer paper, Table 5).
 
-Nothing is lost: a checkpoint is written atomically (temporary file, fsync, then rename) after every epoch and
-on SIGTERM/SIGINT (at the next step boundary), holding model, optimizer, scheduler, grad scaler, RNG states,
+Nothing is lost: a checkpoint is written atomically (temporary file, fsync, then rename) after every epoch, on
+SIGTERM/SIGINT (at the next step boundary) and, with ``checkpoint_minutes``, mid-epoch that often (so a SIGKILL
+loses at most that much training), holding model, optimizer, scheduler, grad scaler, RNG states,
 epoch and step; ``--resume`` continues from it and ends where an uninterrupted run would. With several
 processes, a signal to any one of them (or a non-finite loss on any one) stops all of them at the same step, and
 the checkpoint holds every process's RNG state. A checkpoint resumes only the run it came from (same config,
@@ -107,6 +108,11 @@ class TrainConfig:
     device: str = "auto"
     out_dir: str = "runs/default"
     progress: bool = True  # tqdm bar per epoch
+    checkpoint_minutes: float | None = None  # also checkpoint mid-epoch this often (a SIGKILL loses at most that)
+
+
+# keys that change how a run is carried out, not what it computes: a checkpoint or finished run ignores them
+OPERATIONAL_KEYS = ("out_dir", "progress", "checkpoint_minutes")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -216,7 +222,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         raise ConfigError(f"config key 'amp' must be one of {AMP_MODES}, got {cfg.amp!r}")
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise ConfigError(f"config key 'clip_grad' must be > 0 or null, got {cfg.clip_grad!r}")
-    for key in ("lr", "lr_base"):
+    for key in ("lr", "lr_base", "checkpoint_minutes"):
         if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {getattr(cfg, key)!r}")
     for key in ("weight_decay", "warmup_lr", "min_lr", "mixup", "cutmix"):
@@ -463,7 +469,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if resume and ckpt is None and main_proc:
         print(f"no checkpoint at {ckpt_path}: starting from scratch", file=sys.stderr)
-    if ckpt is not None and (diff := config_diff(ckpt["config"], cfg, ignore=("out_dir", "progress", "epochs"))):
+    if ckpt is not None and (diff := config_diff(ckpt["config"], cfg, ignore=(*OPERATIONAL_KEYS, "epochs"))):
         raise CheckpointError(f"checkpoint {str(ckpt_path)!r} was written for a different configuration "
                               f"({'; '.join(diff)}); resume with the same config or use another out_dir")
     previous = [name for name in ("checkpoint.pt", "summary.json") if (out / name).exists()]
@@ -546,12 +552,21 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                    "epoch_correct": own.get("epoch_correct", 0), "epoch_counted": own.get("epoch_counted", 0),
                    "epoch_seen": own.get("epoch_seen", 0), "epoch_time_s": own.get("epoch_time_s", 0.0),
                    "wall_s": wall_before + time.perf_counter() - t_start,
-                   "config": _plain(cfg, ignore=("out_dir", "progress", "epochs"))}
+                   "config": _plain(cfg, ignore=(*OPERATIONAL_KEYS, "epochs"))}
         if ranks is not None and world > 1:
             payload["ranks"] = ranks
         return payload
 
-    t_start = time.perf_counter()
+    t_start = last_save = time.perf_counter()
+    save_every = None if cfg.checkpoint_minutes is None else 60.0 * cfg.checkpoint_minutes
+
+    def gather(own: dict) -> list[dict]:
+        """Every process's RNG state and partial-epoch counters, in rank order (a collective under DDP)."""
+        if not distributed:
+            return [own]
+        ranks = [None] * world
+        dist.all_gather_object(ranks, own)
+        return ranks
     stopped = None
     with _Stop() as stop:
         for epoch in range(start_epoch, total_epochs):
@@ -589,11 +604,15 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                         loss = loss + model.penalty()
                 # every process takes the same branch: a non-finite loss or a signal on any one of them stops all
                 # at this step (alone, it would leave the others waiting in the gradient all-reduce)
-                flags = torch.stack([~torch.isfinite(loss.detach()), torch.tensor(stop.signum is not None,
-                                                                                   device=loss.device)]).float()
+                # a mid-epoch checkpoint is due by the main process's clock (and is not the epoch's last step)
+                due = (save_every is not None and main_proc and step + 1 < steps_per_epoch
+                       and time.perf_counter() - last_save >= save_every)
+                flags = torch.stack([~torch.isfinite(loss.detach()),
+                                     torch.tensor(stop.signum is not None, device=loss.device),
+                                     torch.tensor(due, device=loss.device)]).float()
                 if distributed:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                nonfinite, stopping = flags.tolist()
+                nonfinite, stopping, due = flags.tolist()
                 if nonfinite:
                     raise FloatingPointError(f"loss is {loss.item()} (or non-finite on another process) at epoch "
                                              f"{epoch} step {step}; last good checkpoint: {ckpt_path}")
@@ -616,12 +635,19 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                     bar.set_postfix(loss=f"{loss.item():.3f}", acc=acc, lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{rate:.0f}")
                     bar.update()
-                if stopping:
-                    stopped = (epoch, step + 1, {"rng": _rng_state(), "epoch_loss_sum": loss_sum.item(),
-                                                 "epoch_correct": correct, "epoch_counted": counted,
-                                                 "epoch_seen": seen_before + seen,
-                                                 "epoch_time_s": time_before + time.perf_counter() - t0})
-                    break
+                if stopping or due:
+                    partial = {"rng": _rng_state(), "epoch_loss_sum": loss_sum.item(), "epoch_correct": correct,
+                               "epoch_counted": counted, "epoch_seen": seen_before + seen,
+                               "epoch_time_s": time_before + time.perf_counter() - t0}
+                    if stopping:
+                        stopped = (epoch, step + 1, partial)
+                        break
+                    saving = time.perf_counter()
+                    ranks = gather(partial)
+                    if main_proc:
+                        save_checkpoint(ckpt_path, state(epoch, step + 1, ranks))
+                    last_save = time.perf_counter()
+                    t0 += last_save - saving  # writing the checkpoint is not training time
             if bar is not None:
                 bar.close()
             if stopped is not None:
@@ -645,13 +671,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                 if bar is None and cfg.progress:
                     print(json.dumps(metrics))
                 save_checkpoint(ckpt_path, state(epoch + 1, 0))
+            last_save = time.perf_counter()
             scheduler.step(epoch + 1)
 
     if stopped is not None:
-        ranks = [stopped[2]]
-        if distributed:
-            ranks = [None] * world
-            dist.all_gather_object(ranks, stopped[2])
+        ranks = gather(stopped[2])
         if main_proc:
             save_checkpoint(ckpt_path, state(stopped[0], stopped[1], ranks))
             by = f"signal {stop.signum}" if stop.signum is not None else "a signal to another process"

@@ -339,6 +339,37 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     assert sa["last_top1"] == sb["last_top1"] and sa["best_top1"] == sb["best_top1"]
 
 
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_from_the_timed_checkpoint_to_the_same_metrics(tmp_path):
+    """SIGKILL cannot be caught: with checkpoint_minutes the run still has a recent mid-epoch checkpoint, and
+    --resume from it ends exactly where an uninterrupted run without timed checkpoints does."""
+    args = [*TINY, "epochs=2", "data.train_subset=3000", "data.test_subset=500", "batch_size=32",
+            "data.crop_pad=2", "data.num_workers=1"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.train", "--config", CONFIG, *args]
+    subprocess.run([*cmd, f"out_dir={full}"], check=True, env=env1(), cwd=ROOT, capture_output=True)
+
+    timed = [*cmd, f"out_dir={killed}", "checkpoint_minutes=0.002"]  # every 0.12 s
+    proc = subprocess.Popen(timed, env=env1(), cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, ckpt = time.time() + 120, {}
+    while not (ckpt.get("epoch") == 1 and ckpt.get("step", 0) > 10) and time.time() < deadline:
+        time.sleep(0.05)
+        if (killed / "checkpoint.pt").exists():  # renamed into place whole: never half written
+            ckpt = torch.load(killed / "checkpoint.pt", weights_only=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    ckpt = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["step"] < 94 and not (killed / "summary.json").exists(), ckpt["step"]
+    subprocess.run([*timed, "--resume"], check=True, env=env1(), cwd=ROOT, capture_output=True)
+
+    a, b = metrics(full), metrics(killed)
+    assert [m["epoch"] for m in b] == [1, 2]
+    for ma, mb in zip(a, b):
+        assert ma["test_top1"] == mb["test_top1"] and ma["train_top1"] == mb["train_top1"]
+        assert abs(ma["test_loss"] - mb["test_loss"]) < 1e-9 and abs(ma["train_loss"] - mb["train_loss"]) < 1e-9
+    assert mb["images_per_s"] * mb["epoch_time_s"] == pytest.approx(3000, abs=32)
+
+
 # ------------------------------------------------------------------------------------------ distributed
 @pytest.mark.slow
 def test_ddp_two_processes_gloo_match_single_process(tmp_path):
