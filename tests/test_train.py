@@ -396,19 +396,25 @@ def test_ddp_two_processes_gloo_match_single_process(tmp_path):
 @pytest.mark.slow
 def test_ddp_signal_to_one_process_stops_both_and_resumes_exactly(tmp_path):
     """SIGTERM to rank 1 alone, mid-epoch: both processes stop at the same step (rank 0 writes the checkpoint, with
-    each rank's RNG state), and the resumed 2-process run ends exactly where an uninterrupted one does."""
+    each rank's RNG state), and the resumed 2-process run ends exactly where an uninterrupted one does. The
+    interrupted run also writes timed mid-epoch checkpoints (a collective at a step both ranks agree on), which
+    must not change its course."""
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "experiments.train", "--config", CONFIG,
            *TINY, "epochs=3", "data.train_subset=3000", "data.test_subset=500", "batch_size=32", "data.crop_pad=2",
            "drop_path=0.1"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run([*cmd, f"out_dir={full}"], check=True, env=env1(), cwd=ROOT, capture_output=True)
-    proc = subprocess.Popen([*cmd, f"out_dir={killed}"], env=env1(), cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    timed = [*cmd, f"out_dir={killed}", "checkpoint_minutes=0.002"]  # every 0.12 s
+    proc = subprocess.Popen(timed, env=env1(), cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not (killed / "checkpoint.pt").exists() and time.time() < deadline:  # after epoch 1
+        log, timed_steps = killed / "metrics.jsonl", set()
+        while not (log.exists() and log.read_text().strip()) and time.time() < deadline:  # after epoch 1
             time.sleep(0.05)
+            if (killed / "checkpoint.pt").exists():
+                timed_steps.add(torch.load(killed / "checkpoint.pt", weights_only=True)["step"])
+        assert timed_steps - {0}, "no mid-epoch checkpoint was written in epoch 1"
         time.sleep(0.3)  # into epoch 2
         rank1 = [pid for pid in _descendants(proc.pid) if b"\0RANK=1\0" in b"\0" + _environ(pid)]
         assert len(rank1) == 1, rank1
@@ -419,8 +425,9 @@ def test_ddp_signal_to_one_process_stops_both_and_resumes_exactly(tmp_path):
             for pid in [*_descendants(proc.pid), proc.pid]:
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0 and "stopped by a signal to another process" in err, err
-    assert "ranks" in torch.load(killed / "checkpoint.pt", weights_only=True)
-    subprocess.run([*cmd, f"out_dir={killed}", "--resume"], check=True, env=env1(), cwd=ROOT, capture_output=True)
+    stopped_at = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert "ranks" in stopped_at and stopped_at["epoch"] >= 1 and stopped_at["step"] > 0
+    subprocess.run([*timed, "--resume"], check=True, env=env1(), cwd=ROOT, capture_output=True)
     a, b = metrics(full), metrics(killed)
     assert [m["epoch"] for m in b] == [1, 2, 3]
     for ma, mb in zip(a, b):
