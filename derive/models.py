@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hopfield import Affine, DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
-from mixers.models import PatchStem, TimmClassifierAPI, check_sizes, ratio_pair, timm_data_cfg
+from mixers.models import PatchStem, TimmClassifierAPI, blocks_feature_info, check_sizes, ratio_pair, timm_data_cfg
 
 from .discrete import DerivedBlock, DiscreteConfig
 
@@ -158,7 +158,7 @@ class DerivedMixer(TimmClassifierAPI, nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.reset_parameters()
-        self.feature_info = self.feature_info_for_blocks()
+        self.feature_info = blocks_feature_info(cfg.num_blocks, cfg.embed_dim, cfg.patch_size)
         self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, (cfg.img_size,) * 2,
                                                                0.875, "stem.proj")
 

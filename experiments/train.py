@@ -113,6 +113,7 @@ class TrainConfig:
 
 # keys that change how a run is carried out, not what it computes: a checkpoint or finished run ignores them
 OPERATIONAL_KEYS = ("out_dir", "progress", "checkpoint_minutes")
+RESUME_IGNORED = (*OPERATIONAL_KEYS, "epochs")  # a checkpoint's config, compared on resume (epochs: separately)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -469,7 +470,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if resume and ckpt is None and main_proc:
         print(f"no checkpoint at {ckpt_path}: starting from scratch", file=sys.stderr)
-    if ckpt is not None and (diff := config_diff(ckpt["config"], cfg, ignore=(*OPERATIONAL_KEYS, "epochs"))):
+    if ckpt is not None and (diff := config_diff(ckpt["config"], cfg, ignore=RESUME_IGNORED)):
         raise CheckpointError(f"checkpoint {str(ckpt_path)!r} was written for a different configuration "
                               f"({'; '.join(diff)}); resume with the same config or use another out_dir")
     previous = [name for name in ("checkpoint.pt", "summary.json") if (out / name).exists()]
@@ -552,7 +553,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                    "epoch_correct": own.get("epoch_correct", 0), "epoch_counted": own.get("epoch_counted", 0),
                    "epoch_seen": own.get("epoch_seen", 0), "epoch_time_s": own.get("epoch_time_s", 0.0),
                    "wall_s": wall_before + time.perf_counter() - t_start,
-                   "config": _plain(cfg, ignore=(*OPERATIONAL_KEYS, "epochs"))}
+                   "config": _plain(cfg, ignore=RESUME_IGNORED)}
         if ranks is not None and world > 1:
             payload["ranks"] = ranks
         return payload
@@ -567,6 +568,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
         ranks = [None] * world
         dist.all_gather_object(ranks, own)
         return ranks
+
     stopped = None
     with _Stop() as stop:
         for epoch in range(start_epoch, total_epochs):

@@ -385,13 +385,20 @@ def _checkpoint_contexts(block: nn.Module) -> Callable[[], tuple[Any, Any]]:
     return context_fn
 
 
+def run_block(block: nn.Module, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    """``block(x)``; with ``checkpointed`` (and grad enabled) its activations are recomputed in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant, buffers restored as in `_checkpoint_contexts`)."""
+    if not (checkpointed and torch.is_grad_enabled()):
+        return block(x)
+    return checkpoint(block, x, use_reentrant=False, context_fn=_checkpoint_contexts(block))
+
+
 def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
-    """``blocks(x)``; with ``checkpointed`` (and grad enabled) each block's activations are recomputed in the backward
-    pass (``torch.utils.checkpoint``, non-reentrant, buffers restored as in `_checkpoint_contexts`)."""
+    """``blocks(x)``, each block through `run_block`."""
     if not (checkpointed and torch.is_grad_enabled()):
         return blocks(x)
     for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False, context_fn=_checkpoint_contexts(block))
+        x = run_block(block, x, checkpointed)
     return x
 
 
@@ -410,6 +417,11 @@ def token_maps(tokens: list[torch.Tensor], output_fmt: str, grid: tuple[int, int
     return [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in tokens]
 
 
+def blocks_feature_info(n_blocks: int, channels: int, reduction: int) -> list[dict[str, Any]]:
+    """timm's ``feature_info`` of a plain stack of blocks: every block's output, at one width and stride."""
+    return [dict(module=f"blocks.{i}", num_chs=channels, reduction=reduction) for i in range(n_blocks)]
+
+
 def prune_blocks(model: nn.Module, indices: int | list[int]) -> list[int]:
     """Drop ``model.blocks`` (and their ``feature_info``) after the last of ``indices``; the kept indices."""
     take, last = feature_take_indices(len(model.blocks), indices)
@@ -422,11 +434,6 @@ class TimmClassifierAPI:
     """timm's model API shared by ``MlpMixer`` and ``derive.DerivedMixer``: both have ``cfg`` (with
     ``num_classes``, ``global_pool``), a ``PatchStem`` ``stem``, ``blocks`` (run with ``run_blocks``), ``norm``,
     ``head_drop``, ``head`` and ``embed_dim``."""
-
-    def feature_info_for_blocks(self) -> list[dict[str, Any]]:
-        """timm's ``feature_info``: every block's output, ``embed_dim`` channels at stride ``patch_size``."""
-        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=self.stem.patch_size)
-                for i in range(len(self.blocks))]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass (``run_blocks``)."""
@@ -477,7 +484,7 @@ class TimmClassifierAPI:
         x = self.stem(x)
         intermediates = []
         for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
-            x = run_blocks(nn.Sequential(block), x, self.grad_checkpointing)
+            x = run_block(block, x, self.grad_checkpointing)
             if i in take:
                 intermediates.append(self.norm(x) if norm else x)
         intermediates = token_maps(intermediates, output_fmt, self.stem.grid_size)
@@ -520,7 +527,7 @@ class MlpMixer(TimmClassifierAPI, nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
-        self.feature_info = self.feature_info_for_blocks()
+        self.feature_info = blocks_feature_info(cfg.num_blocks, cfg.embed_dim, cfg.patch_size)
         self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, cfg.image_hw, 0.875,
                                                                "stem.proj")
 

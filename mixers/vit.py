@@ -35,6 +35,7 @@ from .layers import Mlp
 from .models import (
     ImageGrid,
     PatchStem,
+    blocks_feature_info,
     check_sizes,
     create_registered,
     prune_blocks,
@@ -262,8 +263,7 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=cfg.patch_size)
-                             for i in range(cfg.depth)]
+        self.feature_info = blocks_feature_info(cfg.depth, dim, cfg.patch_size)
         self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, cfg.image_hw, 0.9,
                                                                 "patch_embed.proj")
 
