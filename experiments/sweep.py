@@ -9,7 +9,10 @@ carry a ``grid`` of keys to lists of values whose product expands it (``imixer``
 ``<out_dir>/<run>/seed<k>``; a finished one (summary.json present) is skipped, a killed one resumes from its
 checkpoint, so re-running the command after an interruption continues the sweep. A finished or killed run whose
 config differs from the sweep file's is an error, not silently reused. The tables (markdown, like the iMixer
-paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout.
+paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout. A ``compare`` list of run names adds, for each, a
+table of every other run's last test top-1 minus that run's, paired by seed: a seed fixes the order and the
+augmentations of the training images for every run (``experiments.data.build_loaders``), so each difference
+compares two models trained on the same data stream.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
 ``flock`` on ``<run dir>/.lock`` (released by the OS when its process exits, killed or not), and a claimed run is
@@ -43,15 +46,17 @@ from .train import (
     train,
 )
 
-__all__ = ["check_spec", "expand", "load_sweep", "run_sweep", "table"]
+__all__ = ["check_spec", "comparison", "expand", "load_sweep", "run_sweep", "table"]
+
+SWEEP_KEYS = ("base", "out_dir", "seeds", "overrides", "runs", "compare")
 
 
 def load_sweep(path: str) -> dict:
     p = Path(path)
     spec = read_yaml_mapping(path, "sweep file")
     for key in spec:
-        if key not in ("base", "out_dir", "seeds", "overrides", "runs"):
-            raise ConfigError(f"sweep file {str(p)!r}: unknown key {key!r} (base, out_dir, seeds, overrides, runs)")
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"sweep file {str(p)!r}: unknown key {key!r} ({', '.join(SWEEP_KEYS)})")
     if not spec.get("runs"):
         raise ConfigError(f"sweep file {str(p)!r} lists no runs")
     try:
@@ -84,6 +89,11 @@ def check_spec(spec: dict) -> None:
         for key, values in grid.items():
             if not (isinstance(values, list) and values):
                 raise ConfigError(f"run {name!r}: grid key {key!r} must be a non-empty list of values, got {values!r}")
+    if not is_list(spec.get("compare", []), str):
+        raise ConfigError(f"key 'compare' must be a list of run names, got {spec['compare']!r}")
+    unknown = [c for c in spec.get("compare", []) if c not in expand(spec)]
+    if unknown:
+        raise ConfigError(f"key 'compare': {unknown} not among the runs {list(expand(spec))}")
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:
@@ -137,7 +147,7 @@ def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]
         for seed in seeds:
             f = out / _dirname(name) / f"seed{seed}" / "summary.json"
             if f.exists():
-                rows.append(json.loads(f.read_text()))
+                rows.append({**json.loads(f.read_text()), "seed": seed})
         found[name] = rows
     return found
 
@@ -158,6 +168,23 @@ def table(summaries: dict[str, list[dict]]) -> str:
         ips = sum(r["images_per_s"] for r in rows) / len(rows)
         lines.append(f"| {name} | {len(rows)} | {mean_std_cell([r['best_top1'] for r in rows])} | "
                      f"{mean_std_cell([r['last_top1'] for r in rows])} | {params:,} | {ips:.0f} |")
+    return "\n".join(lines)
+
+
+def comparison(summaries: dict[str, list[dict]], reference: str) -> str:
+    """Markdown: each run's last test top-1 minus ``reference``'s on the same seed, mean +- std over the seeds both
+    finished, and on how many of those seeds the run is ahead (ties count as not ahead)."""
+    ref = {r["seed"]: r["last_top1"] for r in summaries[reference]}
+    lines = [f"| model | seeds paired | last top-1 − {reference} (points) | ahead on |", "|---|---|---|---|"]
+    for name, rows in summaries.items():
+        if name == reference:
+            continue
+        diffs = [r["last_top1"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
+        if not diffs:
+            lines.append(f"| {name} | 0 | – | – |")
+            continue
+        cell = mean_std_cell(diffs, "+.2f", ".2f")
+        lines.append(f"| {name} | {len(diffs)} | {cell} | {sum(d > 0 for d in diffs)} of {len(diffs)} |")
     return "\n".join(lines)
 
 
@@ -202,7 +229,8 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
             else:
                 continue
             break
-    md = table(_summaries(out, runs, all_seeds))
+    summaries = _summaries(out, runs, all_seeds)
+    md = "\n\n".join([table(summaries)] + [comparison(summaries, ref) for ref in spec.get("compare", [])])
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md + "\n")
     print(md)

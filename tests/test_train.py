@@ -83,7 +83,11 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
                           ("runs: {a: {grid: [lr]}}\n", "run 'a': 'grid' must map config keys"),
                           ("seeds: 0\nruns: {a: {}}\n", "key 'seeds' must be a list of integers, got 0"),
                           ("overrides: epochs=1\nruns: {a: {}}\n", "key 'overrides' must be a list"),
-                          ("runs: [a]\n", "key 'runs' must map run names")):
+                          ("runs: [a]\n", "key 'runs' must map run names"),
+                          ("compare: a\nruns: {a: {}}\n", "key 'compare' must be a list of run names, got 'a'"),
+                          ("compare: [b]\nruns: {a: {grid: {lr: [1, 2]}}}\n",
+                           r"key 'compare': \['b'\] not among the runs \['a\[lr=1\]', 'a\[lr=2\]'\]"),
+                          ("compares: [a]\nruns: {a: {}}\n", "unknown key 'compares'")):
         f.write_text(text)
         with pytest.raises(ConfigError, match=f"sweep file '{f}'.*{message}"):
             sweep.load_sweep(str(f))
@@ -478,26 +482,35 @@ def test_end_to_end_fashion_mnist_subset_beats_75_percent(tmp_path):
 
 
 def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
-    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1],
+    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1], "compare": ["mixer"],
             "runs": {"mixer": {"model": "vmixer_t4_28"},
                      "imixer": {"model": "imixer_t4_28", "model_kwargs": {"h_ratio": 2},
-                                "grid": {"model_kwargs.n_iter": [1, 4]}}}}
+                                "grid": {"model_kwargs.n_iter": [1, 2, 4]}}}}
     runs = sweep.expand(spec)
-    assert list(runs) == ["mixer", "imixer[n_iter=1]", "imixer[n_iter=4]"]
+    assert list(runs) == ["mixer", "imixer[n_iter=1]", "imixer[n_iter=2]", "imixer[n_iter=4]"]
     assert "model_kwargs.h_ratio=2" in runs["imixer[n_iter=4]"] and "model_kwargs.n_iter=4" in runs["imixer[n_iter=4]"]
-    for seed, top1 in ((0, 90.0), (1, 92.0)):
-        d = tmp_path / "mixer" / f"seed{seed}"
+
+    def finished(name, seed, best, last, params, ips):
+        d = tmp_path / sweep._dirname(name) / f"seed{seed}"
         d.mkdir(parents=True)
-        (d / "summary.json").write_text(json.dumps({"best_top1": top1, "last_top1": top1 - 1, "params": 1000,
-                                                    "images_per_s": 500.0}))
-    d = tmp_path / sweep._dirname("imixer[n_iter=4]") / "seed0"
-    d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"best_top1": 93.0, "last_top1": 92.5, "params": 2000,
-                                                "images_per_s": 300.0}))
+        (d / "summary.json").write_text(json.dumps({"best_top1": best, "last_top1": last, "params": params,
+                                                    "images_per_s": ips}))
+
+    finished("mixer", 0, 90.0, 89.0, 1000, 500.0)
+    finished("mixer", 1, 92.0, 91.0, 1000, 500.0)
+    finished("imixer[n_iter=1]", 0, 90.0, 90.0, 2000, 300.0)
+    finished("imixer[n_iter=1]", 1, 91.0, 90.5, 2000, 300.0)
+    finished("imixer[n_iter=4]", 1, 93.0, 92.5, 2000, 300.0)
     md = sweep.run_sweep(spec, table_only=True)
     assert "| mixer | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 1,000 | 500 |" in md
     assert "| imixer[n_iter=4] | 1 | 93.00 | 92.50 | 2,000 | 300 |" in md  # one seed: no spread to show
-    assert "| imixer[n_iter=1] | 0 |" in md and (tmp_path / "results.md").exists()
+    assert "| imixer[n_iter=2] | 0 |" in md and (tmp_path / "results.md").read_text() == md + "\n"
+    # paired by seed: n_iter=1 is +1.0 on seed 0 and -0.5 on seed 1 (unpaired means would give +0.25 too, but
+    # the spread of the differences, 1.06, is not the 1.41 of either run's seeds); n_iter=4 pairs with seed 1
+    assert "| model | seeds paired | last top-1 − mixer (points) | ahead on |" in md
+    assert "| imixer[n_iter=1] | 2 | +0.25 ± 1.06 | 1 of 2 |" in md
+    assert "| imixer[n_iter=4] | 1 | +1.50 | 1 of 1 |" in md
+    assert "| imixer[n_iter=2] | 0 | – | – |" in md and "| mixer | 2 | +" not in md
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
     with pytest.raises(ConfigError, match=r"--seeds \[7\]: not in this sweep's seeds \[0, 1\]"):
