@@ -1,7 +1,7 @@
 """Seeds x models (x any grid of config values) in one command, resumable, ending in mean +- std tables.
 
-    python -m experiments.sweep --sweep experiments/configs/sweep_fashion.yaml [--table-only] [--only NAME]
-                                [--seeds K ...]
+    python -m experiments.sweep --sweep experiments/configs/sweep_fashion.yaml [--table-only | --status]
+                                [--only NAME] [--seeds K ...]
 
 A sweep file names a base config, seeds, and runs: each run is a mapping of (dotted) config overrides, and may
 carry a ``grid`` of keys to lists of values whose product expands it (``imixer`` with
@@ -12,7 +12,8 @@ config differs from the sweep file's is an error, not silently reused. The table
 paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout. A ``compare`` list of run names adds, for each, a
 table of every other run's last test top-1 minus that run's, paired by seed: a seed fixes the order and the
 augmentations of the training images for every run (``experiments.data.build_loaders``), so each difference
-compares two models trained on the same data stream.
+compares two models trained on the same data stream. ``--status`` lists how far every (run, seed) has got and
+the hours of training left at the speeds its runs have shown so far.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
 ``flock`` on ``<run dir>/.lock`` (released by the OS when its process exits, killed or not), and a claimed run is
@@ -45,8 +46,9 @@ from .train import (
     read_yaml_mapping,
     train,
 )
+from .train import _read_jsonl as read_jsonl
 
-__all__ = ["check_spec", "comparison", "expand", "load_sweep", "run_sweep", "table"]
+__all__ = ["check_spec", "comparison", "expand", "load_sweep", "run_sweep", "status", "table"]
 
 SWEEP_KEYS = ("base", "out_dir", "seeds", "overrides", "runs", "compare")
 
@@ -188,6 +190,38 @@ def comparison(summaries: dict[str, list[dict]], reference: str) -> str:
     return "\n".join(lines)
 
 
+def status(spec: dict) -> str:
+    """Markdown: each (run, seed) with the epochs it has logged, its last test top-1, and the hours left to train
+    it: its remaining epochs times the run's wall time per epoch, averaged over its seeds that logged any (the
+    evaluations included, lost work after a kill not); "?" while none of its seeds has. Ends with the sum."""
+    out = Path(spec.get("out_dir", "runs/sweep"))
+    seeds = list(spec.get("seeds", [0]))
+    lines = ["| run | seed | epochs | last test top-1 (%) | hours left |", "|---|---|---|---|---|"]
+    left, unmeasured = 0.0, 0
+    for name, overrides in expand(spec).items():
+        cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides)
+        total = cfg.epochs + cfg.cooldown_epochs
+        logs = {seed: read_jsonl(out / _dirname(name) / f"seed{seed}" / "metrics.jsonl") for seed in seeds}
+        per_epoch = [h[-1]["wall_s"] / len(h) for h in logs.values() if h]
+        per_epoch = sum(per_epoch) / len(per_epoch) if per_epoch else None
+        for seed, h in logs.items():
+            done = total if (out / _dirname(name) / f"seed{seed}" / "summary.json").exists() else len(h)
+            if done == total:
+                hours = "–"
+            elif per_epoch is None:
+                hours, unmeasured = "?", unmeasured + 1
+            else:
+                hours = (total - done) * per_epoch / 3600
+                left += hours
+                hours = f"{hours:.1f}"
+            top1 = f"{h[-1]['test_top1']:.2f}" if h else "–"
+            lines.append(f"| {name} | {seed} | {done} of {total} | {top1} | {hours} |")
+    lines.append(f"\n{left:.1f} hours of training left" + (f", plus {unmeasured} runs of unmeasured speed"
+                                                          if unmeasured else "") +
+                 " (one process's hours: several processes share them)")
+    return "\n".join(lines)
+
+
 def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = False,
               seeds: list[int] | None = None) -> str:
     """Train every (run, seed) not finished yet, seed-major; ``only``/``seeds`` restrict what is trained (the
@@ -242,9 +276,15 @@ def main(argv=None) -> str:
     p.add_argument("--sweep", required=True, help="sweep YAML file")
     p.add_argument("--only", nargs="*", help="run names to train (default: all)")
     p.add_argument("--seeds", nargs="*", type=int, help="seeds to train, a subset of the sweep's (default: all)")
-    p.add_argument("--table-only", action="store_true", help="only collect finished runs into the tables")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--table-only", action="store_true", help="only collect finished runs into the tables")
+    mode.add_argument("--status", action="store_true", help="only show how far each run has got and the hours left")
     args = p.parse_args(argv)
     try:
+        if args.status:
+            md = status(load_sweep(args.sweep))
+            print(md)
+            return md
         return run_sweep(load_sweep(args.sweep), args.only, args.table_only, args.seeds)
     except ConfigError as e:
         p.error(str(e))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from experiments import sweep, train
 from experiments.train import CheckpointError, ConfigError, load_config
@@ -515,6 +516,28 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
         sweep.run_sweep(spec, only=["nope"])
     with pytest.raises(ConfigError, match=r"--seeds \[7\]: not in this sweep's seeds \[0, 1\]"):
         sweep.run_sweep(spec, seeds=[7])
+
+
+def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
+    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1, 2], "overrides": ["epochs=2"],
+            "runs": {"a": {}, "b": {"lr": 1e-3}}}
+    for seed, walls in ((0, [3600.0, 7200.0]), (1, [7200.0])):  # 1 and 2 hours an epoch: 1.5 on average
+        d = tmp_path / "a" / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": k + 1, "test_top1": 80.0 + k, "wall_s": w}) + "\n"
+                                                for k, w in enumerate(walls)))
+    (tmp_path / "a" / "seed0" / "summary.json").write_text("{}")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    md = sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--status"])
+    assert md in capsys.readouterr().out
+    assert "| a | 0 | 2 of 2 | 81.00 | – |" in md
+    assert "| a | 1 | 1 of 2 | 80.00 | 1.5 |" in md and "| a | 2 | 0 of 2 | – | 3.0 |" in md
+    assert "| b | 2 | 0 of 2 | – | ? |" in md
+    assert md.endswith("4.5 hours of training left, plus 3 runs of unmeasured speed (one process's hours: several "
+                       "processes share them)")
+    with pytest.raises(SystemExit):
+        sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--status", "--table-only"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_sweep_processes_share_runs_through_locks(tmp_path, capsys):
