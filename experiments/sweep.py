@@ -93,9 +93,10 @@ def check_spec(spec: dict) -> None:
                 raise ConfigError(f"run {name!r}: grid key {key!r} must be a non-empty list of values, got {values!r}")
     if not is_list(spec.get("compare", []), str):
         raise ConfigError(f"key 'compare' must be a list of run names, got {spec['compare']!r}")
-    unknown = [c for c in spec.get("compare", []) if c not in expand(spec)]
+    names = list(expand(spec)) if spec.get("compare") else []
+    unknown = [c for c in spec.get("compare", []) if c not in names]
     if unknown:
-        raise ConfigError(f"key 'compare': {unknown} not among the runs {list(expand(spec))}")
+        raise ConfigError(f"key 'compare': {unknown} not among the runs {names}")
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:
@@ -129,7 +130,7 @@ def _check_finished(spec: dict, out: Path, runs: dict, seeds: list[int]) -> None
     stale = []
     for name, overrides in runs.items():
         for seed in seeds:
-            run_dir = out / _dirname(name) / f"seed{seed}"
+            run_dir = _run_dir(out, name, seed)
             if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
                 continue
             cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides + [f"seed={seed}"])
@@ -147,15 +148,15 @@ def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]
     for name in runs:
         rows = []
         for seed in seeds:
-            f = out / _dirname(name) / f"seed{seed}" / "summary.json"
+            f = _run_dir(out, name, seed) / "summary.json"
             if f.exists():
                 rows.append({**json.loads(f.read_text()), "seed": seed})
         found[name] = rows
     return found
 
 
-def _dirname(name: str) -> str:
-    return name.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "")
+def _run_dir(out: Path, name: str, seed: int) -> Path:
+    return out / name.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "") / f"seed{seed}"
 
 
 def table(summaries: dict[str, list[dict]]) -> str:
@@ -201,11 +202,12 @@ def status(spec: dict) -> str:
     for name, overrides in expand(spec).items():
         cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides)
         total = cfg.epochs + cfg.cooldown_epochs
-        logs = {seed: read_jsonl(out / _dirname(name) / f"seed{seed}" / "metrics.jsonl") for seed in seeds}
+        dirs = {seed: _run_dir(out, name, seed) for seed in seeds}
+        logs = {seed: read_jsonl(d / "metrics.jsonl") for seed, d in dirs.items()}
         per_epoch = [h[-1]["wall_s"] / len(h) for h in logs.values() if h]
         per_epoch = sum(per_epoch) / len(per_epoch) if per_epoch else None
         for seed, h in logs.items():
-            done = total if (out / _dirname(name) / f"seed{seed}" / "summary.json").exists() else len(h)
+            done = total if (dirs[seed] / "summary.json").exists() else len(h)
             if done == total:
                 hours = "–"
             elif per_epoch is None:
@@ -244,7 +246,7 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
             for name, overrides in runs.items():
                 if only and name not in only:
                     continue
-                run_dir = out / _dirname(name) / f"seed{seed}"
+                run_dir = _run_dir(out, name, seed)
                 if (run_dir / "summary.json").exists():
                     continue
                 with hold_out_dir(run_dir) as mine:

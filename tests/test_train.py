@@ -492,7 +492,7 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     assert "model_kwargs.h_ratio=2" in runs["imixer[n_iter=4]"] and "model_kwargs.n_iter=4" in runs["imixer[n_iter=4]"]
 
     def finished(name, seed, best, last, params, ips):
-        d = tmp_path / sweep._dirname(name) / f"seed{seed}"
+        d = sweep._run_dir(tmp_path, name, seed)
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"best_top1": best, "last_top1": last, "params": params,
                                                     "images_per_s": ips}))
