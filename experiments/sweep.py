@@ -43,6 +43,7 @@ from .train import (
     config_diff,
     hold_out_dir,
     load_config,
+    median_images_per_s,
     read_yaml_mapping,
     train,
 )
@@ -148,9 +149,12 @@ def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]
     for name in runs:
         rows = []
         for seed in seeds:
-            f = _run_dir(out, name, seed) / "summary.json"
-            if f.exists():
-                rows.append({**json.loads(f.read_text()), "seed": seed})
+            d = _run_dir(out, name, seed)
+            if (d / "summary.json").exists():
+                row = {**json.loads((d / "summary.json").read_text()), "seed": seed}
+                if (d / "metrics.jsonl").exists():  # the same median for summaries written when it was the mean
+                    row["images_per_s"] = median_images_per_s(read_jsonl(d / "metrics.jsonl"))
+                rows.append(row)
         found[name] = rows
     return found
 
@@ -160,7 +164,8 @@ def _run_dir(out: Path, name: str, seed: int) -> Path:
 
 
 def table(summaries: dict[str, list[dict]]) -> str:
-    """Markdown: run, seeds, best and last test top-1 (mean +- std over seeds), parameters, images/s."""
+    """Markdown: run, seeds, best and last test top-1 (mean +- std over seeds), parameters, and images/s (each
+    seed's median epoch, averaged over seeds)."""
     lines = ["| model | seeds | best top-1 (%) | last top-1 (%) | params | images/s |",
              "|---|---|---|---|---|---|"]
     for name, rows in summaries.items():

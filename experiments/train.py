@@ -696,7 +696,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                "best_top1": best["test_top1"] if best else None, "best_top5": best["test_top5"] if best else None,
                "best_epoch": best["epoch"] if best else None,
                "last_top1": last.get("test_top1"), "last_top5": last.get("test_top5"),
-               "images_per_s": _mean([h["images_per_s"] for h in history]),
+               "images_per_s": median_images_per_s(history),
                "wall_s": wall_before + time.perf_counter() - t_start, "ranks_identical": identical,
                "device": str(device), "precision": "bf16 autocast" if use_amp else "float32"}
     if main_proc:  # atomic: a sweep takes summary.json as the mark of a finished run
@@ -738,9 +738,11 @@ def _check_resumable(ckpt: dict, path: Path, scheduler, world: int, epochs: int)
                               "checkpoint's epochs, or start a new run in another out_dir")
 
 
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
+def median_images_per_s(history: list[dict]) -> float | None:
+    """Median over epochs of the training loop's images/s: an epoch slowed by a paused process, a resume or another
+    job on the CPU moves it less than it moves the mean."""
+    values = [h["images_per_s"] for h in history if h.get("images_per_s") is not None]
+    return float(np.median(values)) if values else None
 
 
 def config_diff(stored: dict, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -480,6 +481,7 @@ def test_end_to_end_fashion_mnist_subset_beats_75_percent(tmp_path):
     files = {p.name for p in tmp_path.iterdir()}
     assert {"checkpoint.pt", "metrics.jsonl", "metrics.csv", "summary.json", "config.yaml", "tb"} <= files
     assert len(metrics(tmp_path)) == 4 and summary["params"] > 0 and summary["images_per_s"] > 0
+    assert summary["images_per_s"] == pytest.approx(statistics.median(m["images_per_s"] for m in metrics(tmp_path)))
 
 
 def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
@@ -498,12 +500,14 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
                                                     "images_per_s": ips}))
 
     finished("mixer", 0, 90.0, 89.0, 1000, 500.0)
-    finished("mixer", 1, 92.0, 91.0, 1000, 500.0)
+    finished("mixer", 1, 92.0, 91.0, 1000, 400.0)  # the mean of its epochs, one of them slowed down:
+    (sweep._run_dir(tmp_path, "mixer", 1) / "metrics.jsonl").write_text(  # the table takes their median
+        "".join(json.dumps({"epoch": k + 1, "images_per_s": v}) + "\n" for k, v in enumerate([550.0, 100.0, 550.0])))
     finished("imixer[n_iter=1]", 0, 90.0, 90.0, 2000, 300.0)
     finished("imixer[n_iter=1]", 1, 91.0, 90.5, 2000, 300.0)
     finished("imixer[n_iter=4]", 1, 93.0, 92.5, 2000, 300.0)
     md = sweep.run_sweep(spec, table_only=True)
-    assert "| mixer | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 1,000 | 500 |" in md
+    assert "| mixer | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 1,000 | 525 |" in md  # (500 + 550) / 2
     assert "| imixer[n_iter=4] | 1 | 93.00 | 92.50 | 2,000 | 300 |" in md  # one seed: no spread to show
     assert "| imixer[n_iter=2] | 0 |" in md and (tmp_path / "results.md").read_text() == md + "\n"
     # paired by seed: n_iter=1 is +1.0 on seed 0 and -0.5 on seed 1 (unpaired means would give +0.25 too, but
