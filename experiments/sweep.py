@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -198,8 +199,9 @@ def comparison(summaries: dict[str, list[dict]], reference: str) -> str:
 
 def status(spec: dict) -> str:
     """Markdown: each (run, seed) with the epochs it has logged, its last test top-1, and the hours left to train
-    it: its remaining epochs times the run's wall time per epoch, averaged over its seeds that logged any (the
-    evaluations included, lost work after a kill not); "?" while none of its seeds has. Ends with the sum."""
+    it: its remaining epochs times the run's median wall time per epoch over all its seeds' logged epochs (the
+    evaluation included; an epoch stretched by a paused process or a kill moves it little); "?" while none of its
+    seeds has logged one. Ends with the sum."""
     out = Path(spec.get("out_dir", "runs/sweep"))
     seeds = list(spec.get("seeds", [0]))
     lines = ["| run | seed | epochs | last test top-1 (%) | hours left |", "|---|---|---|---|---|"]
@@ -209,8 +211,8 @@ def status(spec: dict) -> str:
         total = cfg.epochs + cfg.cooldown_epochs
         dirs = {seed: _run_dir(out, name, seed) for seed in seeds}
         logs = {seed: read_jsonl(d / "metrics.jsonl") for seed, d in dirs.items()}
-        per_epoch = [h[-1]["wall_s"] / len(h) for h in logs.values() if h]
-        per_epoch = sum(per_epoch) / len(per_epoch) if per_epoch else None
+        per_epoch = [b["wall_s"] - a.get("wall_s", 0.0) for h in logs.values() for a, b in zip([{}, *h], h)]
+        per_epoch = statistics.median(per_epoch) if per_epoch else None
         for seed, h in logs.items():
             done = total if (dirs[seed] / "summary.json").exists() else len(h)
             if done == total:

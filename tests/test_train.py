@@ -525,7 +525,8 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
 def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
     spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1, 2], "overrides": ["epochs=2"],
             "runs": {"a": {}, "b": {"lr": 1e-3}}}
-    for seed, walls in ((0, [3600.0, 7200.0]), (1, [7200.0])):  # 1 and 2 hours an epoch: 1.5 on average
+    # an hour an epoch, but seed 0's second epoch was paused for 3 hours: the median epoch, 1 hour, discounts it
+    for seed, walls in ((0, [3600.0, 18000.0]), (1, [3600.0])):
         d = tmp_path / "a" / f"seed{seed}"
         d.mkdir(parents=True)
         (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": k + 1, "test_top1": 80.0 + k, "wall_s": w}) + "\n"
@@ -535,9 +536,9 @@ def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
     md = sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--status"])
     assert md in capsys.readouterr().out
     assert "| a | 0 | 2 of 2 | 81.00 | – |" in md
-    assert "| a | 1 | 1 of 2 | 80.00 | 1.5 |" in md and "| a | 2 | 0 of 2 | – | 3.0 |" in md
+    assert "| a | 1 | 1 of 2 | 80.00 | 1.0 |" in md and "| a | 2 | 0 of 2 | – | 2.0 |" in md
     assert "| b | 2 | 0 of 2 | – | ? |" in md
-    assert md.endswith("4.5 hours of training left, plus 3 runs of unmeasured speed (one process's hours: several "
+    assert md.endswith("3.0 hours of training left, plus 3 runs of unmeasured speed (one process's hours: several "
                        "processes share them)")
     with pytest.raises(SystemExit):
         sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--status", "--table-only"])
