@@ -32,6 +32,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+import scipy.stats
 import yaml
 
 from .analysis import mean_std_cell
@@ -182,18 +184,26 @@ def table(summaries: dict[str, list[dict]]) -> str:
 
 def comparison(summaries: dict[str, list[dict]], reference: str) -> str:
     """Markdown: each run's last test top-1 minus ``reference``'s on the same seed, mean +- std over the seeds both
-    finished, and on how many of those seeds the run is ahead (ties count as not ahead)."""
+    finished, the 95 % confidence interval of the mean difference (Student's t with n - 1 degrees of freedom, the
+    paired t-test's: it excludes 0 where that test rejects "no difference" at 5 %), and on how many of those seeds
+    the run is ahead (ties count as not ahead)."""
     ref = {r["seed"]: r["last_top1"] for r in summaries[reference]}
-    lines = [f"| model | seeds paired | last top-1 − {reference} (points) | ahead on |", "|---|---|---|---|"]
+    lines = [f"| model | seeds paired | last top-1 − {reference} (points) | 95 % CI | ahead on |",
+             "|---|---|---|---|---|"]
     for name, rows in summaries.items():
         if name == reference:
             continue
         diffs = [r["last_top1"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
         if not diffs:
-            lines.append(f"| {name} | 0 | – | – |")
+            lines.append(f"| {name} | 0 | – | – | – |")
             continue
+        ci = "–"
+        if len(diffs) > 1:
+            mean, half = np.mean(diffs), scipy.stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1)
+            half /= np.sqrt(len(diffs))
+            ci = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
         cell = mean_std_cell(diffs, "+.2f", ".2f")
-        lines.append(f"| {name} | {len(diffs)} | {cell} | {sum(d > 0 for d in diffs)} of {len(diffs)} |")
+        lines.append(f"| {name} | {len(diffs)} | {cell} | {ci} | {sum(d > 0 for d in diffs)} of {len(diffs)} |")
     return "\n".join(lines)
 
 

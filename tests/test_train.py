@@ -512,10 +512,11 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     assert "| imixer[n_iter=2] | 0 |" in md and (tmp_path / "results.md").read_text() == md + "\n"
     # paired by seed: n_iter=1 is +1.0 on seed 0 and -0.5 on seed 1 (unpaired means would give +0.25 too, but
     # the spread of the differences, 1.06, is not the 1.41 of either run's seeds); n_iter=4 pairs with seed 1
-    assert "| model | seeds paired | last top-1 − mixer (points) | ahead on |" in md
-    assert "| imixer[n_iter=1] | 2 | +0.25 ± 1.06 | 1 of 2 |" in md
-    assert "| imixer[n_iter=4] | 1 | +1.50 | 1 of 1 |" in md
-    assert "| imixer[n_iter=2] | 0 | – | – |" in md and "| mixer | 2 | +" not in md
+    # 95 % CI of the mean difference: +0.25 +- t(0.975, 1 dof) 12.706 * 1.0607 / sqrt(2) = +0.25 +- 9.53
+    assert "| model | seeds paired | last top-1 − mixer (points) | 95 % CI | ahead on |" in md
+    assert "| imixer[n_iter=1] | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 |" in md
+    assert "| imixer[n_iter=4] | 1 | +1.50 | – | 1 of 1 |" in md
+    assert "| imixer[n_iter=2] | 0 | – | – | – |" in md and "| mixer | 2 | +" not in md
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
     with pytest.raises(ConfigError, match=r"--seeds \[7\]: not in this sweep's seeds \[0, 1\]"):
