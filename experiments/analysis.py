@@ -4,9 +4,11 @@
   (iMixer paper, Sec. 5 Fig. 3 and Appendix C.3 Figs. 5-6).
 - `energy_along_flow`: the energy of a block's symmetric (tied) network along its continuous flow from a real
   image's embedding, and the reduced flow's Lyapunov function (Krotov 2021 Eq. 17-18; iMixer paper Eqs. 12-13).
-- `symmetry_index`, `symmetry_table`, `xavier_reference`: how close W2 is to W1^T in every two-matrix MLP
-  (Karakida, Ota & Taki 2024: tied / untied / symmetry-broken MLPs).
-- `read_metrics`, `training_curves`: metrics.jsonl files of training runs, plotted against the epoch.
+- `symmetry_index`, `symmetry_table`, `symmetry_report`, `xavier_reference`: how close W2 is to W1^T in every
+  two-matrix MLP (Karakida, Ota & Taki 2024: tied / untied / symmetry-broken MLPs), per model and as mean +- std
+  over the seeds of several runs.
+- `read_metrics`, `training_curves`: metrics.jsonl files of training runs, plotted against the epoch (the seeds
+  of a run as mean +- std).
 - `rank_collapse`, `rank_collapse_report`: token uniformity per layer of ViTs (Dong et al. 2021; MHA paper), for
   one model and as mean +- std over the seeds of several runs (figure + markdown table).
 """
@@ -35,6 +37,7 @@ __all__ = [
     "rank_collapse_report",
     "read_metrics",
     "symmetry_index",
+    "symmetry_report",
     "symmetry_table",
     "training_curves",
     "xavier_reference",
@@ -54,7 +57,7 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps a legend placed beside the axes
     _pyplot().close(fig)
     return path
 
@@ -334,6 +337,29 @@ def symmetry_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
+def symmetry_report(groups: Mapping[str, Sequence[Sequence[Mapping]]]) -> str:
+    """Mean +- std over seeds of `symmetry_index` rows, grouped by run (``{"mixer": [seed0 rows, seed1 rows]}``):
+    a markdown table with one line per run and MLP kind (tokens, channels), corr block by block and antisym
+    averaged over the blocks. Runs without rows are left out."""
+    lines = ["| run | seeds | mlp | corr, block 0 → last | antisym, mean over blocks |", "|---|---|---|---|---|"]
+    for name, seeds in groups.items():
+        seeds = [rows for rows in seeds if rows]
+        if not seeds:
+            continue
+        layouts = {tuple((r["block"], r["mlp"]) for r in rows) for rows in seeds}
+        if len(layouts) != 1:
+            raise ValueError(f"symmetry_report: the seeds of {name!r} have different blocks or MLPs")
+        for mlp in ("tokens", "channels"):
+            per_seed = [[r for r in rows if r["mlp"] == mlp] for rows in seeds]
+            if not per_seed[0]:
+                continue
+            corr = [mean_std_cell([rows[i]["corr"] for rows in per_seed], "+.3f", ".3f")
+                    for i in range(len(per_seed[0]))]
+            anti = mean_std_cell([statistics.mean(r["antisym"] for r in rows) for rows in per_seed], ".3f")
+            lines.append(f"| {name} | {len(seeds)} | {mlp} | {' → '.join(corr)} | {anti} |")
+    return "\n".join(lines)
+
+
 def xavier_reference(n_out: int, n_in: int, *, trials: int = 256, seed: int = 0) -> dict:
     """The symmetry index of independent xavier-uniform W1 (n_out, n_in) and W2 (n_in, n_out): corr has mean 0
     and std ~ 1 / sqrt(n_out n_in) (``corr_std_theory``), antisym ~ 0.5. The untrained reference point."""
@@ -380,24 +406,40 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def training_curves(runs: Mapping[str, str | Path], path) -> None:
-    """Train loss, test loss and test top-1 vs epoch, one line per run (label: the dict key), as a PNG.
-    Records missing a value (absent, None, NaN) are skipped in that curve."""
+def training_curves(runs: Mapping[str, str | Path | Sequence[str | Path]], path) -> None:
+    """Train loss, test loss (log scale: a penalty in the loss may start it far higher) and test top-1 vs epoch,
+    one line per run (label: the dict key; one legend beside the panels, distinct colours up to 20 runs), as a PNG.
+    A run given as a list of metrics files (its seeds) is drawn as their mean per epoch with a +- std band (over
+    the seeds that logged that epoch). Records missing a value (absent, None, NaN) are skipped in that curve."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = (("train_loss", "train loss"), ("test_loss", "test loss"), ("test_top1", "test top-1 (%)"))
-    for label, file in runs.items():
-        records = read_metrics(file)
-        color = None
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    handles = []
+    for k, (label, files) in enumerate(runs.items()):
+        seeds = [read_metrics(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+        color = palette[k % len(palette)]
         for ax, (key, _) in zip(axes, panels):
-            xs, ys = _series(records, key)
-            if xs:
-                (line,) = ax.plot(xs, ys, marker="o", ms=2, lw=1.2, label=label, color=color)
-                color = line.get_color()
-    for ax, (_, title) in zip(axes, panels):
+            by_epoch: dict[float, list[float]] = {}
+            for records in seeds:
+                for x, y in zip(*_series(records, key)):
+                    by_epoch.setdefault(x, []).append(y)
+            if not by_epoch:
+                continue
+            xs = sorted(by_epoch)
+            stats = [_mean_std(by_epoch[x]) for x in xs]
+            (line,) = ax.plot(xs, [v[0] for v in stats], marker="o", ms=2, lw=1.2, color=color,
+                              label=label if len(seeds) == 1 else f"{label} ({len(seeds)} seeds)")
+            if len(seeds) > 1:
+                ax.fill_between(xs, [m - sd for m, sd in stats], [m + sd for m, sd in stats], color=color, alpha=0.2)
+            if len(handles) == k:
+                handles.append(line)
+    for ax, (key, title) in zip(axes, panels):
         ax.set(xlabel="epoch", title=title)
-        if ax.lines:
-            ax.legend(fontsize=8)
+        if key.endswith("loss") and ax.lines:
+            ax.set_yscale("log")
+    if handles:
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     _save(fig, path)
 
 

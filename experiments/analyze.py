@@ -5,12 +5,13 @@
 For every run below ``--runs`` (a folder with summary.json, config.yaml and checkpoint.pt) it rebuilds the
 model from its config, loads the weights and writes:
 
-- ``curves.png``: training curves of all runs;
+- ``curves.png``: training curves of all runs, the seeds of a run (folders ``<run>/seed<k>``) as mean +- std;
 - ``fixed_point_<run>.png``: Norm_a and cos(x^(a+1), x^a) per iMLP layer on test images (iMixer paper
   Figs. 3, 5, 6), for iMixer runs;
 - ``energy_<run>.png``: the energy of the derived symmetric network along its continuous flow, started from a
   real test image's tokens, for symmetric parallelized-Mixer runs;
-- ``symmetry.md``: the weight-symmetry index of every MLP of every Mixer-type run;
+- ``symmetry.md``: the weight-symmetry index of every MLP of every Mixer-type run; ``symmetry_by_run.md``: the
+  same as mean +- std over the seeds of each run;
 - ``rank_collapse.png``, ``rank_collapse.md``: token cosine similarity and distance from rank 1 per layer of every
   ViT run, mean +- std over the seeds of each run (folders ``<run>/seed<k>``).
 """
@@ -65,7 +66,12 @@ def main(argv=None) -> dict:
     if not runs:
         p.error(f"no finished runs (summary.json) below {args.runs}")
     args.out.mkdir(parents=True, exist_ok=True)
-    analysis.training_curves({_label(r, args.runs): r / "metrics.jsonl" for r in runs}, args.out / "curves.png")
+    groups: dict[str, list[Path]] = {}
+    for r in runs:
+        groups.setdefault(_group(r, args.runs), []).append(r)
+    analysis.training_curves({g: [r / "metrics.jsonl" for r in rs] for g, rs in groups.items()},
+                             args.out / "curves.png")
+    by_run: dict[str, list[list[dict]]] = {}
     report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
                     "rank_collapse": {}}
     for run in runs:
@@ -90,12 +96,15 @@ def main(argv=None) -> dict:
             rows = []
         for r in rows:
             report["symmetry"].append({"run": label, **r})
+        by_run.setdefault(_group(run, args.runs), []).append(rows)
     (args.out / "symmetry.md").write_text(analysis.symmetry_table(report["symmetry"]) + "\n")
+    (args.out / "symmetry_by_run.md").write_text(analysis.symmetry_report(by_run) + "\n")
     if report["rank_collapse"]:
         md = analysis.rank_collapse_report(report["rank_collapse"], path=args.out / "rank_collapse.png")
         (args.out / "rank_collapse.md").write_text(md + "\n")
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {args.out}: curves.png, symmetry.md, report.json and per-run figures for {len(runs)} runs")
+    print(f"wrote {args.out}: curves.png, symmetry.md, symmetry_by_run.md, report.json and per-run figures for "
+          f"{len(runs)} runs")
     return report
 
 

@@ -188,8 +188,29 @@ def test_symmetry_index_timm_mixer():
     assert "| 1 | channels |" in table
 
 
+def test_symmetry_report_averages_seeds_per_run():
+    def rows(tok, ch):  # two blocks; antisym as the index would give it, from corr
+        out = []
+        for block, (t, c) in enumerate(zip(tok, ch)):
+            for mlp, corr in (("tokens", t), ("channels", c)):
+                anti = math.sqrt((1 - corr) / 2) / (math.sqrt((1 + corr) / 2) + math.sqrt((1 - corr) / 2))
+                out.append({"block": block, "mlp": mlp, "corr": corr, "antisym": anti, "module": "Mlp"})
+        return out
+
+    seed0, seed1 = rows([0.1, -0.2], [0.0, 0.0]), rows([0.3, -0.2], [0.0, 0.0])
+    md = A.symmetry_report({"mixer": [seed0, seed1], "sym": [rows([1.0, 1.0], [1.0, 1.0])], "vit": [[], []]})
+    lines = md.splitlines()
+    assert lines[0] == "| run | seeds | mlp | corr, block 0 → last | antisym, mean over blocks |"
+    # tokens, block 0: 0.2 +- 0.141; block 1: -0.2 +- 0; channels: corr 0 everywhere, so antisym 0.5
+    assert "| mixer | 2 | tokens | +0.200 ± 0.141 → -0.200 ± 0.000 |" in md
+    assert "| mixer | 2 | channels | +0.000 ± 0.000 → +0.000 ± 0.000 | 0.500 ± 0.000 |" in md
+    assert "| sym | 1 | tokens | +1.000 → +1.000 | 0.000 |" in md and "vit" not in md and len(lines) == 6
+    with pytest.raises(ValueError, match="seeds of 'mixer' have different blocks"):
+        A.symmetry_report({"mixer": [seed0, seed1[:2]]})
+
+
 # ------------------------------------------------------------------------------------------ training curves
-def test_training_curves(tmp_path):
+def test_training_curves(tmp_path, monkeypatch):
     runs = {}
     for name, offset in (("mixer", 0.0), ("imixer", 0.3)):
         path = tmp_path / name / "metrics.jsonl"
@@ -209,6 +230,17 @@ def test_training_curves(tmp_path):
     out = tmp_path / "curves" / "curves.png"
     assert A.training_curves(runs, out) is None
     assert_png(out)
+    # the seeds of a run as one mean line with a +- std band (over the seeds that logged the epoch)
+    shown = {}
+    monkeypatch.setattr(A, "_save", lambda fig, path: shown.update(fig=fig))
+    A.training_curves({"both": [runs["mixer"], runs["imixer"]], "one": runs["mixer"]}, out)
+    train_loss, top1 = shown["fig"].axes[0], shown["fig"].axes[2]
+    both, one = top1.lines
+    assert both.get_label() == "both (2 seeds)" and one.get_label() == "one" and len(top1.collections) == 1
+    assert list(both.get_xdata()) == [1, 2, 4, 5]  # neither seed has a test top-1 at epoch 3
+    assert both.get_ydata()[0] == pytest.approx((30.0 + 29.7) / 2)
+    assert train_loss.lines[0].get_ydata()[1] == pytest.approx((2.3 / 2 + 2.3 / 2 + 0.3) / 2)
+    A._pyplot().close(shown["fig"])
 
 
 def test_rank_collapse_measures_token_uniformity(tmp_path):

@@ -591,12 +591,15 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
 
     report = analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig"), "--images", "4"])
     names = {p.name for p in (tmp_path / "fig").iterdir()}
-    assert {"curves.png", "fixed_point_imixer.png", "energy_sym.png", "symmetry.md", "report.json"} <= names
+    assert {"curves.png", "fixed_point_imixer.png", "energy_sym.png", "symmetry.md", "symmetry_by_run.md",
+            "report.json"} <= names
     assert len(report["fixed_point"]["imixer"]["layers"]) == 2
     assert len(report["fixed_point"]["imixer"]["layers"][0]["norm"]) == 3
     sym_rows = [r for r in report["symmetry"] if r["run"] == "sym"]
     assert sym_rows and all(abs(r["corr"] - 1) < 1e-9 for r in sym_rows)
     assert "| sym |" in (tmp_path / "fig" / "symmetry.md").read_text()
+    by_run = (tmp_path / "fig" / "symmetry_by_run.md").read_text()
+    assert "| sym | 1 | tokens | +1.000 → +1.000 | 0.000 |" in by_run and "| imixer | 1 | channels |" in by_run
     assert {"rank_collapse.png", "rank_collapse.md"} <= names and len(report["rank_collapse"]["vit"]) == 2
     assert "| vit | 2 | 2 |" in (tmp_path / "fig" / "rank_collapse.md").read_text()
 
