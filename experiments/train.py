@@ -17,7 +17,8 @@ processes, a signal to any one of them (or a non-finite loss on any one) stops a
 the checkpoint holds every process's RNG state. A checkpoint resumes only the run it came from (same config,
 number of processes and LR schedule; a different ``epochs`` is refused rather than silently keeping the old
 schedule). Checkpoints are read with ``torch.load(weights_only=True)``. Outputs in ``out_dir``: ``checkpoint.pt``,
-``metrics.jsonl``, ``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json``, ``config.yaml``. A fresh start
+``metrics.jsonl``, ``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json`` (with `environment`: versions,
+hardware, git commit), ``config.yaml``. A fresh start
 refuses an ``out_dir`` that holds a previous run's checkpoint or summary; ``--overwrite`` deletes them first.
 One process at a time trains into an ``out_dir``: the run holds ``out_dir/.lock`` (flock, POSIX).
 """
@@ -35,6 +36,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import types
@@ -60,7 +62,7 @@ from .data import (
 )
 
 __all__ = ["CheckpointError", "ConfigError", "RunBusyError", "TrainConfig", "check_model", "config_diff",
-           "hold_out_dir", "load_config", "main", "train"]
+           "environment", "hold_out_dir", "load_config", "main", "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -698,7 +700,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                "last_top1": last.get("test_top1"), "last_top5": last.get("test_top5"),
                "images_per_s": median_images_per_s(history),
                "wall_s": wall_before + time.perf_counter() - t_start, "ranks_identical": identical,
-               "device": str(device), "precision": "bf16 autocast" if use_amp else "float32"}
+               "device": str(device), "precision": "bf16 autocast" if use_amp else "float32",
+               "env": environment(device)}
     if main_proc:  # atomic: a sweep takes summary.json as the mark of a finished run
         _atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if writer is not None:
@@ -708,6 +711,39 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     if stop.signum is not None:  # it came after the last step: the run is complete, and the signal still counts
         signal.raise_signal(stop.signum)
     return summary
+
+
+def environment(device: torch.device | str = "cpu") -> dict:
+    """What produced a run, for its summary: Python, torch, torchvision and timm versions, the device (GPU name or
+    CPU model), cores and torch threads, and the code's git commit (None outside a git checkout) with whether
+    tracked files differed from it."""
+    import platform
+
+    import timm
+    import torchvision
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        hw = torch.cuda.get_device_name(device)
+    else:
+        hw = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            hw = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("model name")), hw)
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "hardware": hw, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "git_commit": commit, "git_dirty": bool(changes) if changes is not None else None}
 
 
 def _ranks_identical(model: nn.Module) -> bool:

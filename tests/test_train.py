@@ -298,6 +298,13 @@ def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path):
                                "data.test_subset=128", "batch_size=64", "amp=bf16", f"out_dir={tmp_path}"])
     summary = train.train(cfg)
     assert summary["precision"] == "bf16 autocast" and summary["last_top1"] is not None
+    # what produced it: versions, hardware, threads, and this checkout's commit
+    env = json.loads((tmp_path / "summary.json").read_text())["env"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads() and env["hardware"]
+    head = subprocess.run(["git", "-C", str(Path(train.__file__).parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    assert env["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert isinstance(env["git_dirty"], bool) or env["git_commit"] is None
     (m,) = metrics(tmp_path)
     assert all(map(math.isfinite, (m["train_loss"], m["test_loss"])))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
