@@ -716,7 +716,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
 def environment(device: torch.device | str = "cpu") -> dict:
     """What produced a run, for its summary: Python, torch, torchvision and timm versions, the device (GPU name or
     CPU model), cores and torch threads, and the code's git commit (None outside a git checkout) with whether
-    tracked files differed from it."""
+    tracked files differed from it. Taken when the run ends: a resumed run may have started under another."""
     import platform
 
     import timm
