@@ -30,6 +30,7 @@ import itertools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,11 +212,14 @@ def status(spec: dict) -> str:
     """Markdown: each (run, seed) with the epochs it has logged, its last test top-1, and the hours left to train
     it: its remaining epochs times the run's median wall time per epoch over all its seeds' logged epochs (the
     evaluation included; an epoch stretched by a paused process or a kill moves it little); "?" while none of its
-    seeds has logged one. Ends with the sum."""
+    seeds has logged one. For unfinished runs, how long ago their checkpoint was written: a run in training
+    writes one every epoch (and every ``checkpoint_minutes``), so a recent one marks a run in progress. Ends with
+    the sum."""
     out = Path(spec.get("out_dir", "runs/sweep"))
     seeds = list(spec.get("seeds", [0]))
-    lines = ["| run | seed | epochs | last test top-1 (%) | hours left |", "|---|---|---|---|---|"]
-    left, unmeasured = 0.0, 0
+    lines = ["| run | seed | epochs | last test top-1 (%) | hours left | checkpoint written |",
+             "|---|---|---|---|---|---|"]
+    left, unmeasured, now = 0.0, 0, time.time()
     for name, overrides in expand(spec).items():
         cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides)
         total = cfg.epochs + cfg.cooldown_epochs
@@ -234,7 +238,11 @@ def status(spec: dict) -> str:
                 left += hours
                 hours = f"{hours:.1f}"
             top1 = f"{h[-1]['test_top1']:.2f}" if h else "–"
-            lines.append(f"| {name} | {seed} | {done} of {total} | {top1} | {hours} |")
+            ckpt, written = dirs[seed] / "checkpoint.pt", "–"
+            if done < total and ckpt.exists():
+                age = max(now - ckpt.stat().st_mtime, 0.0)
+                written = f"{age / 60:.0f} min ago" if age < 5400 else f"{age / 3600:.1f} h ago"
+            lines.append(f"| {name} | {seed} | {done} of {total} | {top1} | {hours} | {written} |")
     lines.append(f"\n{left:.1f} hours of training left" + (f", plus {unmeasured} runs of unmeasured speed"
                                                           if unmeasured else "") +
                  " (one process's hours: several processes share them)")

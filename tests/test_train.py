@@ -540,12 +540,16 @@ def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
         (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": k + 1, "test_top1": 80.0 + k, "wall_s": w}) + "\n"
                                                 for k, w in enumerate(walls)))
     (tmp_path / "a" / "seed0" / "summary.json").write_text("{}")
+    for seed, minutes in ((0, 1), (1, 10)):  # a finished run's checkpoint is not reported
+        ckpt = tmp_path / "a" / f"seed{seed}" / "checkpoint.pt"
+        ckpt.write_bytes(b"")
+        os.utime(ckpt, (time.time() - 60 * minutes,) * 2)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     md = sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--status"])
     assert md in capsys.readouterr().out
-    assert "| a | 0 | 2 of 2 | 81.00 | – |" in md
-    assert "| a | 1 | 1 of 2 | 80.00 | 1.0 |" in md and "| a | 2 | 0 of 2 | – | 2.0 |" in md
-    assert "| b | 2 | 0 of 2 | – | ? |" in md
+    assert "| a | 0 | 2 of 2 | 81.00 | – | – |" in md
+    assert "| a | 1 | 1 of 2 | 80.00 | 1.0 | 10 min ago |" in md and "| a | 2 | 0 of 2 | – | 2.0 | – |" in md
+    assert "| b | 2 | 0 of 2 | – | ? | – |" in md
     assert md.endswith("3.0 hours of training left, plus 3 runs of unmeasured speed (one process's hours: several "
                        "processes share them)")
     with pytest.raises(SystemExit):
