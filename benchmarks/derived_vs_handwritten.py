@@ -44,6 +44,7 @@ from timm.models.mlp_mixer import MlpMixer  # noqa: E402
 
 import derive  # noqa: E402
 import mixers  # noqa: E402  (registers imixer_s16_224 & co. with timm)
+from experiments.train import cpu_name  # noqa: E402
 
 TARGET = 1.05  # derived / hand-written time
 RTOL = 1e-5  # max |derived - hand-written| / max |hand-written|
@@ -232,16 +233,6 @@ def measure(case: Case, sz: Sizes, rounds: int, warmup: int) -> Result:
 
 
 # ---------------------------------------------------------------------------------------------- reporting
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     return (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), timm {timm.__version__}")

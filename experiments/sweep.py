@@ -200,9 +200,8 @@ def comparison(summaries: dict[str, list[dict]], reference: str) -> str:
             continue
         ci = "–"
         if len(diffs) > 1:
-            mean, half = np.mean(diffs), scipy.stats.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1)
-            half /= np.sqrt(len(diffs))
-            ci = f"[{mean - half:+.2f}, {mean + half:+.2f}]"
+            lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=scipy.stats.sem(diffs))
+            ci = f"[{lo:+.2f}, {hi:+.2f}]"
         cell = mean_std_cell(diffs, "+.2f", ".2f")
         lines.append(f"| {name} | {len(diffs)} | {cell} | {ci} | {sum(d > 0 for d in diffs)} of {len(diffs)} |")
     return "\n".join(lines)

@@ -62,7 +62,7 @@ from .data import (
 )
 
 __all__ = ["CheckpointError", "ConfigError", "RunBusyError", "TrainConfig", "check_model", "config_diff",
-           "environment", "hold_out_dir", "load_config", "main", "train"]
+           "cpu_name", "environment", "hold_out_dir", "load_config", "main", "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -713,6 +713,17 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     return summary
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows of it."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
     """What produced a run, for its summary: Python, torch, torchvision and timm versions, the device (GPU name or
     CPU model), cores and torch threads, and the code's git commit (None outside a git checkout) with whether
@@ -723,13 +734,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
     import torchvision
 
     device = torch.device(device)
-    if device.type == "cuda":
-        hw = torch.cuda.get_device_name(device)
-    else:
-        hw = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            hw = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name")), hw)
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:
