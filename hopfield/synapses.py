@@ -244,9 +244,8 @@ class DenseSynapse(Synapse):
             out = _contract(self.weight, gb, self._baxis, transpose=True)
         elif self.form == "untied":
             out = _contract(self.weight_fb, gb, self._baxis)
-        else:
-            out = _contract(self.weight, gb, self._baxis, transpose=True) + _contract(self.weight_break, gb,
-                                                                                     self._baxis)
+        else:  # one matmul with the summed matrix: W^T g + W_break g would cost two
+            out = _contract(self.feedback_weight(), gb, self._baxis)
         if self.has_bias_fb:
             out = out + _along(self.bias_fb, self._baxis, gb.ndim)
         return out
