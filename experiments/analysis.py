@@ -33,6 +33,8 @@ from mixers import AsymMlp, LiMlp, SymMlp, iMlp
 __all__ = [
     "energy_along_flow",
     "fixed_point_convergence",
+    "plot_energy",
+    "plot_fixed_point",
     "rank_collapse",
     "rank_collapse_report",
     "read_metrics",
@@ -143,11 +145,12 @@ def fixed_point_convergence(model: nn.Module, images: Tensor, *, path=None,
         model.train(was_training)
     result = {"layers": rows, "n_images": int(images.shape[0])}
     if path is not None:
-        _plot_fixed_point(result, path, plot_blocks)
+        plot_fixed_point(result, path, plot_blocks)
     return result
 
 
-def _plot_fixed_point(result: dict, path, plot_blocks: Sequence[int] | None) -> Path:
+def plot_fixed_point(result: dict, path, plot_blocks: Sequence[int] | None = None) -> Path:
+    """The PNG of a ``fixed_point_convergence`` result (also one read back from JSON)."""
     plt = _pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
     for row in result["layers"]:
@@ -237,11 +240,12 @@ def energy_along_flow(model: nn.Module, image: Tensor, *, block: int = 0, t_end:
               "max_rise": float(traj.descent.max_rise), "max_rise_rel": float(traj.descent.max_rise_rel),
               "reduced_max_rise": red_rise, "caveats": caveats, "nfe": int(traj.nfe)}
     if path is not None:
-        _plot_energy(result, path, block)
+        plot_energy(result, path, block)
     return result
 
 
-def _plot_energy(result: dict, path, block: int) -> Path:
+def plot_energy(result: dict, path, block: int = 0) -> Path:
+    """The PNG of an ``energy_along_flow`` result (also one read back from JSON)."""
     plt = _pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
     t, e, r = result["t"], result["energy"], result["reduced_energy"]

@@ -1,9 +1,11 @@
 """Figures and tables from finished training runs (``experiments.train`` output folders).
 
-    python -m experiments.analyze --runs runs/sweep_fashion --out docs/figures [--images 16]
+    python -m experiments.analyze --runs experiments/results/sweep_fashion --out docs/figures [--images 16]
 
-For every run below ``--runs`` (a folder with summary.json, config.yaml and checkpoint.pt) it rebuilds the
-model from its config, loads the weights and writes:
+For every run below ``--runs`` (a folder with summary.json and config.yaml) it analyses the final weights in
+``checkpoint.pt``: it rebuilds the model from its config, loads them, and saves the results as JSON in the run's
+``analysis.json``. A run folder kept without its checkpoint (as the sweeps keep theirs in git) is read from that
+``analysis.json`` instead, so tables and figures can be rebuilt on any checkout. It writes:
 
 - ``curves.png``: training curves of all runs, the seeds of a run (folders ``<run>/seed<k>``) as mean +- std;
 - ``fixed_point_<run>.png``: Norm_a and cos(x^(a+1), x^a) per iMLP layer on test images (iMixer paper
@@ -28,9 +30,9 @@ from mixers import VisionTransformer
 
 from . import analysis
 from .data import build_datasets
-from .train import build_model, load_checkpoint, load_config
+from .train import _atomic_write, build_model, load_checkpoint, load_config
 
-__all__ = ["find_runs", "load_run", "main"]
+__all__ = ["analyse_run", "find_runs", "load_run", "main", "run_record"]
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -56,6 +58,47 @@ def _group(run: Path, root: Path) -> str:
     return str(rel.parent if rel.name.startswith("seed") and str(rel.parent) != "." else rel)
 
 
+def analyse_run(run: Path, images: int) -> dict:
+    """The analyses of a finished run's final weights on its first ``images`` test images, as plain JSON data:
+    {"images", "fixed_point" (iMixer runs), "energy" (symmetric parallelized-Mixer runs), "symmetry" (Mixer-type
+    runs), "rank_collapse" (ViT runs)}."""
+    model, _, test_ds = load_run(run)
+    x = torch.stack([test_ds[i][0] for i in range(min(images, len(test_ds)))])
+    record: dict = {"images": images}
+    if isinstance(model, VisionTransformer):
+        record["rank_collapse"] = analysis.rank_collapse(model, x)
+        return record
+    kind = getattr(getattr(model, "cfg", None), "block", "mixer")
+    if kind in ("imixer", "limixer"):
+        record["fixed_point"] = analysis.fixed_point_convergence(model, x)
+    form = getattr(model, "cfg", None) and model.cfg.block_kwargs.get("form")
+    if kind == "paramixer" and form in ("symmetric", "tied"):
+        record["energy"] = analysis.energy_along_flow(model, x[:1])
+    try:
+        record["symmetry"] = analysis.symmetry_index(model)
+    except (ValueError, TypeError):
+        record["symmetry"] = []
+    return record
+
+
+def run_record(run: Path, images: int) -> dict:
+    """``analyse_run`` of a run with its checkpoint, saved to ``run/analysis.json``; without the checkpoint, the
+    saved record (an error names the folder if there is neither, or the file if it used another ``images``)."""
+    saved = run / "analysis.json"
+    if (run / "checkpoint.pt").exists():
+        record = analyse_run(run, images)
+        _atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+        return record
+    if not saved.exists():
+        raise FileNotFoundError(f"{run}: neither checkpoint.pt (the final weights) nor analysis.json (their "
+                                "analysis) is there, so the run cannot be analysed")
+    record = json.loads(saved.read_text())
+    if record.get("images") != images:
+        raise ValueError(f"{saved}: analysed on {record.get('images')} test images, not --images {images}; run "
+                         f"with --images {record.get('images')}, or where the run's checkpoint.pt is")
+    return record
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, required=True, help="a run folder or a folder of runs")
@@ -75,28 +118,19 @@ def main(argv=None) -> dict:
     report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
                     "rank_collapse": {}}
     for run in runs:
-        label = _label(run, args.runs)
-        model, _, test_ds = load_run(run)
-        images = torch.stack([test_ds[i][0] for i in range(min(args.images, len(test_ds)))])
-        if isinstance(model, VisionTransformer):
-            report["rank_collapse"].setdefault(_group(run, args.runs), []).append(
-                analysis.rank_collapse(model, images))
+        label, group = _label(run, args.runs), _group(run, args.runs)
+        record = run_record(run, args.images)
+        if "rank_collapse" in record:
+            report["rank_collapse"].setdefault(group, []).append(record["rank_collapse"])
             continue
-        kind = getattr(getattr(model, "cfg", None), "block", "mixer")
-        if kind in ("imixer", "limixer"):
-            fp = analysis.fixed_point_convergence(model, images, path=args.out / f"fixed_point_{label}.png")
-            report["fixed_point"][label] = fp
-        form = getattr(model, "cfg", None) and model.cfg.block_kwargs.get("form")
-        if kind == "paramixer" and form in ("symmetric", "tied"):
-            en = analysis.energy_along_flow(model, images[:1], path=args.out / f"energy_{label}.png")
-            report["energy"][label] = {k: en[k] for k in ("max_rise", "max_rise_rel", "caveats")}
-        try:
-            rows = analysis.symmetry_index(model)
-        except (ValueError, TypeError):
-            rows = []
-        for r in rows:
-            report["symmetry"].append({"run": label, **r})
-        by_run.setdefault(_group(run, args.runs), []).append(rows)
+        if "fixed_point" in record:
+            report["fixed_point"][label] = record["fixed_point"]
+            analysis.plot_fixed_point(record["fixed_point"], args.out / f"fixed_point_{label}.png")
+        if "energy" in record:
+            report["energy"][label] = {k: record["energy"][k] for k in ("max_rise", "max_rise_rel", "caveats")}
+            analysis.plot_energy(record["energy"], args.out / f"energy_{label}.png")
+        report["symmetry"] += [{"run": label, **r} for r in record["symmetry"]]
+        by_run.setdefault(group, []).append(record["symmetry"])
     (args.out / "symmetry.md").write_text(analysis.symmetry_table(report["symmetry"]) + "\n")
     (args.out / "symmetry_by_run.md").write_text(analysis.symmetry_report(by_run) + "\n")
     if report["rank_collapse"]:

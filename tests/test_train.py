@@ -613,6 +613,19 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
     assert "| sym | 1 | tokens | +1.000 → +1.000 | 0.000 |" in by_run and "| imixer | 1 | channels |" in by_run
     assert {"rank_collapse.png", "rank_collapse.md"} <= names and len(report["rank_collapse"]["vit"]) == 2
     assert "| vit | 2 | 2 |" in (tmp_path / "fig" / "rank_collapse.md").read_text()
+    # run folders kept without their checkpoints (as the sweeps keep them in git) are read from analysis.json
+    for ckpt in runs.rglob("checkpoint.pt"):
+        ckpt.unlink()
+    again = analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig2"), "--images", "4"])
+    assert again == report
+    assert names == {p.name for p in (tmp_path / "fig2").iterdir()}
+    for name in ("symmetry.md", "symmetry_by_run.md", "rank_collapse.md"):
+        assert (tmp_path / "fig2" / name).read_text() == (tmp_path / "fig" / name).read_text()
+    with pytest.raises(ValueError, match=r"imixer/analysis\.json: analysed on 4 test images, not --images 5"):
+        analyze.main(["--runs", str(runs / "imixer"), "--out", str(tmp_path / "fig3"), "--images", "5"])
+    (runs / "sym" / "analysis.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"sym: neither checkpoint\.pt .* nor analysis\.json"):
+        analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig3"), "--images", "4"])
 
 
 def test_rank_collapse_at_initialisation_script(tmp_path):
