@@ -238,14 +238,8 @@ class DenseSynapse(Synapse):
 
     def feedback_current(self, gb: Tensor, weight: Tensor | None = None) -> Tensor:
         """Current into a: V g_b + bias_fb, V = ``weight`` (n_a, n_b) when given, else ``feedback_weight()``."""
-        if weight is not None:
-            out = _contract(weight, gb, self._baxis)
-        elif self.form == "tied":
-            out = _contract(self.weight, gb, self._baxis, transpose=True)
-        elif self.form == "untied":
-            out = _contract(self.weight_fb, gb, self._baxis)
-        else:  # one matmul with the summed matrix: W^T g + W_break g would cost two
-            out = _contract(self.feedback_weight(), gb, self._baxis)
+        # one matmul for every form ("broken": with W^T + W_break summed, not W^T g + W_break g)
+        out = _contract(self.feedback_weight() if weight is None else weight, gb, self._baxis)
         if self.has_bias_fb:
             out = out + _along(self.bias_fb, self._baxis, gb.ndim)
         return out
