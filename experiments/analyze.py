@@ -30,7 +30,7 @@ from mixers import VisionTransformer
 
 from . import analysis
 from .data import build_datasets
-from .train import _atomic_write, build_model, load_checkpoint, load_config
+from .train import atomic_write, build_model, load_checkpoint, load_config
 
 __all__ = ["analyse_run", "find_runs", "load_run", "main", "run_record"]
 
@@ -87,7 +87,7 @@ def run_record(run: Path, images: int) -> dict:
     saved = run / "analysis.json"
     if (run / "checkpoint.pt").exists():
         record = analyse_run(run, images)
-        _atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
         return record
     if not saved.exists():
         raise FileNotFoundError(f"{run}: neither checkpoint.pt (the final weights) nor analysis.json (their "

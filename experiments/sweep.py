@@ -48,10 +48,10 @@ from .train import (
     hold_out_dir,
     load_config,
     median_images_per_s,
+    read_jsonl,
     read_yaml_mapping,
     train,
 )
-from .train import _read_jsonl as read_jsonl
 
 __all__ = ["check_spec", "comparison", "expand", "load_sweep", "run_sweep", "status", "table"]
 

@@ -61,8 +61,8 @@ from .data import (
     validate_config,
 )
 
-__all__ = ["CheckpointError", "ConfigError", "RunBusyError", "TrainConfig", "check_model", "config_diff",
-           "cpu_name", "environment", "hold_out_dir", "load_config", "main", "train"]
+__all__ = ["CheckpointError", "ConfigError", "RunBusyError", "TrainConfig", "atomic_write", "check_model",
+           "config_diff", "cpu_name", "environment", "hold_out_dir", "load_config", "main", "read_jsonl", "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -283,7 +283,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` fills a temporary file in the same folder, which is flushed to disk and renamed over ``path``:
     a reader (or a crash at any point) sees the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -304,7 +304,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint."""
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best", "rng", "wall_s", "config")
@@ -529,13 +529,13 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
         except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has a damaged training state: {e!r}") from e
     # metrics of the epochs the checkpoint has seen (a kill between logging and saving leaves one extra line)
-    history = [h for h in _read_jsonl(out / "metrics.jsonl") if h["epoch"] <= start_epoch] if ckpt else []
+    history = [h for h in read_jsonl(out / "metrics.jsonl") if h["epoch"] <= start_epoch] if ckpt else []
     if main_proc:
         if ckpt is None:  # a fresh start: nothing of an earlier run in out_dir survives to mix with this one's
             for name in previous:
                 (out / name).unlink()
             shutil.rmtree(out / "tb", ignore_errors=True)
-            _atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(_plain(cfg))))
+            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(_plain(cfg))))
         _rewrite_logs(out, history)
     writer = None
     if main_proc:
@@ -703,7 +703,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                "device": str(device), "precision": "bf16 autocast" if use_amp else "float32",
                "env": environment(device)}
     if main_proc:  # atomic: a sweep takes summary.json as the mark of a finished run
-        _atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if writer is not None:
         writer.close()
     if distributed:
@@ -819,7 +819,7 @@ def _bar(cfg: TrainConfig, main_proc: bool, total: int, epoch: int, epochs: int)
     return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     """The metrics history; a last line cut short (a process killed while appending it) is dropped."""
     if not path.exists():
         return []
@@ -846,9 +846,9 @@ def _rewrite_logs(out: Path, history: list[dict]) -> None:
                 w.writeheader()
                 w.writerows(history)
 
-    _atomic_write(out / "metrics.jsonl", jsonl)
+    atomic_write(out / "metrics.jsonl", jsonl)
     if history:
-        _atomic_write(out / "metrics.csv", table)
+        atomic_write(out / "metrics.csv", table)
     else:
         (out / "metrics.csv").unlink(missing_ok=True)
 
