@@ -7,6 +7,8 @@
 - `symmetry_index`, `symmetry_table`, `symmetry_report`, `xavier_reference`: how close W2 is to W1^T in every
   two-matrix MLP (Karakida, Ota & Taki 2024: tied / untied / symmetry-broken MLPs), per model and as mean +- std
   over the seeds of several runs.
+- `symmetry_breaking`: test top-1 and weight symmetry of the parallelized Mixer against the symmetry-breaking
+  weight lambda, with the symmetric, untied and serial Mixers as references (Karakida, Ota & Taki 2024).
 - `read_metrics`, `training_curves`: metrics.jsonl files of training runs, plotted against the epoch (the seeds
   of a run as mean +- std).
 - `rank_collapse`, `rank_collapse_report`: token uniformity per layer of ViTs (Dong et al. 2021; MHA paper), for
@@ -38,6 +40,7 @@ __all__ = [
     "rank_collapse",
     "rank_collapse_report",
     "read_metrics",
+    "symmetry_breaking",
     "symmetry_index",
     "symmetry_report",
     "symmetry_table",
@@ -445,6 +448,61 @@ def training_curves(runs: Mapping[str, str | Path | Sequence[str | Path]], path)
     if handles:
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     _save(fig, path)
+
+
+def symmetry_breaking(runs: Mapping[str, Sequence[Mapping]], *, path=None) -> str:
+    """Last test top-1 and weight symmetry against the symmetry-breaking weight lambda (Karakida, Ota & Taki 2024:
+    loss + lambda sum ||W2||^2 with the feedback W1^T + W2, so lambda -> infinity is the tied network).
+
+    ``runs`` maps a run name to its seeds' {"form", "lam", "top1", "corr"}: the parallelized Mixer's form
+    ("broken", "symmetric", "untied"; None for a serial Mixer), lambda, the last test top-1 and the mean of
+    `symmetry_index`'s corr over the model's MLPs. The "broken" runs are the curve over lambda (evenly spaced in
+    increasing order, so lambda = 0 has a place); every other run is a reference line (mean) with a +- std band.
+    Returns a markdown table, one line per run (curve first); with ``path`` also a PNG of both against lambda.
+    """
+    rows = []
+    for name, seeds in runs.items():
+        if not seeds:
+            continue
+        kinds = {(s["form"], s["lam"]) for s in seeds}
+        if len(kinds) != 1:
+            raise ValueError(f"symmetry_breaking: the seeds of {name!r} differ in (form, lam): "
+                             f"{sorted(kinds, key=str)}")
+        form, lam = kinds.pop()
+        if form == "broken" and lam is None:
+            raise ValueError(f"symmetry_breaking: run {name!r} has form 'broken' but no lam")
+        rows.append((name, form, lam, [s["top1"] for s in seeds], [s["corr"] for s in seeds]))
+    curve = sorted((r for r in rows if r[1] == "broken"), key=lambda r: r[2])
+    refs = [r for r in rows if r[1] != "broken"]
+    lines = ["| run | form | λ | seeds | last top-1 (%) | corr(W1ᵀ, feedback), mean over MLPs |",
+             "|---|---|---|---|---|---|"]
+    for name, form, lam, top1, corr in curve + refs:
+        lam_cell = f"{lam:g}" if form == "broken" else ("∞" if form in ("symmetric", "tied") else "–")
+        lines.append(f"| {name} | {form or 'serial Mixer'} | {lam_cell} | {len(top1)} | {mean_std_cell(top1)} | "
+                     f"{mean_std_cell(corr, '+.3f', '.3f')} |")
+    if path is not None and rows:
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        xs = list(range(len(curve)))
+        for ax, k, ylabel in ((axes[0], 3, "last test top-1 (%)"), (axes[1], 4, "corr(W1ᵀ, feedback)")):
+            if curve:
+                stats = [_mean_std(r[k]) for r in curve]
+                ax.errorbar(xs, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3,
+                            color="black", label="broken (λ on the axis)")
+            for j, r in enumerate(refs):
+                mean, sd = _mean_std(r[k])
+                color = plt.get_cmap("tab10").colors[j % 10]
+                ax.axhline(mean, color=color, ls="--", lw=1.2, label=r[0])
+                if sd:
+                    ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.15)
+            ax.set_xticks(xs, [f"{r[2]:g}" for r in curve])
+            ax.set(xlabel="λ (symmetry-breaking penalty)", ylabel=ylabel)
+        axes[0].set_title("accuracy")
+        axes[1].set_title("weight symmetry (1: tied)")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+        _save(fig, path)
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- rank collapse

@@ -14,6 +14,9 @@ For every run below ``--runs`` (a folder with summary.json and config.yaml) it a
   real test image's tokens, for symmetric parallelized-Mixer runs;
 - ``symmetry.md``: the weight-symmetry index of every MLP of every Mixer-type run; ``symmetry_by_run.md``: the
   same as mean +- std over the seeds of each run;
+- ``symmetry_breaking.png``, ``symmetry_breaking.md``: last test top-1 and mean corr(W1^T, feedback) of the
+  symmetry-breaking parallelized-Mixer runs against lambda, with the other parallelized and serial Mixer runs as
+  references, mean +- std over seeds (when there is a run with form "broken");
 - ``rank_collapse.png``, ``rank_collapse.md``: token cosine similarity and distance from rank 1 per layer of every
   ViT run, mean +- std over the seeds of each run (folders ``<run>/seed<k>``).
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -60,18 +64,20 @@ def _group(run: Path, root: Path) -> str:
 
 def analyse_run(run: Path, images: int) -> dict:
     """The analyses of a finished run's final weights on its first ``images`` test images, as plain JSON data:
-    {"images", "fixed_point" (iMixer runs), "energy" (symmetric parallelized-Mixer runs), "symmetry" (Mixer-type
-    runs), "rank_collapse" (ViT runs)}."""
+    {"images", "model" ({"block", "form", "lam"}), "fixed_point" (iMixer runs), "energy" (symmetric
+    parallelized-Mixer runs), "symmetry" (Mixer-type runs), "rank_collapse" (ViT runs)}."""
     model, _, test_ds = load_run(run)
     x = torch.stack([test_ds[i][0] for i in range(min(images, len(test_ds)))])
     record: dict = {"images": images}
     if isinstance(model, VisionTransformer):
         record["rank_collapse"] = analysis.rank_collapse(model, x)
         return record
-    kind = getattr(getattr(model, "cfg", None), "block", "mixer")
+    cfg = getattr(model, "cfg", None)
+    kind = getattr(cfg, "block", "mixer")  # timm's own MlpMixer has no cfg
+    form = cfg.block_kwargs.get("form") if cfg is not None else None
+    record["model"] = {"block": kind, "form": form, "lam": getattr(cfg, "lam", None)}
     if kind in ("imixer", "limixer"):
         record["fixed_point"] = analysis.fixed_point_convergence(model, x)
-    form = getattr(model, "cfg", None) and model.cfg.block_kwargs.get("form")
     if kind == "paramixer" and form in ("symmetric", "tied"):
         record["energy"] = analysis.energy_along_flow(model, x[:1])
     try:
@@ -93,6 +99,9 @@ def run_record(run: Path, images: int) -> dict:
         raise FileNotFoundError(f"{run}: neither checkpoint.pt (the final weights) nor analysis.json (their "
                                 "analysis) is there, so the run cannot be analysed")
     record = json.loads(saved.read_text())
+    if "model" not in record and "rank_collapse" not in record:
+        raise ValueError(f"{saved}: written before analysis.json recorded the model (block, form, lam); run "
+                         "experiments.analyze where the run's checkpoint.pt is to rewrite it")
     if record.get("images") != images:
         raise ValueError(f"{saved}: analysed on {record.get('images')} test images, not --images {images}; run "
                          f"with --images {record.get('images')}, or where the run's checkpoint.pt is")
@@ -116,7 +125,7 @@ def main(argv=None) -> dict:
                              args.out / "curves.png")
     by_run: dict[str, list[list[dict]]] = {}
     report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
-                    "rank_collapse": {}}
+                    "rank_collapse": {}, "symmetry_breaking": {}}
     for run in runs:
         label, group = _label(run, args.runs), _group(run, args.runs)
         record = run_record(run, args.images)
@@ -131,8 +140,17 @@ def main(argv=None) -> dict:
             analysis.plot_energy(record["energy"], args.out / f"energy_{label}.png")
         report["symmetry"] += [{"run": label, **r} for r in record["symmetry"]]
         by_run.setdefault(group, []).append(record["symmetry"])
+        model = record["model"]
+        if model["block"] in ("mixer", "paramixer") and record["symmetry"]:
+            top1 = json.loads((run / "summary.json").read_text())["last_top1"]
+            corr = statistics.mean(r["corr"] for r in record["symmetry"])
+            report["symmetry_breaking"].setdefault(group, []).append(
+                {"form": model["form"], "lam": model["lam"], "top1": top1, "corr": corr})
     (args.out / "symmetry.md").write_text(analysis.symmetry_table(report["symmetry"]) + "\n")
     (args.out / "symmetry_by_run.md").write_text(analysis.symmetry_report(by_run) + "\n")
+    if any(s["form"] == "broken" for seeds in report["symmetry_breaking"].values() for s in seeds):
+        md = analysis.symmetry_breaking(report["symmetry_breaking"], path=args.out / "symmetry_breaking.png")
+        (args.out / "symmetry_breaking.md").write_text(md + "\n")
     if report["rank_collapse"]:
         md = analysis.rank_collapse_report(report["rank_collapse"], path=args.out / "rank_collapse.png")
         (args.out / "rank_collapse.md").write_text(md + "\n")

@@ -209,6 +209,44 @@ def test_symmetry_report_averages_seeds_per_run():
         A.symmetry_report({"mixer": [seed0, seed1[:2]]})
 
 
+def test_symmetry_breaking_orders_lambda_and_draws_references(tmp_path, monkeypatch):
+    def seeds(form, lam, top1, corr):
+        return [{"form": form, "lam": lam, "top1": t, "corr": c} for t, c in zip(top1, corr)]
+
+    runs = {"untied": seeds("untied", 0.0, [92.0, 92.4], [0.0, 0.1]),
+            "broken_lam0.1": seeds("broken", 0.1, [89.9, 90.1], [0.9, 0.95]),
+            "broken_lam0": seeds("broken", 0.0, [91.0, 91.4], [0.5, 0.6]),
+            "sym": seeds("symmetric", 0.0, [89.8], [1.0]),
+            "mixer": seeds(None, 0.0, [91.0, 91.2], [-0.1, 0.1]),
+            "empty": []}
+    md = A.symmetry_breaking(runs)
+    lines = md.splitlines()
+    assert lines[0] == "| run | form | λ | seeds | last top-1 (%) | corr(W1ᵀ, feedback), mean over MLPs |"
+    # the lambda curve first, in increasing lambda, then the references in the given order; no line for no seeds
+    assert [line.split(" | ")[0][2:] for line in lines[2:]] == ["broken_lam0", "broken_lam0.1", "untied", "sym",
+                                                                 "mixer"]
+    assert lines[2] == "| broken_lam0 | broken | 0 | 2 | 91.20 ± 0.28 | +0.550 ± 0.071 |"
+    assert lines[5] == "| sym | symmetric | ∞ | 1 | 89.80 | +1.000 |"
+    assert lines[6] == "| mixer | serial Mixer | – | 2 | 91.10 ± 0.14 | +0.000 ± 0.141 |"
+    shown = {}
+    monkeypatch.setattr(A, "_save", lambda fig, path: shown.update(fig=fig))
+    A.symmetry_breaking(runs, path=tmp_path / "sb.png")
+    acc, sym = shown["fig"].axes
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["0", "0.1"]
+    assert list(acc.lines[0].get_ydata()) == pytest.approx([91.2, 90.0])  # the errorbar's mean line
+    refs = {ln.get_label(): ln for ln in sym.lines if not ln.get_label().startswith("_")}
+    assert list(refs) == ["untied", "sym", "mixer"]
+    assert list(refs["sym"].get_ydata()) == [1.0, 1.0]  # symmetric: corr 1 as a horizontal line
+    A._pyplot().close(shown["fig"])
+    monkeypatch.undo()
+    assert A.symmetry_breaking(runs, path=tmp_path / "sb.png") == md
+    assert_png(tmp_path / "sb.png")
+    with pytest.raises(ValueError, match=r"seeds of 'bad' differ in \(form, lam\)"):
+        A.symmetry_breaking({"bad": seeds("broken", 0.1, [1.0], [0.0]) + seeds("broken", 0.2, [1.0], [0.0])})
+    with pytest.raises(ValueError, match="run 'nolam' has form 'broken' but no lam"):
+        A.symmetry_breaking({"nolam": seeds("broken", None, [1.0], [0.0])})
+
+
 # ------------------------------------------------------------------------------------------ training curves
 def test_training_curves(tmp_path, monkeypatch):
     runs = {}

@@ -588,7 +588,9 @@ def test_sweep_processes_share_runs_through_locks(tmp_path, capsys):
 def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
     runs = tmp_path / "runs"
     for name, model, kw in (("imixer", "derived_imixer_t4_28", "{embed_dim: 16, num_blocks: 2, n_iter: 3}"),
-                            ("sym", "paramixer_t4_28", "{embed_dim: 16, num_blocks: 2, form: symmetric}")):
+                            ("sym", "paramixer_t4_28", "{embed_dim: 16, num_blocks: 2, form: symmetric}"),
+                            ("broken", "derived_paramixer_t4_28", "{embed_dim: 16, num_blocks: 2, form: broken, "
+                                                                  "lam: 0.001}")):
         train.train(load_config(CONFIG, ["data.num_workers=0", "progress=false", "epochs=1", "warmup_epochs=0",
                                          "data.train_subset=512", "data.test_subset=64", "batch_size=64",
                                          f"model={model}", f"model_kwargs={kw}", f"out_dir={runs / name}"]))
@@ -611,6 +613,12 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
     assert "| sym |" in (tmp_path / "fig" / "symmetry.md").read_text()
     by_run = (tmp_path / "fig" / "symmetry_by_run.md").read_text()
     assert "| sym | 1 | tokens | +1.000 → +1.000 | 0.000 |" in by_run and "| imixer | 1 | channels |" in by_run
+    # the lambda curve (one point) with the symmetric run as a reference; ViT and iMixer runs are not in it
+    assert report["symmetry_breaking"].keys() == {"sym", "broken"}
+    assert report["symmetry_breaking"]["broken"][0]["lam"] == 0.001
+    sb = (tmp_path / "fig" / "symmetry_breaking.md").read_text()
+    assert "| broken | broken | 0.001 | 1 |" in sb and "| sym | symmetric | ∞ | 1 |" in sb
+    assert {"symmetry_breaking.png", "symmetry_breaking.md"} <= names
     assert {"rank_collapse.png", "rank_collapse.md"} <= names and len(report["rank_collapse"]["vit"]) == 2
     assert "| vit | 2 | 2 |" in (tmp_path / "fig" / "rank_collapse.md").read_text()
     # run folders kept without their checkpoints (as the sweeps keep them in git) are read from analysis.json
@@ -619,10 +627,17 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path):
     again = analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig2"), "--images", "4"])
     assert again == report
     assert names == {p.name for p in (tmp_path / "fig2").iterdir()}
-    for name in ("symmetry.md", "symmetry_by_run.md", "rank_collapse.md"):
+    for name in ("symmetry.md", "symmetry_by_run.md", "symmetry_breaking.md", "rank_collapse.md"):
         assert (tmp_path / "fig2" / name).read_text() == (tmp_path / "fig" / name).read_text()
     with pytest.raises(ValueError, match=r"imixer/analysis\.json: analysed on 4 test images, not --images 5"):
         analyze.main(["--runs", str(runs / "imixer"), "--out", str(tmp_path / "fig3"), "--images", "5"])
+    saved = (runs / "broken" / "analysis.json").read_text()
+    stale = json.loads(saved)
+    del stale["model"]  # as written before analysis.json recorded the model
+    (runs / "broken" / "analysis.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match=r"broken/analysis\.json: written before analysis\.json recorded the model"):
+        analyze.main(["--runs", str(runs / "broken"), "--out", str(tmp_path / "fig3"), "--images", "4"])
+    (runs / "broken" / "analysis.json").write_text(saved)
     (runs / "sym" / "analysis.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"sym: neither checkpoint\.pt .* nor analysis\.json"):
         analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig3"), "--images", "4"])
