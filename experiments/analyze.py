@@ -5,7 +5,9 @@
 For every run below ``--runs`` (a folder with summary.json and config.yaml) it analyses the final weights in
 ``checkpoint.pt``: it rebuilds the model from its config, loads them, and saves the results as JSON in the run's
 ``analysis.json``. A run folder kept without its checkpoint (as the sweeps keep theirs in git) is read from that
-``analysis.json`` instead, so tables and figures can be rebuilt on any checkout. It writes:
+``analysis.json`` instead, so tables and figures can be rebuilt on any checkout (``experiments.sweep`` writes it as
+each run finishes). A run with neither file (its checkpoint lost before it was analysed) is left out of the weight
+analyses, named on stdout and in report.json's ``not_analysed``; its training curves still count. It writes:
 
 - ``curves.png``: training curves of all runs, the seeds of a run (folders ``<run>/seed<k>``) as mean +- std;
 - ``fixed_point_<run>.png``: Norm_a and cos(x^(a+1), x^a) per iMLP layer on test images (iMixer paper
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +39,9 @@ from . import analysis
 from .data import build_datasets
 from .train import atomic_write, build_model, load_checkpoint, load_config
 
-__all__ = ["analyse_run", "find_runs", "load_run", "main", "run_record"]
+__all__ = ["IMAGES", "analyse_run", "find_runs", "load_run", "main", "run_record"]
+
+IMAGES = 16  # test images each run is analysed on, unless --images says otherwise
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -112,7 +117,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=Path, required=True, help="a run folder or a folder of runs")
     p.add_argument("--out", type=Path, default=Path("outputs/analysis"))
-    p.add_argument("--images", type=int, default=16, help="test images for the fixed-point analysis")
+    p.add_argument("--images", type=int, default=IMAGES, help="test images for the fixed-point analysis")
     args = p.parse_args(argv)
     runs = find_runs(args.runs)
     if not runs:
@@ -125,10 +130,15 @@ def main(argv=None) -> dict:
                              args.out / "curves.png")
     by_run: dict[str, list[list[dict]]] = {}
     report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
-                    "rank_collapse": {}, "symmetry_breaking": {}}
+                    "rank_collapse": {}, "symmetry_breaking": {}, "not_analysed": []}
     for run in runs:
         label, group = _label(run, args.runs), _group(run, args.runs)
-        record = run_record(run, args.images)
+        try:
+            record = run_record(run, args.images)
+        except FileNotFoundError as e:  # weights and analysis both gone: the other runs still tell their story
+            print(f"warning: {e}; left out of the weight analyses", file=sys.stderr)
+            report["not_analysed"].append(str(run))
+            continue
         if "rank_collapse" in record:
             report["rank_collapse"].setdefault(group, []).append(record["rank_collapse"])
             continue
@@ -155,8 +165,9 @@ def main(argv=None) -> dict:
         md = analysis.rank_collapse_report(report["rank_collapse"], path=args.out / "rank_collapse.png")
         (args.out / "rank_collapse.md").write_text(md + "\n")
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {args.out}: curves.png, symmetry.md, symmetry_by_run.md, report.json and per-run figures for "
-          f"{len(runs)} runs")
+    analysed = len(runs) - len(report["not_analysed"])
+    print(f"wrote {args.out}: curves.png ({len(runs)} runs), symmetry.md, symmetry_by_run.md, report.json and "
+          f"per-run figures ({analysed} runs analysed, {len(report['not_analysed'])} not)")
     return report
 
 

@@ -7,7 +7,10 @@ A sweep file names a base config, seeds, and runs: each run is a mapping of (dot
 carry a ``grid`` of keys to lists of values whose product expands it (``imixer`` with
 ``grid: {model_kwargs.n_iter: [1, 2, 4]}`` gives imixer[n_iter=1], ...). Every (run, seed) trains into
 ``<out_dir>/<run>/seed<k>``; a finished one (summary.json present) is skipped, a killed one resumes from its
-checkpoint, so re-running the command after an interruption continues the sweep. A finished or killed run whose
+checkpoint, so re-running the command after an interruption continues the sweep. A run is analysed the moment it
+finishes (``experiments.analyze.run_record``: its ``analysis.json``), while its checkpoint is surely there: sweep
+folders are kept without checkpoints, and a run's weights lost before its analysis are lost for good. A finished or
+killed run whose
 config differs from the sweep file's is an error, not silently reused. The tables (markdown, like the iMixer
 paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout. A ``compare`` list of run names adds, for each, a
 table of every other run's last test top-1 minus that run's, paired by seed: a seed fixes the order and the
@@ -38,6 +41,7 @@ import scipy.stats
 import yaml
 
 from .analysis import mean_std_cell
+from .analyze import IMAGES, run_record
 from .data import CorruptDatasetError, DatasetNotFoundError
 from .train import (
     OPERATIONAL_KEYS,
@@ -271,19 +275,21 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
                 if only and name not in only:
                     continue
                 run_dir = _run_dir(out, name, seed)
-                if (run_dir / "summary.json").exists():
+                if (run_dir / "summary.json").exists() and (run_dir / "analysis.json").exists():
                     continue
+                stopped = False
                 with hold_out_dir(run_dir) as mine:
                     if not mine:
                         print(f"== {name} seed {seed}: another process is training it, skipped", flush=True)
                         continue
-                    if (run_dir / "summary.json").exists():  # finished by another process meanwhile
-                        continue
-                    cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides +
-                                      [f"seed={seed}", f"out_dir={json.dumps(str(run_dir))}"])
-                    print(f"== {name} seed {seed} -> {run_dir}", flush=True)
-                    result = train(cfg, resume=(run_dir / "checkpoint.pt").exists())
-                if result.get("stopped"):
+                    if not (run_dir / "summary.json").exists():  # (another process may have finished it meanwhile)
+                        cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides +
+                                          [f"seed={seed}", f"out_dir={json.dumps(str(run_dir))}"])
+                        print(f"== {name} seed {seed} -> {run_dir}", flush=True)
+                        stopped = bool(train(cfg, resume=(run_dir / "checkpoint.pt").exists()).get("stopped"))
+                    if not stopped:  # also a run whose process was killed between its end and its analysis
+                        _analyse(run_dir)
+                if stopped:
                     print("sweep stopped; run the same command again to continue", flush=True)
                     break
             else:
@@ -295,6 +301,20 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
     (out / "results.md").write_text(md + "\n")
     print(md)
     return md
+
+
+def _analyse(run_dir: Path) -> None:
+    """Write a finished run's ``analysis.json`` from its checkpoint, unless it is there already. A failure is
+    reported, not raised: the run's checkpoint stays, so ``experiments.analyze`` can retry, and the sweep goes on."""
+    if (run_dir / "analysis.json").exists() or not (run_dir / "checkpoint.pt").exists():
+        return
+    try:
+        run_record(run_dir, IMAGES)
+    except Exception as e:  # any analysis bug: it must not stop hours of training
+        print(f"warning: {run_dir}: analysis failed ({e!r}); its checkpoint.pt is kept: run "
+              f"python -m experiments.analyze --runs {run_dir} to retry", file=sys.stderr, flush=True)
+        return
+    print(f"== {run_dir}: analysis.json written", flush=True)
 
 
 def main(argv=None) -> str:
