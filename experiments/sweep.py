@@ -9,8 +9,9 @@ carry a ``grid`` of keys to lists of values whose product expands it (``imixer``
 ``<out_dir>/<run>/seed<k>``; a finished one (summary.json present) is skipped, a killed one resumes from its
 checkpoint, so re-running the command after an interruption continues the sweep. A run is analysed the moment it
 finishes (``experiments.analyze.run_record``: its ``analysis.json``), while its checkpoint is surely there: sweep
-folders are kept without checkpoints, and a run's weights lost before its analysis are lost for good. A finished or
-killed run whose
+folders are kept without checkpoints, and a run's weights lost before its analysis are lost for good
+(``scripts/carry_sweep.sh`` stages the checkpoints of unfinished runs, to resume them on another checkout). A
+finished or killed run whose
 config differs from the sweep file's is an error, not silently reused. The tables (markdown, like the iMixer
 paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout. A ``compare`` list of run names adds, for each, a
 table of every other run's last test top-1 minus that run's, paired by seed: a seed fixes the order and the

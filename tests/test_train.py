@@ -605,6 +605,49 @@ def test_sweep_processes_share_runs_through_locks(tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "busy" / "seed1").exists()
 
 
+def test_carry_sweep_stages_unfinished_checkpoints_only(tmp_path):
+    """scripts/carry_sweep.sh: the checkpoint of an unfinished run is staged (git ignores checkpoints), that of a
+    finished run is not, one still training (its flock held) is refused by name, and a carried checkpoint is
+    unstaged once its run has finished."""
+    import fcntl
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    def carry():
+        return subprocess.run(["bash", str(ROOT / "scripts" / "carry_sweep.sh"), "sweep"], cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("checkpoint.pt\n.lock\n")
+    for run, done in (("a", False), ("b", True)):
+        d = tmp_path / "sweep" / run / "seed0"
+        d.mkdir(parents=True)
+        for name in ("checkpoint.pt", "config.yaml", "metrics.jsonl"):
+            (d / name).write_text(f"{run} {name}\n")
+        if done:
+            (d / "summary.json").write_text("{}")
+    with open(tmp_path / "sweep" / "a" / "seed0" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stands for the process training it
+        r = carry()
+    assert r.returncode == 1 and "'sweep/a/seed0' is still training" in r.stderr
+    assert git("diff", "--cached", "--name-only") == ""
+    r = carry()
+    assert r.returncode == 0, r.stderr
+    assert "staged sweep/a/seed0 (1 epochs logged)" in r.stdout
+    assert git("diff", "--cached", "--name-only").split() == [
+        "sweep/a/seed0/checkpoint.pt", "sweep/a/seed0/config.yaml", "sweep/a/seed0/metrics.jsonl"]
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "carry a")
+    (tmp_path / "sweep" / "a" / "seed0" / "summary.json").write_text("{}")
+    r = carry()
+    assert r.returncode == 0 and "unstaged sweep/a/seed0/checkpoint.pt" in r.stdout
+    assert git("diff", "--cached", "--name-status").split() == ["D", "sweep/a/seed0/checkpoint.pt"]
+    assert (tmp_path / "sweep" / "a" / "seed0" / "checkpoint.pt").exists()  # kept on disk for the analysis
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "carry_sweep.sh"), "nope"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no sweep folder 'nope'" in r.stderr
+
+
 @pytest.mark.slow
 def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path, capsys):
     runs = tmp_path / "runs"
