@@ -4,19 +4,19 @@
                                 [--only NAME] [--seeds K ...]
 
 A sweep file names a base config, seeds, and runs: each run is a mapping of (dotted) config overrides, and may carry
-a ``grid`` of keys to lists of values whose product expands it (``imixer`` with ``grid: {model_kwargs.n_iter: [1, 2,
-4]}`` gives imixer[n_iter=1], ...). Every (run, seed) trains into ``<out_dir>/<run>/seed<k>``; a finished one
-(summary.json present) is skipped, a killed one resumes from its checkpoint, so re-running the command after an
-interruption continues the sweep. A run is analysed the moment it finishes (``experiments.analyze.run_record``: its
-``analysis.json``), while its checkpoint is surely there: sweep folders are kept without checkpoints, and a run's
-weights lost before its analysis are lost for good (``scripts/carry_sweep.sh`` stages the checkpoints of unfinished
-runs, to resume them on another checkout). A finished or killed run whose config differs from the sweep file's is an
-error, not silently reused. The tables (markdown, like the iMixer paper's Tables 1-4) go to ``<out_dir>/results.md``
-and stdout. A ``compare`` list of run names adds, for each, a table of every other run's last test top-1 minus that
-run's, paired by seed: a seed fixes the order and the augmentations of the training images for every run
-(``experiments.data.build_loaders``), so each difference compares two models trained on the same data stream.
-``--status`` lists how far every (run, seed) has got and the hours of training left at the speeds its runs have
-shown so far.
+a ``grid`` of keys to lists of values whose product expands it (``imixer`` with
+``grid: {model_kwargs.n_iter: [1, 2, 4]}`` gives imixer[n_iter=1], ...). Every (run, seed) trains into
+``<out_dir>/<run>/seed<k>``; a finished one (summary.json present) is skipped, a killed one resumes from its
+checkpoint, so re-running the command after an interruption continues the sweep. A run is analysed the moment it
+finishes (``experiments.analyze.run_record``: its ``analysis.json``), while its checkpoint is surely there: sweep
+folders are kept without checkpoints, and a run's weights lost before its analysis are lost for good
+(``scripts/carry_sweep.sh`` stages the checkpoints of unfinished runs, to resume them on another checkout). A
+finished or killed run whose config differs from the sweep file's is an error, not silently reused. The tables
+(markdown, like the iMixer paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout. A ``compare`` list of run
+names adds, for each, a table of every other run's last test top-1 minus that run's, paired by seed: a seed fixes
+the order and the augmentations of the training images for every run (``experiments.data.build_loaders``), so each
+difference compares two models trained on the same data stream. ``--status`` lists how far every (run, seed) has got
+and the hours of training left at the speeds its runs have shown so far.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
 ``flock`` on ``<run dir>/.lock`` (released by the OS when its process exits, killed or not), and a claimed run is
