@@ -133,12 +133,13 @@ def main(argv=None) -> dict:
                     "rank_collapse": {}, "symmetry_breaking": {}, "not_analysed": []}
     for run in runs:
         label, group = _label(run, args.runs), _group(run, args.runs)
-        try:
-            record = run_record(run, args.images)
-        except FileNotFoundError as e:  # weights and analysis both gone: the other runs still tell their story
-            print(f"warning: {e}; left out of the weight analyses", file=sys.stderr)
+        if not (run / "checkpoint.pt").exists() and not (run / "analysis.json").exists():
+            # weights and analysis both gone: the other runs still tell their story (a missing dataset still raises)
+            print(f"warning: {run}: neither checkpoint.pt (the final weights) nor analysis.json (their analysis) is "
+                  "there; left out of the weight analyses", file=sys.stderr)
             report["not_analysed"].append(str(run))
             continue
+        record = run_record(run, args.images)
         if "rank_collapse" in record:
             report["rank_collapse"].setdefault(group, []).append(record["rank_collapse"])
             continue
