@@ -41,6 +41,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -457,6 +458,11 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    if use_amp and device.type == "cpu" and main_proc and not cpu_has_bf16_kernels():
+        warnings.warn(f"config key 'amp' is 'bf16', but this CPU ({cpu_name()}, "
+                      f"{torch.backends.cpu.get_cpu_capability()}) has no oneDNN bf16 kernels: bf16 autocast runs "
+                      "several times slower than float32 here (docs/benchmarks.md); amp=off trains faster",
+                      RuntimeWarning, stacklevel=2)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
@@ -724,9 +730,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512, native with AVX512_BF16 or AMX). Without them, on
+    AVX2-only CPUs, bf16 autocast falls back to slow reference code: 0.10x float32's speed, docs/benchmarks.md."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: nothing to tell
+        return True
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
     """What produced a run, for its summary: Python, torch, torchvision and timm versions, the device (GPU name or
-    CPU model), cores and torch threads, and the code's git commit (None outside a git checkout) with whether
+    CPU model), the CPU's vector capability and whether it has bf16 kernels (two CPUs of one model name can
+    differ), cores and torch threads, and the code's git commit (None outside a git checkout) with whether
     tracked files differed from it. Taken when the run ends: a resumed run may have started under another."""
     import platform
 
@@ -747,7 +763,9 @@ def environment(device: torch.device | str = "cpu") -> dict:
     commit = git("rev-parse", "HEAD")
     changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "hardware": hw, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "timm": timm.__version__, "hardware": hw,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_kernels": cpu_has_bf16_kernels(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "git_commit": commit, "git_dirty": bool(changes) if changes is not None else None}
 
 

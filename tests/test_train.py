@@ -292,16 +292,20 @@ def test_recipe_lr_scaling_schedule_mixup_clipping_and_penalty(tmp_path):
     assert runs[1.0] < 0.7 * runs[0.0], runs
 
 
-def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path):
-    """amp=bf16 runs the recipe's mixed precision on any device; the spectral-norm state stays float32."""
+def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path, monkeypatch):
+    """amp=bf16 runs the recipe's mixed precision on any device; the spectral-norm state stays float32; a CPU
+    without bf16 kernels gets a warning naming the config key."""
     cfg = load_config(CONFIG, [*TINY, "model=derived_imixer_t4_28", "model_kwargs={embed_dim: 32, num_blocks: 2, "
                                "h_ratio: 2, n_iter: 2}", "epochs=1", "data.train_subset=256",
                                "data.test_subset=128", "batch_size=64", "amp=bf16", f"out_dir={tmp_path}"])
-    summary = train.train(cfg)
+    monkeypatch.setattr(train, "cpu_has_bf16_kernels", lambda: False)
+    with pytest.warns(RuntimeWarning, match="config key 'amp' is 'bf16'.*no oneDNN bf16 kernels"):
+        summary = train.train(cfg)
     assert summary["precision"] == "bf16 autocast" and summary["last_top1"] is not None
     # what produced it: versions, hardware, threads, and this checkout's commit
     env = json.loads((tmp_path / "summary.json").read_text())["env"]
     assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads() and env["hardware"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu_bf16_kernels"] is False
     head = subprocess.run(["git", "-C", str(Path(train.__file__).parents[1]), "rev-parse", "HEAD"],
                           capture_output=True, text=True)
     assert env["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
