@@ -32,8 +32,9 @@ from hopfield.synapses import DenseSynapse
 
 __all__ = ["Branch", "ReducedField", "adiabatic"]
 
-# maps a branch to the matrices its G and H use (None: the synapse's own), e.g. spectrally normalised ones
-WeightFn = Callable[["Branch"], tuple[Tensor | None, Tensor | None]]
+# maps a branch to the functions its G and H apply (default: ``(br.G, br.H)``, the synapse's own currents); a
+# derived block passes ones with spectrally normalised matrices, or BatchNorm after them
+MapsFn = Callable[["Branch"], tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]]
 
 
 @dataclass
@@ -155,25 +156,25 @@ class ReducedField:
     def act(self, name: str, x: Tensor) -> Tensor:
         return self.net.layers[name].activation(x)
 
-    def feedback(self, name: str, children: list[Branch], x: Tensor, weight: WeightFn | None = None,
+    def feedback(self, name: str, children: list[Branch], x: Tensor, maps: MapsFn | None = None,
                  on_solve=None) -> Tensor:
         """F^A(x) = sum over children C of H^C(S^C(G^C(g^A(x)))) (Eqs. 39-40; F^v for the visible layer)."""
         g = self.act(name, x)
         out = None
         for br in children:
-            wg, wh = weight(br) if weight else (None, None)
-            xc = self.solve(br, br.G(g, wg), weight, on_solve)
-            h = br.H(self.act(br.node, xc), wh)
+            G, H = maps(br) if maps else (br.G, br.H)
+            xc = self.solve(br, G(g), maps, on_solve)
+            h = H(self.act(br.node, xc))
             out = h if out is None else out + h
         return out if out is not None else torch.zeros_like(x)
 
-    def solve(self, br: Branch, z: Tensor, weight: WeightFn | None = None, on_solve=None) -> Tensor:
+    def solve(self, br: Branch, z: Tensor, maps: MapsFn | None = None, on_solve=None) -> Tensor:
         """x^A with x^A = z + F^A(x^A) (Eq. 38); x^A = z for a leaf."""
         if not br.implicit:
             return z
 
         def F(x):
-            return self.feedback(br.node, br.children, x, weight, on_solve)
+            return self.feedback(br.node, br.children, x, maps, on_solve)
 
         if self.solver == "fixed_point" or not br.implicit:
             x = z

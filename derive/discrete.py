@@ -29,7 +29,9 @@ from hopfield import Network
 from .adiabatic import Branch, ReducedField
 from .spectral import SoftSpectralNorm
 
-__all__ = ["DerivedBlock", "DiscreteConfig", "SolveCertificate", "discretize"]
+__all__ = ["INNER_NORMS", "AxisBatchNorm", "DerivedBlock", "DiscreteConfig", "SolveCertificate", "discretize"]
+
+INNER_NORMS = ("spectral", "none", "batch")
 
 
 @dataclass
@@ -41,7 +43,9 @@ class DiscreteConfig:
     alpha: float = 0.0
     splitting: str = "parallel"
     groups: Sequence[Sequence[str]] | None = None  # sequential: hidden layers per sub-step; default one per branch
-    spectral_norm: bool = True
+    # what normalises the matrices inside a contraction F^A: "spectral" (soft spectral norm, the iMixer's), "none",
+    # or "batch" (BatchNorm after each of them: the iMixer's Table 3 ablation, outside the Hopfield picture)
+    inner_norm: str = "spectral"
     coeff: float = 0.9
     n_power: int = 8
     drop_path: float = 0.0
@@ -50,6 +54,8 @@ class DiscreteConfig:
     def __post_init__(self):
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"DiscreteConfig.steps must be an int >= 1, got {self.steps!r}")
+        if self.inner_norm not in INNER_NORMS:
+            raise ValueError(f"DiscreteConfig.inner_norm must be one of {INNER_NORMS}, got {self.inner_norm!r}")
         if self.splitting not in ("parallel", "sequential"):
             raise ValueError(f"DiscreteConfig.splitting must be 'parallel' or 'sequential', got {self.splitting!r}")
         if not (isinstance(self.n_iter, int) and self.n_iter >= 0):
@@ -86,6 +92,28 @@ def _key(br: Branch) -> str:
     return f"{a}_{b}"
 
 
+def _bn_gain(bn: nn.BatchNorm1d) -> float:
+    """The Lipschitz constant of an eval-mode BatchNorm: max |gamma| / sqrt(running_var + eps)."""
+    gamma = bn.weight.detach().abs() if bn.affine else torch.ones_like(bn.running_var)
+    return float((gamma.double() / (bn.running_var.double() + bn.eps).sqrt()).max())
+
+
+class AxisBatchNorm(nn.BatchNorm1d):
+    """BatchNorm of a current along a layer's axis ``axis`` (its features), the statistics over every other axis
+    and the batch: what ``DiscreteConfig(inner_norm="batch")`` puts after each matrix inside a contraction. Not a
+    Lagrangian's gradient nor a synapse: the block with it is no longer a limit of a Hopfield network."""
+
+    def __init__(self, num_features: int, axis: int):
+        super().__init__(num_features)
+        self.axis = axis
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.movedim(x, self.axis, -1)
+        shape = y.shape
+        y = super().forward(y.reshape(-1, shape[-1])).reshape(shape)
+        return torch.movedim(y, -1, self.axis)
+
+
 class DerivedBlock(nn.Module):
     """One discrete step of the visible layer of ``net`` after the adiabatic limit; see the module doc."""
 
@@ -99,17 +127,23 @@ class DerivedBlock(nn.Module):
         self.field = ReducedField(net, visible, solver="fixed_point", n_iter=cfg.n_iter, alpha=cfg.alpha)
         self.scale = (cfg.dt if cfg.dt is not None else self.field.tau) / self.field.tau
         self.branches = self.field.branches
+        # inside contractions (branches below the first level): a soft spectral norm of each matrix, or a
+        # BatchNorm after each current ("<a>_<b>": the synapse's forward current a -> b, "<a>_<b>_fb": b -> a)
         self.spectral = nn.ModuleDict()
-        if cfg.spectral_norm:
-            for top in self.branches:
-                for br in top.walk():
-                    if br.depth < 2:
-                        continue
-                    syn = br.synapse
-                    self.spectral[_key(br)] = SoftSpectralNorm(tuple(syn.weight.shape), cfg.coeff, cfg.n_power)
+        self.batch_norm = nn.ModuleDict()
+        for top in self.branches:
+            for br in top.walk():
+                if br.depth < 2:
+                    continue
+                syn = br.synapse
+                n_b, n_a = syn.weight.shape
+                if cfg.inner_norm == "spectral":
+                    self.spectral[_key(br)] = SoftSpectralNorm((n_b, n_a), cfg.coeff, cfg.n_power)
                     if syn.form != "tied":
-                        self.spectral[_key(br) + "_fb"] = SoftSpectralNorm(tuple(syn.weight.shape[::-1]),
-                                                                           cfg.coeff, cfg.n_power)
+                        self.spectral[_key(br) + "_fb"] = SoftSpectralNorm((n_a, n_b), cfg.coeff, cfg.n_power)
+                elif cfg.inner_norm == "batch":
+                    self.batch_norm[_key(br)] = AxisBatchNorm(n_b, syn.axis)
+                    self.batch_norm[_key(br) + "_fb"] = AxisBatchNorm(n_a, syn.axis)
         names = [br.node for br in self.branches]
         if cfg.splitting == "parallel":
             self.groups = [names]
@@ -139,15 +173,25 @@ class DerivedBlock(nn.Module):
         v = w.T if syn.form == "tied" else self.spectral[key + "_fb"](syn.feedback_weight())
         return (w, v) if br.down else (v, w)
 
+    def _maps(self, br: Branch):
+        """(G, H) of this branch as the block applies them: normalised matrices, BatchNorm after them."""
+        wg, wh = self._weights(br)
+        key = _key(br)
+        if key not in self.batch_norm:
+            return (lambda g: br.G(g, wg)), (lambda g: br.H(g, wh))
+        bn_fwd, bn_fb = self.batch_norm[key], self.batch_norm[key + "_fb"]
+        bn_g, bn_h = (bn_fwd, bn_fb) if br.down else (bn_fb, bn_fwd)
+        return (lambda g: bn_g(br.G(g, wg))), (lambda g: bn_h(br.H(g, wh)))
+
     def _on_solve(self, br: Branch, iterates: list[Tensor]) -> None:
         self.trace.append({"layer": br.node, "iterates": [x.detach() for x in iterates]})
 
     def branch_update(self, br: Branch, g: Tensor) -> Tensor:
         """H^B(S^B(G^B(g_v))): branch B's current into the visible layer."""
-        wg, wh = self._weights(br)
+        G, H = self._maps(br)
         on = self._on_solve if self.record else None
-        x = self.field.solve(br, br.G(g, wg), self._weights, on)
-        return br.H(self.field.act(br.node, x), wh)
+        x = self.field.solve(br, G(g), self._maps, on)
+        return H(self.field.act(br.node, x))
 
     def forward(self, v: Tensor) -> Tensor:
         if self.record:
@@ -202,28 +246,37 @@ class DerivedBlock(nn.Module):
             nf = self.spectral[key].bound(syn.weight.detach())
             nb = nf if syn.form == "tied" else self.spectral[key + "_fb"].bound(syn.feedback_weight().detach())
         else:
-            nf = float(torch.linalg.matrix_norm(syn.weight.detach(), ord=2))
-            nb = float(torch.linalg.matrix_norm(syn.feedback_weight().detach(), ord=2))
+            nf = float(torch.linalg.matrix_norm(syn.weight.detach().double(), ord=2))
+            nb = float(torch.linalg.matrix_norm(syn.feedback_weight().detach().double(), ord=2))
+        if key in self.batch_norm:  # the eval-mode BatchNorm: a diagonal map |gamma| / sqrt(running_var + eps)
+            nf *= _bn_gain(self.batch_norm[key])
+            nb *= _bn_gain(self.batch_norm[key + "_fb"])
         return (nf, nb) if br.down else (nb, nf)
 
-    def certificate(self, v: Tensor | None = None) -> list[SolveCertificate]:
+    def certificate(self, v: Tensor | None = None, n_iter: int | None = None) -> list[SolveCertificate]:
         """Every implicit solve's bound Lip(F^A) <= prod ||W|| x largest activation slope (composed through
-        nested inverses as 1 / (1 - Lip)); with a state ``v`` also the measured contraction ratios. Both describe
-        the block's next forward in its current mode; the call leaves every buffer (power iteration) as it was."""
+        nested inverses as 1 / (1 - Lip)); with a state ``v`` also the measured contraction ratios, from the
+        block's own ``n_iter`` iterations or, with ``n_iter``, from that many (to see whether the trained F^A
+        contracts beyond the iterations the block takes). Both describe the block's next forward in its current
+        mode (with ``inner_norm="batch"`` the bound is the eval-mode one, BatchNorm's running statistics); the
+        call leaves every buffer (power iteration, BatchNorm statistics) as it was."""
+        if n_iter is not None and not (isinstance(n_iter, int) and n_iter >= 0):
+            raise ValueError(f"certificate: n_iter must be an int >= 0, got {n_iter!r}")
+        iters = self.config.n_iter if n_iter is None else n_iter
         out = []
         for top in self.branches:
             for br in top.walk():
                 if br.implicit:
-                    out.append(SolveCertificate(br.node, self.config.n_iter,
-                                                self._lip(br.node, br.children, self._exact_norms)))
+                    out.append(SolveCertificate(br.node, iters, self._lip(br.node, br.children, self._exact_norms)))
         if v is not None and out:
             was, saved = self.record, [(b, b.clone()) for b in self.buffers()]
-            self.record = True
+            field_iters = self.field.n_iter
+            self.record, self.field.n_iter = True, iters
             try:
                 with torch.no_grad():
                     self(v)
             finally:
-                self.record = was
+                self.record, self.field.n_iter = was, field_iters
                 with torch.no_grad():
                     for b, copy in saved:
                         b.copy_(copy)
@@ -325,6 +378,8 @@ class DerivedBlock(nn.Module):
                 if _key(br) in self.spectral:
                     which = f"xi^({b},{a})" + (f", xi^({a},{b})" if syn.form != "tied" else "")
                     notes.append(f"{which}: soft spectral norm <= {self.config.coeff:g}")
+                if _key(br) in self.batch_norm:
+                    notes.append(f"BatchNorm after xi^({b},{a}) and xi^({a},{b}) (not a Hopfield limit)")
         if not latex and notes:
             lines.append("  with " + "; ".join(notes))
         return "\n".join(lines)

@@ -84,20 +84,23 @@ def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_
 def derived_block(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
                   depth: int = 4, form: str = "untied", norm: str = "matrix", bias: bool | None = None,
                   n_iter: int | None = None, n_power: int = 8, coeff: float = 0.9, steps: int = 1,
-                  drop_path: float = 0.0) -> DerivedBlock:
+                  drop_path: float = 0.0, inner_norm: str = "spectral") -> DerivedBlock:
     """``kind``'s network discretised with its splitting: sequential (tokens, then channels) for the Mixer and
     iMixers, parallel for the parallelized Mixer. ``n_iter`` counts fixed-point iterations (iMixers only);
-    ``steps`` repeats the whole Euler step with the same weights (the parallelized Mixer's n_iter)."""
+    ``steps`` repeats the whole Euler step with the same weights (the parallelized Mixer's n_iter);
+    ``inner_norm`` normalises the matrices inside the iMixers' contractions (``DiscreteConfig.inner_norm``)."""
     if n_iter is not None and kind in ("mixer", "paramixer"):
         raise ValueError(f"derived_block: a {kind!r} block has no fixed-point solve, so n_iter does not apply; "
                          "to repeat the block with the same weights use steps=")
+    if inner_norm != "spectral" and kind in ("mixer", "paramixer"):
+        raise ValueError(f"derived_block: a {kind!r} block has no fixed-point solve, so inner_norm does not apply")
     n_iter = 2 if n_iter is None else n_iter
     form = {"symmetric": "tied", "symmetry_breaking": "broken"}.get(form, form)
     net = block_network(kind, seq_len, dim, mlp_ratio, h_ratio=h_ratio, depth=depth, form=form, norm=norm,
                         bias=bias)
     splitting = "parallel" if kind == "paramixer" else "sequential"
     cfg = DiscreteConfig(n_iter=n_iter, splitting=splitting, coeff=coeff, n_power=n_power, steps=steps,
-                         drop_path=drop_path)
+                         drop_path=drop_path, inner_norm=inner_norm)
     block = DerivedBlock(net, "v", cfg)
     block.kind = kind
     return block
@@ -166,7 +169,7 @@ class DerivedMixer(TimmClassifierAPI, nn.Module):
     def reset_parameters(self) -> None:
         """timm's Mixer init: xavier-uniform interactions, ~0 biases, LeCun-normal stem, zero head."""
         for name, p in self.named_parameters():
-            if name.startswith("blocks."):
+            if ".net.synapses." in name:  # interactions and biases (LayerNorm affines and BatchNorms keep theirs)
                 if name.endswith(("weight", "weight_fb", "weight_break")) and ".affine." not in name:
                     nn.init.xavier_uniform_(p)
                 elif name.endswith(("bias", "bias_fb")) and ".affine." not in name:
@@ -213,6 +216,10 @@ def _block_map(block: DerivedBlock) -> list[tuple[str, str]]:
     def spectral(key: str, ref: str):
         pairs.extend([(f"spectral.{key}.weight_{s}", f"{ref}.weight_{s}") for s in ("u", "v", "sigma")])
 
+    def batch_norm(key: str, ref: str):
+        pairs.extend([(f"batch_norm.{key}.{s}", f"{ref}.norm.{s}")
+                      for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")])
+
     if kind == "mixer":
         mlp(0, "mlp_tokens", "norm1")
         mlp(1, "mlp_channels", "norm2")
@@ -222,12 +229,16 @@ def _block_map(block: DerivedBlock) -> list[tuple[str, str]]:
         n_sn = 2 * n_hidden
         for k in range(1, n_hidden + 1):
             down, up = f"mlp_tokens.fc_sn{k}", f"mlp_tokens.fc_sn{n_sn + 1 - k}"
-            linear(k, f"{down}.weight_orig", f"{down}.bias")
-            linear(k, f"{up}.weight_orig", f"{up}.bias", "weight_fb", "bias_fb")
             a, b = syns[k].layers
+            w = "weight_orig" if f"{a}_{b}" in block.spectral else "weight"  # SpectralNormLinear or nn.Linear
+            linear(k, f"{down}.{w}", f"{down}.bias")
+            linear(k, f"{up}.{w}", f"{up}.bias", "weight_fb", "bias_fb")
             if f"{a}_{b}" in block.spectral:
                 spectral(f"{a}_{b}", down)
                 spectral(f"{a}_{b}_fb", up)
+            if f"{a}_{b}" in block.batch_norm:
+                batch_norm(f"{a}_{b}", down)
+                batch_norm(f"{a}_{b}_fb", up)
         mlp(len(syns) - 1, "mlp_channels", "norm2")
     elif kind == "paramixer":
         for i, prefix in enumerate(("mlp_tokens", "mlp_channels")):

@@ -43,6 +43,7 @@ __all__ = [
     "symmetry_breaking",
     "symmetry_index",
     "symmetry_report",
+    "symmetry_scalars",
     "symmetry_table",
     "training_curves",
     "xavier_reference",
@@ -117,8 +118,22 @@ def _step_stats(xs: list[Tensor]) -> dict[str, list[float]]:
             "cos": cos.mean(1).tolist(), "cos_std": cos.std(1, correction=0).tolist()}
 
 
+def _certificate(block: DerivedBlock, layer: str, v: Tensor, probe_iter: int) -> dict:
+    """The block's contraction certificate for its solve of ``layer`` on its own input ``v`` (eval mode): the bound
+    Lip(F) <= ..., and the residual ratios ||x^(a+1) - x^a|| / ||x^a - x^(a-1)|| over ``probe_iter`` iterations
+    (more than the block takes, to see whether the trained F contracts)."""
+    cert = next(c for c in block.certificate(v, n_iter=probe_iter) if c.layer == layer)
+    tail = cert.ratios[len(cert.ratios) // 2:]  # the asymptotic rate: geometric mean of the later ratios
+    rate = math.exp(statistics.fmean(math.log(r) for r in tail)) if tail and min(tail) > 0 else math.nan
+    return {"lipschitz_bound": cert.lipschitz_bound, "certified": cert.certified, "probe_iter": probe_iter,
+            "ratios": cert.ratios, "rate": rate}
+
+
+PROBE_ITER = 8  # fixed-point iterations the certificate's measured ratios run, whatever the block's own n_iter
+
+
 def fixed_point_convergence(model: nn.Module, images: Tensor, *, path=None,
-                            plot_blocks: Sequence[int] | None = None) -> dict:
+                            plot_blocks: Sequence[int] | None = None, probe_iter: int = PROBE_ITER) -> dict:
     """Convergence of the fixed-point iteration (FPA, iMixer Eq. 29) in every iMLP layer (iMixer Figs. 3, 5, 6).
 
     ``model``: a ``mixers.MlpMixer`` with iMlp / LiMlp token mixers, or a ``derive.DerivedMixer`` of kind
@@ -128,13 +143,22 @@ def fixed_point_convergence(model: nn.Module, images: Tensor, *, path=None,
     mean and population std over the images. Only the outermost solve of each block counts (the hand-written
     ``trace``; for a derived block the first recorded solve of its first hidden layer, i.e. the first Euler step).
 
-    Returns {"layers": [{"block", "layer", "norm", "norm_std", "cos", "cos_std"}, ...], "n_images"}.
+    For a derived block also its ``certificate``: the bound Lip(F) <= ... of ``DerivedBlock.certificate`` and the
+    residual ratios ||x^(a+1) - x^a|| / ||x^a - x^(a-1)|| (all images at once) of ``probe_iter`` iterations
+    started from the block's own input, with ``rate``, the geometric mean of the later half of them: below 1, the
+    trained F contracts there (a measured local rate, not a bound).
+
+    Returns {"layers": [{"block", "layer", "norm", "norm_std", "cos", "cos_std"[, "certificate"]}, ...],
+    "n_images"}.
     ``path``: a PNG with Norm_a (log scale) and Cos_a, one line per layer (``plot_blocks``: only those blocks).
     """
     recs = _recorders(model)
     device, dtype = _device_dtype(model)
     was_training = model.training
     flags = [(m, m.record) for _, m, _ in recs]
+    inputs: dict[int, Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _, args, i=i: inputs.__setitem__(i, args[0]))
+             for i, m, _ in recs if isinstance(m, DerivedBlock)]
     try:
         for m, _ in flags:
             m.record = True
@@ -142,7 +166,12 @@ def fixed_point_convergence(model: nn.Module, images: Tensor, *, path=None,
         with torch.no_grad():
             model(images.to(device=device, dtype=dtype))
         rows = [{"block": i, "layer": name, **_step_stats(_iterates(m, name))} for i, m, name in recs]
+        for row, (i, m, name) in zip(rows, recs):
+            if i in inputs:
+                row["certificate"] = _certificate(m, name, inputs[i], probe_iter)
     finally:
+        for h in hooks:
+            h.remove()
         for m, flag in flags:
             m.record = flag
         model.train(was_training)
@@ -331,6 +360,23 @@ def symmetry_index(model: nn.Module) -> list[dict]:
     if not rows:
         raise ValueError(f"symmetry_index: found no two-matrix MLP in {type(model).__name__}")
     return rows
+
+
+def symmetry_scalars(model: nn.Module) -> dict[str, float]:
+    """`symmetry_index`'s corr as flat metrics, for logging every epoch: ``sym_corr_tokens`` and
+    ``sym_corr_channels`` (means over the blocks) and ``sym_corr_b<i>_<mlp>`` per MLP; {} for a model without
+    two-matrix MLPs (a ViT)."""
+    try:
+        rows = symmetry_index(model)
+    except ValueError:
+        return {}
+    out = {}
+    for mlp in ("tokens", "channels"):
+        values = [r["corr"] for r in rows if r["mlp"] == mlp]
+        if values:
+            out[f"sym_corr_{mlp}"] = statistics.fmean(values)
+    out.update({f"sym_corr_b{r['block']}_{r['mlp']}": r["corr"] for r in rows})
+    return out
 
 
 def symmetry_table(rows: Sequence[Mapping]) -> str:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from .analysis import symmetry_scalars
 from .data import (
     CorruptDatasetError,
     DataConfig,
@@ -517,6 +518,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
         eval_net = torch.compile(model) if distributed else net
 
     start_epoch, start_step, best, wall_before, resumed = 0, 0, None, 0.0, {}
+    # the weight-symmetry index of every two-matrix MLP at initialisation (then logged after every epoch): whether
+    # training breaks the symmetry, or the weights never had it (Karakida, Ota & Taki 2024)
+    symmetry_init = symmetry_scalars(model) if ckpt is None else ckpt.get("symmetry_init", {})
     if ckpt is not None:
         _check_resumable(ckpt, ckpt_path, scheduler, world, cfg.epochs)
         try:
@@ -560,7 +564,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                    "epochs": cfg.epochs, "world_size": world, "epoch_loss_sum": own.get("epoch_loss_sum", 0.0),
                    "epoch_correct": own.get("epoch_correct", 0), "epoch_counted": own.get("epoch_counted", 0),
                    "epoch_seen": own.get("epoch_seen", 0), "epoch_time_s": own.get("epoch_time_s", 0.0),
-                   "wall_s": wall_before + time.perf_counter() - t_start,
+                   "wall_s": wall_before + time.perf_counter() - t_start, "symmetry_init": symmetry_init,
                    "config": _plain(cfg, ignore=RESUME_IGNORED)}
         if ranks is not None and world > 1:
             payload["ranks"] = ranks
@@ -672,7 +676,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                        "train_top1": 100 * correct_total / counted_total if counted_total else None,
                        **evaluate(eval_net, test_loader, device, autocast),
                        "images_per_s": seen / epoch_time if seen else None, "epoch_time_s": epoch_time,
-                       "wall_s": wall_before + time.perf_counter() - t_start}
+                       "wall_s": wall_before + time.perf_counter() - t_start, **symmetry_scalars(model)}
             if best is None or metrics["test_top1"] > best["test_top1"]:
                 best = {"epoch": epoch + 1, "test_top1": metrics["test_top1"], "test_top5": metrics["test_top5"]}
             history.append(metrics)
@@ -707,7 +711,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                "images_per_s": median_images_per_s(history),
                "wall_s": wall_before + time.perf_counter() - t_start, "ranks_identical": identical,
                "device": str(device), "precision": "bf16 autocast" if use_amp else "float32",
-               "env": environment(device)}
+               "symmetry_init": symmetry_init, "env": environment(device)}
     if main_proc:  # atomic: a sweep takes summary.json as the mark of a finished run
         atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     if writer is not None:

@@ -4,13 +4,13 @@
     import timm, mixers  # importing mixers registers vmixer_*, imixer_*, limixer_*, paramixer_* with timm
     model = timm.create_model("imixer_s16_224", num_classes=10, h_ratio=2)
 
-Layers (`mixers.layers`): `Mlp`, `SpectralNormLinear`, `iMlp` (iMixer Eq. 30), `LiMlp` (iMixer Appendix B),
-`SymMlp`, `AsymMlp` (parallelized Mixer). Models (`mixers.models`): `MixerBlock`, `IMixerBlock`, `LiMixerBlock`,
-`ParaMixerBlock`, `MixerConfig`, `MlpMixer`. Vision Transformer (`mixers.vit`): `Attention`, `Block`, `ViTConfig`,
-`VisionTransformer` with standard or modern Hopfield attention (registered as hvit_*, mhavit_*).
+Layers (`mixers.layers`): `Mlp`, `SpectralNormLinear`, `LinearBatchNorm`, `iMlp` (iMixer Eq. 30), `LiMlp` (iMixer
+Appendix B), `SymMlp`, `AsymMlp` (parallelized Mixer). Models (`mixers.models`): `MixerBlock`, `IMixerBlock`,
+`LiMixerBlock`, `ParaMixerBlock`, `MixerConfig`, `MlpMixer`. Vision Transformer (`mixers.vit`): `Attention`, `Block`,
+`ViTConfig`, `VisionTransformer` with standard or modern Hopfield attention (registered as hvit_*, mhavit_*).
 """
 
-from .layers import AsymMlp, LiMlp, Mlp, SpectralNormLinear, SymMlp, iMlp
+from .layers import INNER_NORMS, AsymMlp, LiMlp, LinearBatchNorm, Mlp, SpectralNormLinear, SymMlp, iMlp
 from .models import (
     BLOCK_TYPES,
     MODEL_NAMES,
@@ -27,6 +27,7 @@ from .vit import SKIP_MODES, VIT_MODEL_NAMES, Attention, Block, VisionTransforme
 
 __all__ = [
     "BLOCK_TYPES",
+    "INNER_NORMS",
     "MODEL_NAMES",
     "SKIP_MODES",
     "VIT_MODEL_NAMES",
@@ -36,6 +37,7 @@ __all__ = [
     "IMixerBlock",
     "LiMixerBlock",
     "LiMlp",
+    "LinearBatchNorm",
     "MixerBlock",
     "MixerConfig",
     "Mlp",

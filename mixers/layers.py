@@ -6,6 +6,7 @@ iterative MLP-Mixer" (arXiv 2304.13061). The symmetric and symmetry-broken MLPs 
 
 - `Mlp`: the two-layer MLP of timm (same submodule names, so timm state dicts load with ``strict=True``).
 - `SpectralNormLinear`: a linear layer with the soft spectral normalisation of i-ResNet (Behrmann et al. 2019).
+- `LinearBatchNorm`: a linear layer followed by BatchNorm over its outputs (the iMixer's Table 3 ablation).
 - `iMlp`: the iMLP module, Eq. (30) and Algorithm 2: ``H(FPA(G(x)))`` with ``FPA`` the fixed-point approximation
   of ``(1 - F)^-1``.
 - `LiMlp`: the iMLP module of an L-layer hierarchical Hopfield network, Appendix B, Eqs. (37)-(42).
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AsymMlp", "LiMlp", "Mlp", "SpectralNormLinear", "SymMlp", "iMlp"]
+__all__ = ["INNER_NORMS", "AsymMlp", "LiMlp", "LinearBatchNorm", "Mlp", "SpectralNormLinear", "SymMlp", "iMlp",
+           "inner_linear"]
 
 
 class Mlp(nn.Module):
@@ -153,13 +155,53 @@ class SpectralNormLinear(nn.Module):
         )
 
 
+class LinearBatchNorm(nn.Linear):
+    """``nn.Linear`` followed by ``BatchNorm1d`` over its output features (``norm``): the "BatchNorm" arm of the
+    iMixer's spectral-normalisation ablation (Table 3), where BatchNorm takes the place of the spectral norm.
+
+    The statistics run over every other axis (batch, and the channels a token MLP is applied to). The paper does
+    not say where its BatchNorm sat; here it normalises the linear layer's output (pre-activation), the usual
+    place, with PyTorch's defaults (eps 1e-5, momentum 0.1, affine). Inside the fixed-point loop every call is a
+    BatchNorm call: in train mode each updates the running statistics, as a repeated module does.
+
+    State dict: ``weight`` (out, in), ``bias`` (out), ``norm.weight``, ``norm.bias``, ``norm.running_mean``,
+    ``norm.running_var``, ``norm.num_batches_tracked``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.norm = nn.BatchNorm1d(out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return self.norm(y.reshape(-1, y.shape[-1])).reshape(y.shape)
+
+
+INNER_NORMS = ("spectral", "none", "batch")
+
+
+def inner_linear(in_features: int, out_features: int, inner_norm: str = "spectral", coeff: float = 0.9,
+                 n_power: int = 8) -> nn.Module:
+    """A linear layer inside the fixed-point map F of an iMLP (``fc_sn*``): spectrally normalised
+    (``"spectral"``, the paper's), plain (``"none"``) or followed by BatchNorm (``"batch"``); iMixer Table 3's
+    three arms."""
+    if inner_norm == "spectral":
+        return SpectralNormLinear(in_features, out_features, coeff=coeff, n_power=n_power)
+    if inner_norm == "none":
+        return nn.Linear(in_features, out_features)
+    if inner_norm == "batch":
+        return LinearBatchNorm(in_features, out_features)
+    raise ValueError(f"inner_norm must be one of {INNER_NORMS}, got {inner_norm!r}")
+
+
 class iMlp(nn.Module):
     """The iMLP module, iMixer Eq. (30) and Algorithm 2.
 
     ``u = G(x) = fc1(x)`` (Eq. 28); the fixed-point approximation (FPA, Eq. 29) of ``z = (1 - F)^-1(u)`` starts at
     ``z^0 = u`` and repeats ``n_iter`` times ``z^(a+1) = u + F(z^a)`` with the contractive block (Eq. 24)
     ``F(z) = fc_sn2(drop1(GELU(fc_sn1(drop1(GELU(z))))))``; the output is ``H(z^n) = drop2(fc2(drop1(GELU(z^n))))``
-    (Eq. 26). Dropout sits after every activation, as in Algorithm 2.
+    (Eq. 26). Dropout sits after every activation, as in Algorithm 2. ``inner_norm`` picks what normalises
+    ``fc_sn1``/``fc_sn2`` (`inner_linear`): the soft spectral norm (default), nothing, or BatchNorm.
 
     With ``n_iter=0`` the module is exactly ``Mlp(in_features, internal_features)`` (same ``fc1``/``fc2`` names).
     When ``record`` is true, ``trace`` holds the detached iterates ``[z^0, ..., z^n]`` of the last forward.
@@ -174,14 +216,16 @@ class iMlp(nn.Module):
         n_power: int = 8,
         coeff: float = 0.9,
         drop: float = 0.0,
+        inner_norm: str = "spectral",
     ) -> None:
         super().__init__()
         if n_iter < 0:
             raise ValueError(f"n_iter must be >= 0, got {n_iter}")
         self.n_iter = int(n_iter)
+        self.inner_norm = inner_norm
         self.fc1 = nn.Linear(in_features, internal_features)
-        self.fc_sn1 = SpectralNormLinear(internal_features, hidden_features, coeff=coeff, n_power=n_power)
-        self.fc_sn2 = SpectralNormLinear(hidden_features, internal_features, coeff=coeff, n_power=n_power)
+        self.fc_sn1 = inner_linear(internal_features, hidden_features, inner_norm, coeff, n_power)
+        self.fc_sn2 = inner_linear(hidden_features, internal_features, inner_norm, coeff, n_power)
         self.fc2 = nn.Linear(internal_features, in_features)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
@@ -206,7 +250,7 @@ class iMlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(z))))
 
     def extra_repr(self) -> str:
-        return f"n_iter={self.n_iter}"
+        return f"n_iter={self.n_iter}, inner_norm={self.inner_norm!r}"
 
 
 class LiMlp(nn.Module):
@@ -221,7 +265,8 @@ class LiMlp(nn.Module):
         output  = H^2(x^2),  x^2 = (1 - F^2)^-1 (G^1(x))          (Eqs. 37-38)
 
     Every inverse ``(1 - F^A)^-1(z)`` is the fixed-point approximation ``x^0 = z``, ``x^(a+1) = z + F^A(x^a)``
-    with ``n_iter`` steps, so the cost grows like ``n_iter^(L-2)``. Dropout follows every GELU, as in `iMlp`.
+    with ``n_iter`` steps, so the cost grows like ``n_iter^(L-2)``. Dropout follows every GELU, as in `iMlp`;
+    ``inner_norm`` normalises the ``fc_sn*`` layers as in `iMlp`.
 
     Parameters: ``fc1 = G^1`` (N1 -> N2) and ``fc2 = H^2`` (N2 -> N1) are plain linear layers; the spectrally
     normalised layers are ``fc_sn1 .. fc_sn{L-2} = G^2 .. G^(L-1)`` (going down) and
@@ -236,6 +281,7 @@ class LiMlp(nn.Module):
         n_power: int = 8,
         coeff: float = 0.9,
         drop: float = 0.0,
+        inner_norm: str = "spectral",
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -246,13 +292,14 @@ class LiMlp(nn.Module):
         self.widths = widths
         self.depth = len(widths)
         self.n_iter = int(n_iter)
+        self.inner_norm = inner_norm
         L = self.depth
         self.fc1 = nn.Linear(widths[0], widths[1])
         for A in range(2, L):  # G^A: N_A -> N_(A+1), going down
-            layer = SpectralNormLinear(widths[A - 1], widths[A], coeff=coeff, n_power=n_power)
+            layer = inner_linear(widths[A - 1], widths[A], inner_norm, coeff, n_power)
             self.add_module(self._g_name(A), layer)
         for B in range(L, 2, -1):  # H^B: N_B -> N_(B-1), coming back up
-            layer = SpectralNormLinear(widths[B - 1], widths[B - 2], coeff=coeff, n_power=n_power)
+            layer = inner_linear(widths[B - 1], widths[B - 2], inner_norm, coeff, n_power)
             self.add_module(self._h_name(B), layer)
         self.fc2 = nn.Linear(widths[1], widths[0])
         self.act = nn.GELU()
@@ -268,12 +315,12 @@ class LiMlp(nn.Module):
     def _h_name(self, B: int) -> str:
         return f"fc_sn{2 * self.depth - 1 - B}"
 
-    def G(self, A: int) -> SpectralNormLinear:
-        """The spectrally normalised linear part of ``G^A`` (A = 2 .. L-1)."""
+    def G(self, A: int) -> nn.Module:
+        """The (normalised) linear part of ``G^A`` (A = 2 .. L-1)."""
         return getattr(self, self._g_name(A))
 
-    def H(self, B: int) -> SpectralNormLinear:
-        """The spectrally normalised linear part of ``H^B`` (B = 3 .. L)."""
+    def H(self, B: int) -> nn.Module:
+        """The (normalised) linear part of ``H^B`` (B = 3 .. L)."""
         return getattr(self, self._h_name(B))
 
     def contraction(self, x: torch.Tensor, level: int = 2) -> torch.Tensor:
@@ -301,7 +348,7 @@ class LiMlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(x2))))
 
     def extra_repr(self) -> str:
-        return f"widths={list(self.widths)}, n_iter={self.n_iter}"
+        return f"widths={list(self.widths)}, n_iter={self.n_iter}, inner_norm={self.inner_norm!r}"
 
 
 class SymMlp(nn.Module):

@@ -65,8 +65,10 @@ def _imlp_tokens(
     n_iter: int = 2,
     n_power: int = 8,
     coeff: float = 0.9,
+    inner_norm: str = "spectral",
 ) -> iMlp:
-    return iMlp(seq_len, tokens_dim, int(tokens_dim * h_ratio), n_iter=n_iter, n_power=n_power, coeff=coeff, drop=drop)
+    return iMlp(seq_len, tokens_dim, int(tokens_dim * h_ratio), n_iter=n_iter, n_power=n_power, coeff=coeff, drop=drop,
+                inner_norm=inner_norm)
 
 
 def _limlp_tokens(
@@ -78,9 +80,10 @@ def _limlp_tokens(
     n_iter: int = 2,
     n_power: int = 8,
     coeff: float = 0.9,
+    inner_norm: str = "spectral",
 ) -> LiMlp:
     widths = [seq_len, tokens_dim] + [int(tokens_dim * h_ratio)] * (depth - 2)
-    return LiMlp(widths, n_iter=n_iter, n_power=n_power, coeff=coeff, drop=drop)
+    return LiMlp(widths, n_iter=n_iter, n_power=n_power, coeff=coeff, drop=drop, inner_norm=inner_norm)
 
 
 _TOKEN_MIXERS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp_tokens, "imlp": _imlp_tokens, "limlp": _limlp_tokens}
@@ -93,7 +96,8 @@ def build_token_mixer(
 
     - ``"mlp"``: ``Mlp(seq_len, tokens_dim)`` (timm's Mixer), no options;
     - ``"imlp"``: ``iMlp(seq_len, tokens_dim, int(tokens_dim * h_ratio))`` (iMixer Eq. 30), options ``h_ratio=1.0``,
-      ``n_iter=2``, ``n_power=8``, ``coeff=0.9``;
+      ``n_iter=2``, ``n_power=8``, ``coeff=0.9``, ``inner_norm="spectral"`` (or ``"none"``, ``"batch"``: iMixer
+      Table 3's arms, see `inner_linear`);
     - ``"limlp"``: ``LiMlp([seq_len, tokens_dim] + [int(tokens_dim * h_ratio)] * (depth - 2))`` (iMixer Appendix B),
       options ``depth=4`` and those of ``"imlp"``;
     - a callable: called as ``kind(seq_len, tokens_dim, drop=drop, **kwargs)``.
@@ -160,8 +164,9 @@ class IMixerBlock(MixerBlock):
         coeff: float = 0.9,
         drop: float = 0.0,
         drop_path: float = 0.0,
+        inner_norm: str = "spectral",
     ) -> None:
-        kwargs = dict(h_ratio=h_ratio, n_iter=n_iter, n_power=n_power, coeff=coeff)
+        kwargs = dict(h_ratio=h_ratio, n_iter=n_iter, n_power=n_power, coeff=coeff, inner_norm=inner_norm)
         super().__init__(dim, seq_len, mlp_ratio, "imlp", kwargs, drop=drop, drop_path=drop_path)
 
 
@@ -183,8 +188,10 @@ class LiMixerBlock(MixerBlock):
         coeff: float = 0.9,
         drop: float = 0.0,
         drop_path: float = 0.0,
+        inner_norm: str = "spectral",
     ) -> None:
-        kwargs = dict(depth=depth, h_ratio=h_ratio, n_iter=n_iter, n_power=n_power, coeff=coeff)
+        kwargs = dict(depth=depth, h_ratio=h_ratio, n_iter=n_iter, n_power=n_power, coeff=coeff,
+                      inner_norm=inner_norm)
         super().__init__(dim, seq_len, mlp_ratio, "limlp", kwargs, drop=drop, drop_path=drop_path)
 
 
@@ -303,9 +310,10 @@ class MixerConfig(ImageGrid):
     """Configuration of `MlpMixer` (the fields of timm's ``MlpMixer`` plus the block type).
 
     ``block``: ``"mixer"`` (timm's `MixerBlock`), ``"imixer"`` (`iMlp` token mixer; ``block_kwargs`` h_ratio,
-    n_iter, n_power, coeff), ``"limixer"`` (`LiMlp`; also depth), ``"paramixer"`` (`ParaMixerBlock`; form, norm, bias,
-    n_iter). ``drop_rate`` is the head dropout, ``proj_drop_rate`` the dropout inside the MLPs, ``drop_path_rate``
-    the same stochastic-depth rate for every block (as in timm's Mixer). ``lam`` scales `MlpMixer.penalty`.
+    n_iter, n_power, coeff, inner_norm), ``"limixer"`` (`LiMlp`; also depth), ``"paramixer"`` (`ParaMixerBlock`;
+    form, norm, bias, n_iter). ``drop_rate`` is the head dropout, ``proj_drop_rate`` the dropout inside the MLPs,
+    ``drop_path_rate`` the same stochastic-depth rate for every block (as in timm's Mixer). ``lam`` scales
+    `MlpMixer.penalty`.
     """
 
     num_classes: int = 1000
@@ -591,8 +599,8 @@ _SIZES: dict[str, dict[str, Any]] = {
 # family -> (block type, default block options)
 _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "vmixer": ("mixer", {}),
-    "imixer": ("imixer", dict(h_ratio=1.0, n_iter=2, n_power=8, coeff=0.9)),
-    "limixer": ("limixer", dict(depth=4, h_ratio=1.0, n_iter=2, n_power=8, coeff=0.9)),
+    "imixer": ("imixer", dict(h_ratio=1.0, n_iter=2, n_power=8, coeff=0.9, inner_norm="spectral")),
+    "limixer": ("limixer", dict(depth=4, h_ratio=1.0, n_iter=2, n_power=8, coeff=0.9, inner_norm="spectral")),
     "paramixer": ("paramixer", dict(form="untied", norm="matrix", bias=False, n_iter=1)),
 }
 

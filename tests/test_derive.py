@@ -305,6 +305,42 @@ def test_certificate_describes_the_next_forward_and_leaves_the_block_as_it_was(t
     assert abs(cert.lipschitz_bound - after.lipschitz_bound) < 1e-4  # the forward runs more power steps
 
 
+def test_certificate_without_spectral_norm_and_with_batchnorm():
+    """inner_norm "none": the bound is the product of the exact matrix norms and GELU's slope; "batch": each
+    eval-mode BatchNorm multiplies it by its gain max |gamma| / sqrt(running_var + eps). ``n_iter`` measures the
+    contraction over more iterations than the block takes, and leaves every buffer (BatchNorm statistics) as it was."""
+    s = lag.gelu().lipschitz
+    block = randomize(derive.derived_block("imixer", 8, 6, h_ratio=2, n_iter=1, inner_norm="none").double())
+    syn = block.net.synapses[1]
+    norms = [float(torch.linalg.matrix_norm(w, ord=2)) for w in (syn.weight, syn.feedback_weight())]
+    (cert,) = block.certificate()
+    assert abs(cert.lipschitz_bound - norms[0] * norms[1] * s * s) < 1e-9
+    v = torch.randn(3, 8, 6, dtype=torch.float64)
+    (cert,) = block.eval().certificate(v)
+    assert cert.ratios == []  # one iteration: no ratio to measure
+    (cert,) = block.certificate(v, n_iter=6)
+    assert cert.n_iter == 6 and len(cert.ratios) == 5 and block.field.n_iter == 1
+
+    bn = randomize(derive.derived_block("imixer", 8, 6, h_ratio=2, n_iter=2, inner_norm="batch").double())
+    with torch.no_grad():
+        for m in bn.batch_norm.values():
+            m.weight.fill_(1.0)
+            m.running_var.fill_(4.0 - m.eps)  # gain 1/2 each
+    syn = bn.net.synapses[1]
+    norms = [float(torch.linalg.matrix_norm(w, ord=2)) for w in (syn.weight, syn.feedback_weight())]
+    (cert,) = bn.certificate()
+    assert abs(cert.lipschitz_bound - norms[0] * norms[1] * s * s / 4) < 1e-9
+    before = {k: b.clone() for k, b in bn.named_buffers()}
+    (cert,) = bn.train().certificate(v, n_iter=5)
+    assert len(cert.ratios) == 4 and all(torch.equal(b, before[k]) for k, b in bn.named_buffers())
+    with pytest.raises(ValueError, match="n_iter"):
+        bn.certificate(v, n_iter=-1)
+    with pytest.raises(ValueError, match="inner_norm"):
+        derive.derived_block("imixer", 8, 6, inner_norm="layer")
+    with pytest.raises(ValueError, match="inner_norm does not apply"):
+        derive.derived_block("mixer", 8, 6, inner_norm="batch")
+
+
 def test_nested_certificate_composes_inverses():
     block = derive.derived_block("limixer", 8, 6, depth=4).double()
     certs = {c.layer: c for c in block.certificate()}

@@ -23,9 +23,9 @@ def assert_same(derived, ref, x, dtype, buffers=True):
         ref.train(train)
         out_d, out_r = derived(x), ref(x)
         assert rel_err(out_d, out_r) <= TOL[dtype], (train, rel_err(out_d, out_r))
-    if buffers:  # the spectral-norm state moved identically
+    if buffers:  # the spectral-norm state and the BatchNorm statistics moved identically
         for key_d, key_r in derive.models._block_map(derived):
-            if key_d.startswith("spectral."):
+            if key_d.startswith(("spectral.", "batch_norm.")):
                 b_d, b_r = derived.state_dict()[key_d], ref.state_dict()[key_r]
                 assert (b_d - b_r).abs().max() <= 10 * TOL[dtype], key_d
 
@@ -50,10 +50,15 @@ def test_mixer_block_equals_handwritten_and_timm(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_ratio, n_iter", [(2, 2), (1, 4), (2, 1)])
-def test_imixer_block_equals_handwritten(dtype, h_ratio, n_iter):
-    ref = mixers.IMixerBlock(C, S, h_ratio=h_ratio, n_iter=n_iter)
-    block, ref, x = pair("imixer", ref, dtype, h_ratio=h_ratio, n_iter=n_iter)
+@pytest.mark.parametrize("inner_norm", ["spectral", "none", "batch"])
+def test_imixer_block_equals_handwritten(dtype, h_ratio, n_iter, inner_norm):
+    # the iMixer's Table 3 arms too: spectral norm, none, BatchNorm in its place (whose running statistics must
+    # move identically in train mode, and are then used in eval mode)
+    ref = mixers.IMixerBlock(C, S, h_ratio=h_ratio, n_iter=n_iter, inner_norm=inner_norm)
+    block, ref, x = pair("imixer", ref, dtype, h_ratio=h_ratio, n_iter=n_iter, inner_norm=inner_norm)
     assert_same(block, ref, x, dtype)
+    if inner_norm == "batch":
+        assert block.state_dict()["batch_norm.x_h.num_batches_tracked"] == n_iter  # one per call in the loop
 
 
 def test_imixer_block_under_bf16_autocast_matches_handwritten_and_keeps_float32_sigma():
@@ -73,6 +78,17 @@ def test_imixer_block_under_bf16_autocast_matches_handwritten_and_keeps_float32_
             assert b_d.dtype == torch.float32 and (b_d - b_r).abs().max() <= 1e-5, key_d
 
 
+@pytest.mark.parametrize("inner_norm", ["none", "batch"])
+def test_imixer_ablation_arms_under_bf16_autocast_match_handwritten(inner_norm):
+    ref = mixers.IMixerBlock(C, S, h_ratio=2, n_iter=2, inner_norm=inner_norm)
+    block, ref, x = pair("imixer", ref, torch.float32, h_ratio=2, n_iter=2, inner_norm=inner_norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_d, out_r = block(x), ref(x)
+    assert rel_err(out_d.float(), out_r.float()) <= 2e-2
+    out_d.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_imixer_without_iterations_is_the_mixer_block(dtype):
     """n_iter = 0: iMlp is a plain MLP, and the derived iMixer block is the derived Mixer block."""
@@ -87,10 +103,11 @@ def test_imixer_without_iterations_is_the_mixer_block(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("depth", [3, 4, 5])
-def test_l_layer_imixer_block_equals_handwritten(dtype, depth):
-    ref = mixers.LiMixerBlock(C, S, depth=depth, h_ratio=1.5, n_iter=2)
-    block, ref, x = pair("limixer", ref, dtype, depth=depth, h_ratio=1.5, n_iter=2)
+@pytest.mark.parametrize("depth, inner_norm", [(3, "spectral"), (4, "spectral"), (5, "spectral"), (4, "none"),
+                                               (4, "batch")])
+def test_l_layer_imixer_block_equals_handwritten(dtype, depth, inner_norm):
+    ref = mixers.LiMixerBlock(C, S, depth=depth, h_ratio=1.5, n_iter=2, inner_norm=inner_norm)
+    block, ref, x = pair("limixer", ref, dtype, depth=depth, h_ratio=1.5, n_iter=2, inner_norm=inner_norm)
     assert_same(block, ref, x, dtype)
 
 

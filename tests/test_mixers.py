@@ -12,6 +12,7 @@ from timm.layers import Mlp as TimmMlp
 from timm.models._features import FeatureGetterNet
 from timm.models.mlp_mixer import MixerBlock as TimmMixerBlock
 from timm.models.mlp_mixer import MlpMixer as TimmMlpMixer
+from torch import nn
 
 import mixers
 from mixers import (
@@ -246,6 +247,25 @@ def test_spectral_norm_gradient_goes_through_sigma():
     sigma = layer.weight_u @ w @ layer.weight_v
     F.linear(x, w / torch.clamp(sigma / 0.5, min=1.0), layer.bias.detach()).square().sum().backward()
     assert torch.allclose(layer.weight_orig.grad, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_imlp_ablation_arms_have_their_layers_and_names():
+    """iMixer Table 3: spectral norm (the paper's), none (plain nn.Linear), BatchNorm after each fc_sn layer."""
+    keys = {n: set(iMlp(6, 4, 8, inner_norm=n).state_dict()) for n in ("spectral", "none", "batch")}
+    assert {"fc_sn1.weight_orig", "fc_sn1.weight_u"} <= keys["spectral"]
+    assert {"fc_sn1.weight", "fc_sn1.bias"} <= keys["none"] and not any("weight_u" in k for k in keys["none"])
+    assert {"fc_sn2.norm.running_var", "fc_sn2.norm.weight"} <= keys["batch"]
+    m = iMlp(6, 4, 8, n_iter=3, inner_norm="batch").double()
+    z = torch.randn(5, 3, 4, dtype=torch.float64)
+    y = m.fc_sn1(z)  # train mode: each output feature standardised over batch x channels
+    assert y.reshape(-1, 8).mean(0).abs().max() < 1e-12
+    assert (y.reshape(-1, 8).var(0, correction=0) - 1).abs().max() < 1e-3
+    m(torch.randn(5, 3, 6, dtype=torch.float64))
+    assert m.fc_sn1.norm.num_batches_tracked.item() == 1 + 3  # every call inside the loop counts
+    with pytest.raises(ValueError, match="inner_norm"):
+        iMlp(6, 4, 8, inner_norm="layer")
+    model = timm.create_model("imixer_t4_28", inner_norm="none")
+    assert isinstance(model.blocks[0].mlp_tokens.fc_sn1, nn.Linear)
 
 
 def test_spectral_norm_stays_float32_under_bf16_autocast():
