@@ -6,6 +6,7 @@ Lagrangian (eps 1e-6) and GELU hidden layers, discretised by ``derive.discretize
 | kind        | network (hidden layers; axis)                                   | splitting  | gives                  |
 |-------------|-----------------------------------------------------------------|------------|------------------------|
 | "mixer"     | s (T, C) on tokens, c (S, 4C) on channels, untied + biases      | sequential | timm's MixerBlock      |
+|             | the same, LN Lagrangian over the matrix (norm="matrix"), no bias | sequential | authors' vanilla Mixer |
 | "imixer"    | chain v - x (T, C) - h (T h_r, C) on tokens, c on channels      | sequential | iMixer block (Eq. 30)  |
 | "limixer"   | chain v - x1 - ... - x_{L-1} on tokens, c on channels           | sequential | L-layer iMixer (Eq. 42)|
 | "paramixer" | star s - v - c, tied / untied / broken, one shared LN affine     | parallel   | parallelized Mixer     |
@@ -38,16 +39,25 @@ LN_EPS = 1e-6
 
 
 def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
-                  depth: int = 4, form: str = "untied", norm: str = "matrix", bias: bool | None = None) -> Network:
-    """The hierarchical Hopfield network whose discrete-time limit is a ``kind`` block (see the module doc)."""
+                  depth: int = 4, form: str = "untied", norm: str | None = None,
+                  bias: bool | None = None) -> Network:
+    """The hierarchical Hopfield network whose discrete-time limit is a ``kind`` block (see the module doc).
+
+    ``norm``: the visible layer's LayerNorm Lagrangian over channels per token (``"channel"``, timm's; the default
+    but for the parallelized Mixer) or over the whole token x channel matrix (``"matrix"``, the parallelized-Mixer
+    authors'; the parallelized Mixer's default and, with ``bias=False``, their serial ``vanillamixer``)."""
     if kind not in KINDS:
         raise ValueError(f"block_network: kind must be one of {KINDS}, got {kind!r}")
+    norm = norm if norm is not None else ("matrix" if kind == "paramixer" else "channel")
+    if norm not in ("matrix", "channel"):
+        raise ValueError(f"block_network: norm must be 'matrix' or 'channel', got {norm!r}")
+    if norm == "matrix" and kind in ("imixer", "limixer"):
+        raise ValueError(f"block_network: a {kind!r} block normalises per token (norm='channel'); 'matrix' is "
+                         "for the mixer and paramixer kinds")
     tokens_ratio, channels_ratio = ratio_pair(mlp_ratio)
     tokens_dim, channels_dim = int(tokens_ratio * dim), int(channels_ratio * dim)
     gelu = lag.gelu()
     if kind == "paramixer":
-        if norm not in ("matrix", "channel"):
-            raise ValueError(f"block_network: norm must be 'matrix' or 'channel', got {norm!r}")
         bias = False if bias is None else bias
         bias_fb = bias and form != "tied"  # a tied MLP's bias sits before its GELU only, to stay a gradient
         axis = (-2, -1) if norm == "matrix" else -1
@@ -59,7 +69,9 @@ def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_
                DenseSynapse("v", "c", axis=-1, form=form, bias=bias, bias_fb=bias_fb, affine=affine)]
         return Network(layers, syn)
     bias = True if bias is None else bias
-    ln = lag.layernorm(axis=-1, eps=LN_EPS)  # timm: per token, over channels
+    # timm: per token over channels, a (C,) affine per LayerNorm; the authors' vanilla: the whole matrix, (S, C)
+    ln = lag.layernorm(axis=-1 if norm == "channel" else (-2, -1), eps=LN_EPS)
+    affine = (dim,) if norm == "channel" else (seq_len, dim)
     if kind == "mixer":
         widths = [tokens_dim]
     elif kind == "imixer":
@@ -75,20 +87,21 @@ def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_
         layers[n] = Layer((w, dim), gelu, 10.0 ** -k)
     layers["c"] = Layer((seq_len, channels_dim), gelu, 0.1)
     chain = ["v", *names]
-    syn = [DenseSynapse(a, b, axis=-2, form="untied", bias=bias, bias_fb=bias, affine=(dim,) if a == "v" else None)
+    syn = [DenseSynapse(a, b, axis=-2, form="untied", bias=bias, bias_fb=bias, affine=affine if a == "v" else None)
            for a, b in zip(chain, chain[1:])]
-    syn.append(DenseSynapse("v", "c", axis=-1, form="untied", bias=bias, bias_fb=bias, affine=(dim,)))
+    syn.append(DenseSynapse("v", "c", axis=-1, form="untied", bias=bias, bias_fb=bias, affine=affine))
     return Network(layers, syn)
 
 
 def derived_block(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
-                  depth: int = 4, form: str = "untied", norm: str = "matrix", bias: bool | None = None,
+                  depth: int = 4, form: str = "untied", norm: str | None = None, bias: bool | None = None,
                   n_iter: int | None = None, n_power: int = 8, coeff: float = 0.9, steps: int = 1,
-                  drop_path: float = 0.0, inner_norm: str = "spectral") -> DerivedBlock:
+                  drop_path: float = 0.0, inner_norm: str = "spectral", tied_init: bool = False) -> DerivedBlock:
     """``kind``'s network discretised with its splitting: sequential (tokens, then channels) for the Mixer and
     iMixers, parallel for the parallelized Mixer. ``n_iter`` counts fixed-point iterations (iMixers only);
     ``steps`` repeats the whole Euler step with the same weights (the parallelized Mixer's n_iter);
-    ``inner_norm`` normalises the matrices inside the iMixers' contractions (``DiscreteConfig.inner_norm``)."""
+    ``inner_norm`` normalises the matrices inside the iMixers' contractions (``DiscreteConfig.inner_norm``);
+    ``tied_init`` marks an untied block to start at the tied point (``DerivedMixer.reset_parameters``)."""
     if n_iter is not None and kind in ("mixer", "paramixer"):
         raise ValueError(f"derived_block: a {kind!r} block has no fixed-point solve, so n_iter does not apply; "
                          "to repeat the block with the same weights use steps=")
@@ -101,8 +114,12 @@ def derived_block(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_
     splitting = "parallel" if kind == "paramixer" else "sequential"
     cfg = DiscreteConfig(n_iter=n_iter, splitting=splitting, coeff=coeff, n_power=n_power, steps=steps,
                          drop_path=drop_path, inner_norm=inner_norm)
+    if tied_init and form != "untied":
+        raise ValueError(f"derived_block: tied_init starts untied synapses at the tied point; form {form!r} has no "
+                         "free feedback matrix to tie")
     block = DerivedBlock(net, "v", cfg)
     block.kind = kind
+    block.tied_init = bool(tied_init)
     return block
 
 
@@ -174,6 +191,10 @@ class DerivedMixer(TimmClassifierAPI, nn.Module):
                     nn.init.xavier_uniform_(p)
                 elif name.endswith(("bias", "bias_fb")) and ".affine." not in name:
                     nn.init.normal_(p, std=1e-6)
+        for block in self.blocks:
+            if getattr(block, "tied_init", False):  # feedback = forward matrix^T: the tied point
+                for syn in block.net.synapses:
+                    syn.weight_fb.copy_(syn.weight.T)
         w = self.stem.proj.weight
         fan_in = w.shape[1] * w.shape[2] * w.shape[3]
         nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
@@ -358,8 +379,9 @@ def from_reference(model: nn.Module) -> DerivedMixer:
     """A hand-written ``mixers.MlpMixer`` (any block kind) as the equivalent derived model, in the same
     train/eval mode.
 
-    Names differ in one place: the parallelized Mixer's ``n_iter`` (repeats of the block with the same weights)
-    is the derived block's ``steps`` (Euler steps); ``n_iter`` of a derived block counts fixed-point iterations.
+    Names differ in one place: the Mixer's and the parallelized Mixer's ``n_iter`` (repeats of the block with the
+    same weights) is the derived block's ``steps`` (Euler steps); ``n_iter`` of a derived block counts fixed-point
+    iterations.
     """
     rcfg = model.cfg
     if isinstance(rcfg.img_size, (tuple, list)):
@@ -368,7 +390,7 @@ def from_reference(model: nn.Module) -> DerivedMixer:
     if getattr(rcfg, "proj_drop_rate", 0.0):
         raise ValueError("from_reference: proj_drop_rate (dropout inside the MLPs) has no derived counterpart")
     kw = dict(rcfg.block_kwargs)
-    if rcfg.block == "paramixer" and "n_iter" in kw:
+    if rcfg.block in ("mixer", "paramixer") and "n_iter" in kw:  # repeats of the block: Euler steps
         kw["steps"] = kw.pop("n_iter")
     fields = {k: v for k, v in asdict(rcfg).items() if k in DerivedMixerConfig.__dataclass_fields__
               and k not in ("block_kwargs", "block")}
@@ -384,7 +406,7 @@ def to_reference(derived: DerivedMixer) -> nn.Module:
 
     cfg = derived.cfg
     kw = dict(cfg.block_kwargs)
-    if cfg.block == "paramixer":
+    if cfg.block in ("mixer", "paramixer"):
         kw.pop("n_iter", None)
         if "steps" in kw:
             kw["n_iter"] = kw.pop("steps")

@@ -30,6 +30,7 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import fnmatch
 import json
 import math
 import os
@@ -95,6 +96,9 @@ class TrainConfig:
     lr_base: float = 5e-4
     lr_base_size: int = 512
     weight_decay: float = 0.05
+    # parameter names (fnmatch patterns, e.g. "blocks.*.weight_break") exempt from weight decay, on top of timm's
+    # exemptions (biases and other 1-D parameters, the model's no_weight_decay())
+    no_weight_decay: tuple[str, ...] = ()
     sched: str = "cosine"
     warmup_epochs: int = 1
     warmup_lr: float = 1e-6
@@ -230,6 +234,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     for key in ("lr", "lr_base", "checkpoint_minutes"):
         if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {getattr(cfg, key)!r}")
+    if not (isinstance(cfg.no_weight_decay, (list, tuple)) and all(isinstance(p, str) for p in cfg.no_weight_decay)):
+        raise ConfigError(f"config key 'no_weight_decay' must be a list of parameter-name patterns, got "
+                          f"{cfg.no_weight_decay!r}")
     for key in ("weight_decay", "warmup_lr", "min_lr", "mixup", "cutmix"):
         if not getattr(cfg, key) >= 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)!r}")
@@ -256,7 +263,21 @@ def check_model(cfg: TrainConfig) -> None:
     ConfigError now rather than hours into a sweep."""
     info = dataset_info(cfg.data)
     with torch.device("meta"):
-        build_model(cfg, info.num_classes or 10, info.in_chans, info.img_size)
+        model = build_model(cfg, info.num_classes or 10, info.in_chans, info.img_size)
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in cfg.no_weight_decay if not any(fnmatch.fnmatch(n, p) for n in names)]
+    if unmatched:
+        raise ConfigError(f"config key 'no_weight_decay': {unmatched} match no parameter of {cfg.model!r} (names "
+                          f"such as {names[:3]})")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """timm's weight-decay groups (``param_groups_weight_decay``: no decay for biases, 1-D parameters and the
+    model's ``no_weight_decay()``) with ``cfg.no_weight_decay``'s patterns exempt too."""
+    from timm.optim import param_groups_weight_decay
+
+    exempt = set(getattr(model, "no_weight_decay", lambda: ())()) | set(cfg.no_weight_decay)
+    return param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=exempt)
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -496,7 +517,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     global_batch = cfg.batch_size * world
     lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / cfg.lr_base_size
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                                    param_group_fn=(lambda m: param_groups(m, cfg)) if cfg.no_weight_decay else None)
     steps_per_epoch = len(train_loader)
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,

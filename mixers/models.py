@@ -53,8 +53,8 @@ def ratio_pair(ratio: float | tuple[float, float]) -> tuple[float, float]:
 # token mixers
 
 
-def _mlp_tokens(seq_len: int, tokens_dim: int, drop: float = 0.0) -> Mlp:
-    return Mlp(seq_len, tokens_dim, drop=drop)
+def _mlp_tokens(seq_len: int, tokens_dim: int, drop: float = 0.0, bias: bool = True) -> Mlp:
+    return Mlp(seq_len, tokens_dim, bias=bias, drop=drop)
 
 
 def _imlp_tokens(
@@ -94,7 +94,7 @@ def build_token_mixer(
 ) -> nn.Module:
     """The token MLP of a `MixerBlock`, acting on the token axis (size ``seq_len``).
 
-    - ``"mlp"``: ``Mlp(seq_len, tokens_dim)`` (timm's Mixer), no options;
+    - ``"mlp"``: ``Mlp(seq_len, tokens_dim)`` (timm's Mixer), option ``bias=True``;
     - ``"imlp"``: ``iMlp(seq_len, tokens_dim, int(tokens_dim * h_ratio))`` (iMixer Eq. 30), options ``h_ratio=1.0``,
       ``n_iter=2``, ``n_power=8``, ``coeff=0.9``, ``inner_norm="spectral"`` (or ``"none"``, ``"batch"``: iMixer
       Table 3's arms, see `inner_linear`);
@@ -114,14 +114,18 @@ def build_token_mixer(
 
 
 class MixerBlock(nn.Module):
-    """Serial Mixer block with timm's names (``norm1``, ``mlp_tokens``, ``norm2``, ``mlp_channels``, ``drop_path``).
+    """Serial Mixer block with timm's names (``norm1``, ``mlp_tokens``, ``norm2``, ``mlp_channels``, ``drop_path``),
+    repeated ``n_iter`` times with the same weights::
 
         x <- x + DP(mlp_tokens(norm1(x)^T)^T)
         x <- x + DP(mlp_channels(norm2(x)))
 
-    ``norm1``/``norm2`` are ``LayerNorm(dim, eps=1e-6)`` per token. ``tokens_dim = int(mlp_ratio[0] * dim)``,
-    ``mlp_channels = Mlp(dim, int(mlp_ratio[1] * dim))``. The token MLP is chosen by ``token_mixer`` (see
-    `build_token_mixer`): ``"mlp"`` gives timm's ``MixerBlock``, ``"imlp"`` the iMixer block (iMixer Eq. 30),
+    ``norm1``/``norm2`` are ``LayerNorm(eps=1e-6)``: per token over channels with a (C,) affine for
+    ``norm="channel"`` (timm's), over the whole token x channel matrix with an (S, C) affine for ``norm="matrix"``
+    (the parallelized-Mixer authors' serial ``vMixerBlock``). ``tokens_dim = int(mlp_ratio[0] * dim)``,
+    ``mlp_channels = Mlp(dim, int(mlp_ratio[1] * dim), bias=bias)``. The token MLP is chosen by ``token_mixer``
+    (see `build_token_mixer`): ``"mlp"`` (``Mlp(bias=bias)``) gives timm's ``MixerBlock`` and, with
+    ``norm="matrix", bias=False``, the authors' vanilla Mixer block; ``"imlp"`` the iMixer block (iMixer Eq. 30),
     ``"limlp"`` the L-layer iMixer block (Appendix B). One ``DropPath`` module serves both branches (timm's
     convention); each call draws its own mask.
     """
@@ -135,19 +139,39 @@ class MixerBlock(nn.Module):
         token_kwargs: dict[str, Any] | None = None,
         drop: float = 0.0,
         drop_path: float = 0.0,
+        norm: str = "channel",
+        bias: bool = True,
+        n_iter: int = 1,
     ) -> None:
         super().__init__()
+        if norm not in ("channel", "matrix"):
+            raise ValueError(f"unknown norm {norm!r}; expected 'channel' or 'matrix'")
+        if not (isinstance(n_iter, int) and n_iter >= 1):
+            raise ValueError(f"n_iter (repeats of the block) must be an int >= 1, got {n_iter!r}")
+        token_kwargs = dict(token_kwargs or {})
+        if token_mixer == "mlp":
+            token_kwargs.setdefault("bias", bias)
+        elif not bias:
+            raise ValueError(f"bias=False applies to the plain MLP token mixer, not to {token_mixer!r}")
         tokens_ratio, channels_ratio = ratio_pair(mlp_ratio)
         tokens_dim, channels_dim = int(tokens_ratio * dim), int(channels_ratio * dim)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp_tokens = build_token_mixer(token_mixer, seq_len, tokens_dim, drop=drop, **(token_kwargs or {}))
+        self.norm_kind = norm
+        self.n_iter = int(n_iter)
+        shape = dim if norm == "channel" else (seq_len, dim)
+        self.norm1 = nn.LayerNorm(shape, eps=1e-6)
+        self.mlp_tokens = build_token_mixer(token_mixer, seq_len, tokens_dim, drop=drop, **token_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp_channels = Mlp(dim, channels_dim, drop=drop)
+        self.norm2 = nn.LayerNorm(shape, eps=1e-6)
+        self.mlp_channels = Mlp(dim, channels_dim, bias=bias, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
-        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+        for _ in range(self.n_iter):
+            x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+            x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm_kind!r}, n_iter={self.n_iter}"
 
 
 class IMixerBlock(MixerBlock):
@@ -209,6 +233,8 @@ class ParaMixerBlock(nn.Module):
     (``Mlp(bias=bias)``, `SymMlp` or `AsymMlp` for ``form`` ``"untied"``, ``"symmetric"``, ``"broken"``) have hidden
     widths ``int(mlp_ratio[0] * dim)`` and ``int(mlp_ratio[1] * dim)``. The ``n_iter`` repeats share the weights.
     One ``DropPath`` module is called once per branch, so the two branches get independent masks.
+    ``tied_init`` (untied form only) starts each MLP at the tied point, ``fc2.weight = fc1.weight^T``
+    (`MlpMixer.init_weights` applies it after the initialisation), so training shows whether it leaves it.
     """
 
     def __init__(
@@ -222,10 +248,14 @@ class ParaMixerBlock(nn.Module):
         n_iter: int = 1,
         drop: float = 0.0,
         drop_path: float = 0.0,
+        tied_init: bool = False,
     ) -> None:
         super().__init__()
         if form not in _PARA_FORMS:
             raise ValueError(f"unknown form {form!r}; expected one of {sorted(_PARA_FORMS)}")
+        if tied_init and form != "untied":
+            raise ValueError(f"tied_init starts an untied MLP at the tied point; form {form!r} has no free second "
+                             "matrix to tie")
         if norm not in ("matrix", "channel"):
             raise ValueError(f"unknown norm {norm!r}; expected 'matrix' or 'channel'")
         if n_iter < 1:
@@ -235,6 +265,7 @@ class ParaMixerBlock(nn.Module):
         self.form = form
         self.norm_kind = norm
         self.n_iter = int(n_iter)
+        self.tied_init = bool(tied_init)
         mlp = _PARA_FORMS[form]
         self.norm = nn.LayerNorm((seq_len, dim) if norm == "matrix" else dim, eps=1e-6)
         self.mlp_tokens = mlp(seq_len, tokens_dim, bias=bias, drop=drop)
@@ -247,6 +278,12 @@ class ParaMixerBlock(nn.Module):
             tokens = self.mlp_tokens(y.transpose(1, 2)).transpose(1, 2)
             x = x + self.drop_path(tokens) + self.drop_path(self.mlp_channels(y))
         return x
+
+    @torch.no_grad()
+    def tie(self) -> None:
+        """Each MLP's output matrix set to its input matrix transposed, ``fc2.weight = fc1.weight^T``."""
+        for mlp in (self.mlp_tokens, self.mlp_channels):
+            mlp.fc2.weight.copy_(mlp.fc1.weight.T)
 
     def penalty(self) -> torch.Tensor:
         """``||W2_tok||_F^2 + ||W2_ch||_F^2`` for ``form="broken"``, zero otherwise."""
@@ -309,11 +346,11 @@ class ImageGrid:
 class MixerConfig(ImageGrid):
     """Configuration of `MlpMixer` (the fields of timm's ``MlpMixer`` plus the block type).
 
-    ``block``: ``"mixer"`` (timm's `MixerBlock`), ``"imixer"`` (`iMlp` token mixer; ``block_kwargs`` h_ratio,
-    n_iter, n_power, coeff, inner_norm), ``"limixer"`` (`LiMlp`; also depth), ``"paramixer"`` (`ParaMixerBlock`;
-    form, norm, bias, n_iter). ``drop_rate`` is the head dropout, ``proj_drop_rate`` the dropout inside the MLPs,
-    ``drop_path_rate`` the same stochastic-depth rate for every block (as in timm's Mixer). ``lam`` scales
-    `MlpMixer.penalty`.
+    ``block``: ``"mixer"`` (`MixerBlock`; ``block_kwargs`` norm, bias, n_iter), ``"imixer"`` (`iMlp` token mixer;
+    ``block_kwargs`` h_ratio, n_iter, n_power, coeff, inner_norm), ``"limixer"`` (`LiMlp`; also depth),
+    ``"paramixer"`` (`ParaMixerBlock`; form, norm, bias, n_iter, tied_init). ``drop_rate`` is the head dropout,
+    ``proj_drop_rate`` the dropout inside the MLPs, ``drop_path_rate`` the same stochastic-depth rate for every
+    block (as in timm's Mixer). ``lam`` scales `MlpMixer.penalty`.
     """
 
     num_classes: int = 1000
@@ -545,7 +582,9 @@ class MlpMixer(TimmClassifierAPI, nn.Module):
         dim, seq_len = cfg.embed_dim, self.stem.num_patches
         if cfg.block == "paramixer":
             return ParaMixerBlock(dim, seq_len, cfg.mlp_ratio, **cfg.block_kwargs, **common)
-        token_mixer = {"mixer": "mlp", "imixer": "imlp", "limixer": "limlp"}[cfg.block]
+        if cfg.block == "mixer":  # block options: norm, bias, n_iter (repeats)
+            return MixerBlock(dim, seq_len, cfg.mlp_ratio, "mlp", **cfg.block_kwargs, **common)
+        token_mixer = {"imixer": "imlp", "limixer": "limlp"}[cfg.block]
         return MixerBlock(dim, seq_len, cfg.mlp_ratio, token_mixer, dict(cfg.block_kwargs), **common)
 
     @torch.no_grad()
@@ -571,6 +610,9 @@ class MlpMixer(TimmClassifierAPI, nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            if getattr(block, "tied_init", False):
+                block.tie()
 
     def penalty(self) -> torch.Tensor:
         """``lam * sum(block.penalty())``: the symmetry-breaking term to add to the training loss (zero if unused)."""
@@ -596,12 +638,14 @@ _SIZES: dict[str, dict[str, Any]] = {
     "t4_32": dict(img_size=32, in_chans=3, num_classes=10, patch_size=4, num_blocks=4, embed_dim=128),
 }
 
-# family -> (block type, default block options)
+# family -> (block type, default block options). vanillamixer: the parallelized-Mixer authors' serial baseline
+# (``vanillamixer_*``: LayerNorm over the whole token x channel matrix, no biases), timm's Mixer otherwise.
 _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "vmixer": ("mixer", {}),
+    "vmixer": ("mixer", dict(norm="channel", bias=True, n_iter=1)),
+    "vanillamixer": ("mixer", dict(norm="matrix", bias=False, n_iter=1)),
     "imixer": ("imixer", dict(h_ratio=1.0, n_iter=2, n_power=8, coeff=0.9, inner_norm="spectral")),
     "limixer": ("limixer", dict(depth=4, h_ratio=1.0, n_iter=2, n_power=8, coeff=0.9, inner_norm="spectral")),
-    "paramixer": ("paramixer", dict(form="untied", norm="matrix", bias=False, n_iter=1)),
+    "paramixer": ("paramixer", dict(form="untied", norm="matrix", bias=False, n_iter=1, tied_init=False)),
 }
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(MixerConfig)) - {"block", "block_kwargs"}
@@ -662,11 +706,14 @@ def _build_mixer(name: str, family: str, size: str, kwargs: dict[str, Any]) -> M
     return MlpMixer(MixerConfig(block=block, block_kwargs=block_kwargs, **cfg_kwargs))
 
 
-def _make_entrypoint(name: str, family: str, size: str) -> Callable[..., MlpMixer]:
+def _make_entrypoint(name: str, family: str, size: str, n_iter: int | None = None) -> Callable[..., MlpMixer]:
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
+        if n_iter is not None:
+            kwargs = {"n_iter": n_iter, **kwargs}
         return create_registered(name, pretrained, kwargs, lambda kw: _build_mixer(name, family, size, kw))
 
     block, defaults = _FAMILIES[family]
+    defaults = defaults if n_iter is None else {**defaults, "n_iter": n_iter}
     entrypoint.__doc__ = (
         f"{name}: MlpMixer(block={block!r}, {_SIZES[size]}); block options {defaults}. "
         "Keyword arguments override MixerConfig fields and block options."
@@ -674,7 +721,11 @@ def _make_entrypoint(name: str, family: str, size: str) -> Callable[..., MlpMixe
     return entrypoint
 
 
-MODEL_NAMES: tuple[str, ...] = tuple(f"{family}_{size}" for family in _FAMILIES for size in _SIZES)
+# the parallelized-Mixer authors' repeated blocks: <family>_s16_224_ni<k>, each block applied k times
+_REPEATED: dict[str, tuple[str, str, int]] = {
+    f"{family}_s16_224_ni{k}": (family, "s16_224", k) for family in ("vanillamixer", "paramixer") for k in (2, 3, 4)}
+
+MODEL_NAMES: tuple[str, ...] = tuple(f"{family}_{size}" for family in _FAMILIES for size in _SIZES) + tuple(_REPEATED)
 
 def register_entrypoints(entrypoints: dict[str, Callable[..., Any]], namespace: dict[str, Any]) -> None:
     """Register each entry point in timm under its name and bind it in ``namespace`` (a module's globals).
@@ -690,4 +741,5 @@ def register_entrypoints(entrypoints: dict[str, Callable[..., Any]], namespace: 
         namespace[name] = register_model(fn)
 
 
-register_entrypoints({n: _make_entrypoint(n, *n.split("_", 1)) for n in MODEL_NAMES}, globals())
+register_entrypoints({n: _make_entrypoint(n, *_REPEATED[n]) if n in _REPEATED else _make_entrypoint(n, *n.split("_", 1))
+                      for n in MODEL_NAMES}, globals())

@@ -49,6 +49,17 @@ def test_mixer_block_equals_handwritten_and_timm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_vanilla_mixer_block_equals_handwritten(dtype, n_iter):
+    """The parallelized-Mixer authors' serial baseline: LayerNorm Lagrangian over the whole matrix, no biases, the
+    block repeated n_iter times (Euler steps of the derived block with the same weights)."""
+    ref = mixers.MixerBlock(C, S, norm="matrix", bias=False, n_iter=n_iter)
+    block, ref, x = pair("mixer", ref, dtype, norm="matrix", bias=False, steps=n_iter)
+    assert_same(block, ref, x, dtype)
+    assert "LN(v)" in block.explain() and "b^(" not in block.explain()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("h_ratio, n_iter", [(2, 2), (1, 4), (2, 1)])
 @pytest.mark.parametrize("inner_norm", ["spectral", "none", "batch"])
 def test_imixer_block_equals_handwritten(dtype, h_ratio, n_iter, inner_norm):
@@ -221,8 +232,39 @@ def test_derived_models_are_registered_in_timm_and_equal_their_twins():
     derived.eval()
     ref.eval()
     assert rel_err(derived.forward_features(x), ref.forward_features(x)) <= 1e-5  # the head starts at zero
+    for name in ("vanillamixer_t4_28", "vanillamixer_s16_224_ni2"):  # the authors' vanilla baseline and names
+        kw = dict(num_classes=10, img_size=32) if "224" in name else {}
+        torch.manual_seed(4)
+        derived = timm.create_model(f"derived_{name}", **kw).eval()
+        torch.manual_seed(4)
+        ref = timm.create_model(name, **kw).eval()
+        x = torch.randn(2, ref.in_chans, *ref.cfg.image_hw)
+        assert rel_err(derived.forward_features(x), ref.forward_features(x)) <= 1e-5
+        assert derived.cfg.block_kwargs == {"norm": "matrix", "bias": False, "steps": ref.blocks[0].n_iter}
     with pytest.raises(RuntimeError, match="no pretrained weights"):
         timm.create_model("derived_paramixer_t4_32", pretrained=True)
+
+
+def test_untied_parallelized_mixer_started_at_the_tied_point():
+    """tied_init: every untied MLP starts with fc2 = fc1^T (derived: feedback = forward^T), in both twins and in a
+    derived model built from its config alone; it is refused where there is no free second matrix."""
+    torch.manual_seed(5)
+    ref = timm.create_model("paramixer_t4_28", tied_init=True)
+    torch.manual_seed(5)
+    derived = timm.create_model("derived_paramixer_t4_28", tied_init=True)
+    rebuilt = derive.DerivedMixer(derived.cfg)
+    for model in (derived, rebuilt):
+        for block in model.blocks:
+            for syn in block.net.synapses:
+                assert torch.equal(syn.feedback_weight(), syn.weight.T)
+    for block in ref.blocks:
+        assert torch.equal(block.mlp_tokens.fc2.weight, block.mlp_tokens.fc1.weight.T)
+    x = torch.randn(2, 1, 28, 28)
+    assert rel_err(derived.eval().forward_features(x), ref.eval().forward_features(x)) <= 1e-5
+    with pytest.raises(ValueError, match="tied_init"):
+        timm.create_model("paramixer_t4_28", form="broken", tied_init=True)
+    with pytest.raises(ValueError, match="tied_init"):
+        derive.derived_block("paramixer", S, C, form="symmetric", tied_init=True)
 
 
 def test_mismatched_weights_are_refused_with_the_offending_names():

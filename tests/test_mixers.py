@@ -509,13 +509,44 @@ def test_reset_classifier_keeps_the_config_in_step(dtype):
 
 def test_registered_names():
     names = set(timm.list_models())
-    assert len(mixers.MODEL_NAMES) == 32
+    assert len(mixers.MODEL_NAMES) == 5 * 8 + 6
     assert set(mixers.MODEL_NAMES) <= names
     assert not any(n.startswith("mixer_") for n in mixers.MODEL_NAMES)
-    for family in ("vmixer", "imixer", "limixer", "paramixer"):
+    for family in ("vmixer", "vanillamixer", "imixer", "limixer", "paramixer"):
         for size in ("s16", "s32", "b16", "b32", "l16", "l32"):
             assert f"{family}_{size}_224" in names
         assert {f"{family}_t4_28", f"{family}_t4_32"} <= names
+    for family in ("vanillamixer", "paramixer"):  # the parallelized-Mixer authors' repeated blocks
+        for k in (2, 3, 4):
+            model = timm.create_model(f"{family}_s16_224_ni{k}", num_classes=10, img_size=32)
+            assert all(b.n_iter == k for b in model.blocks)
+
+
+def test_vanilla_mixer_is_the_authors_serial_baseline():
+    """vanillamixer_*: timm's serial block with the LayerNorm over the whole token x channel matrix ((S, C)
+    affines), no biases, the block repeated n_iter times with the same weights (the authors' vMixerBlock)."""
+    model = timm.create_model("vanillamixer_t4_28").double()
+    block = model.blocks[0]
+    assert block.norm1.weight.shape == block.norm2.weight.shape == (49, 128)
+    assert not any(n.endswith("bias") and "mlp" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, 49, 128, dtype=torch.float64)
+
+    def step(x):
+        y = F.layer_norm(x, (49, 128), block.norm1.weight, block.norm1.bias, 1e-6).transpose(1, 2)
+        x = x + (F.gelu(y @ block.mlp_tokens.fc1.weight.T) @ block.mlp_tokens.fc2.weight.T).transpose(1, 2)
+        y = F.layer_norm(x, (49, 128), block.norm2.weight, block.norm2.bias, 1e-6)
+        return x + F.gelu(y @ block.mlp_channels.fc1.weight.T) @ block.mlp_channels.fc2.weight.T
+
+    assert (block(x) - step(x)).abs().max() < 1e-12
+    block.n_iter = 3
+    assert (block(x) - step(step(step(x)))).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="norm"):
+        mixers.MixerBlock(8, 4, norm="token")
+    with pytest.raises(ValueError, match="bias=False applies to the plain MLP"):
+        mixers.MixerBlock(8, 4, token_mixer="imlp", bias=False)
 
 
 @pytest.mark.parametrize("name", [n for n in mixers.MODEL_NAMES if "_t4_" in n])

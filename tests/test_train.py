@@ -292,6 +292,40 @@ def test_recipe_lr_scaling_schedule_mixup_clipping_and_penalty(tmp_path):
     assert runs[1.0] < 0.7 * runs[0.0], runs
 
 
+def test_weight_decay_exemptions_and_the_symmetry_index_every_epoch(tmp_path):
+    """no_weight_decay exempts the named parameters (here the symmetry-breaking matrices and the 2-D LayerNorm
+    affine, which timm's 1-D rule decays) on top of timm's exemptions; a pattern that matches nothing is a config
+    error. The weight-symmetry index is logged after every epoch and stored at initialisation: started at the
+    tied point (tied_init), an untied parallelized Mixer has corr 1 there."""
+    kw = "model_kwargs={embed_dim: 32, num_blocks: 2, form: broken}"
+    cfg = load_config(CONFIG, [*TINY, "model=derived_paramixer_t4_28", kw,
+                               "no_weight_decay=['*.weight_break', '*.affine.*']"])
+    train.check_model(cfg)
+    model = train.build_model(cfg, 10, 1, 28)
+    groups = train.param_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {n for n in names.values() if n.endswith("weight_break") or ".affine." in n} <= no_decay
+    assert "blocks.0.net.synapses.0.weight" in decay and not any(n.endswith("weight_break") for n in decay)
+    plain = train.param_groups(model, load_config(CONFIG, [*TINY, "model=derived_paramixer_t4_28", kw]))
+    assert any(names[id(p)].endswith("affine.weight") for g in plain if g["weight_decay"] > 0 for p in g["params"])
+    with pytest.raises(ConfigError, match=r"no_weight_decay.*match no parameter"):
+        train.check_model(load_config(CONFIG, [*TINY, "no_weight_decay=['*.nonexistent']"]))
+    with pytest.raises(ConfigError, match="no_weight_decay"):
+        load_config(CONFIG, [*TINY, "no_weight_decay=weight_break"])
+
+    out = tmp_path / "tied"
+    train.train(load_config(CONFIG, [*TINY, "model=paramixer_t4_28", "epochs=2", "data.train_subset=128",
+                                     "data.test_subset=64", "batch_size=32", f"out_dir={out}",
+                                     "model_kwargs={embed_dim: 32, num_blocks: 2, tied_init: true}"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["symmetry_init"]["sym_corr_tokens"] == pytest.approx(1.0, abs=1e-6)
+    m = metrics(out)
+    assert all({"sym_corr_tokens", "sym_corr_channels", "sym_corr_b1_channels"} <= set(h) for h in m)
+    assert m[-1]["sym_corr_tokens"] < 1 - 1e-6  # training moved it off the tied point
+
+
 def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path, monkeypatch):
     """amp=bf16 runs the recipe's mixed precision on any device; the spectral-norm state stays float32; a CPU
     without bf16 kernels gets a warning naming the config key."""
