@@ -15,7 +15,10 @@ finished or killed run whose config differs from the sweep file's is an error, n
 (markdown, like the iMixer paper's Tables 1-4) go to ``<out_dir>/results.md`` and stdout. A ``compare`` list of run
 names adds, for each, a table of every other run's last test top-1 minus that run's, paired by seed: a seed fixes
 the order and the augmentations of the training images for every run (``experiments.data.build_loaders``), so each
-difference compares two models trained on the same data stream. ``--status`` lists how far every (run, seed) has got
+difference compares two models trained on the same data stream, with its 95 % CI and the TOST test of equivalence
+within ``equivalence_margin`` points (default 0.5): "no difference" is claimed only where TOST says so. Tables name
+each run's machine (``machine``). "Best" is the maximum test top-1 over the epochs, "last" the final epoch's; the
+comparisons use the last. ``--status`` lists how far every (run, seed) has got
 and the hours of training left at the speeds its runs have shown so far.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -57,9 +61,10 @@ from .train import (
     train,
 )
 
-__all__ = ["check_spec", "comparison", "expand", "load_sweep", "run_sweep", "status", "table"]
+__all__ = ["check_spec", "comparison", "expand", "load_sweep", "machine", "run_sweep", "status", "table", "tost"]
 
-SWEEP_KEYS = ("base", "out_dir", "seeds", "overrides", "runs", "compare")
+SWEEP_KEYS = ("base", "out_dir", "seeds", "overrides", "runs", "compare", "equivalence_margin")
+EQUIVALENCE_MARGIN = 0.5  # points of test top-1: paired differences within it count as no practical difference
 
 
 def load_sweep(path: str) -> dict:
@@ -100,6 +105,9 @@ def check_spec(spec: dict) -> None:
         for key, values in grid.items():
             if not (isinstance(values, list) and values):
                 raise ConfigError(f"run {name!r}: grid key {key!r} must be a non-empty list of values, got {values!r}")
+    margin = spec.get("equivalence_margin", EQUIVALENCE_MARGIN)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
+        raise ConfigError(f"key 'equivalence_margin' must be a number of points > 0, got {margin!r}")
     if not is_list(spec.get("compare", []), str):
         raise ConfigError(f"key 'compare' must be a list of run names, got {spec['compare']!r}")
     names = list(expand(spec)) if spec.get("compare") else []
@@ -171,43 +179,93 @@ def _run_dir(out: Path, name: str, seed: int) -> Path:
     return out / name.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "") / f"seed{seed}"
 
 
+def machine(summary: dict) -> str:
+    """What a run ran on, from its summary's ``env``: CPU or GPU model, CPU capability and bf16 kernels where
+    recorded, torch version (runs that differ here may differ in their last digits, or in speed)."""
+    env = summary.get("env") or {}
+    parts = [env.get("hardware", "?")]
+    if env.get("cpu_capability"):
+        parts.append(env["cpu_capability"] + (", bf16 kernels" if env.get("cpu_bf16_kernels") else ""))
+    parts.append(f"torch {env.get('torch', '?')}")
+    return ", ".join(parts)
+
+
+def _machine_letters(summaries: dict[str, list[dict]]) -> dict[str, str]:
+    """Machine description -> a letter (A, B, ...), in order of first appearance."""
+    letters: dict[str, str] = {}
+    for rows in summaries.values():
+        for r in rows:
+            letters.setdefault(machine(r), chr(ord("A") + len(letters)))
+    return letters
+
+
 def table(summaries: dict[str, list[dict]]) -> str:
-    """Markdown: run, seeds, best and last test top-1 (mean +- std over seeds), parameters, and images/s (each
-    seed's median epoch, averaged over seeds)."""
-    lines = ["| model | seeds | best top-1 (%) | last top-1 (%) | params | images/s |",
-             "|---|---|---|---|---|---|"]
+    """Markdown: run, seeds, best test top-1 (the maximum over epochs) and last (the final epoch's), each mean +- std
+    over seeds, parameters, images/s (each seed's median epoch, averaged over seeds), and the machine of each
+    seed, as letters explained under the table."""
+    letters = _machine_letters(summaries)
+    lines = ["| model | seeds | best top-1 (%) | last top-1 (%) | params | images/s | machine per seed |",
+             "|---|---|---|---|---|---|---|"]
     for name, rows in summaries.items():
         if not rows:
-            lines.append(f"| {name} | 0 | – | – | – | – |")
+            lines.append(f"| {name} | 0 | – | – | – | – | – |")
             continue
         params = rows[0]["params"]
         ips = sum(r["images_per_s"] for r in rows) / len(rows)
+        where = " ".join(letters[machine(r)] for r in rows)
         lines.append(f"| {name} | {len(rows)} | {mean_std_cell([r['best_top1'] for r in rows])} | "
-                     f"{mean_std_cell([r['last_top1'] for r in rows])} | {params:,} | {ips:.0f} |")
+                     f"{mean_std_cell([r['last_top1'] for r in rows])} | {params:,} | {ips:.0f} | {where} |")
+    if letters:
+        lines.append("\nMachines: " + "; ".join(f"{v} = {k}" for k, v in letters.items()) + ".")
     return "\n".join(lines)
 
 
-def comparison(summaries: dict[str, list[dict]], reference: str) -> str:
+def tost(diffs: list[float], margin: float) -> float:
+    """The p-value of the paired two one-sided tests (TOST) of equivalence within +-``margin``: the larger of the
+    one-sided p-values of H0 mean <= -margin and H0 mean >= +margin (Student's t, n - 1 dof). Below 0.05 the
+    90 % CI of the mean lies inside (-margin, +margin): the difference is smaller than the margin at 5 %. NaN
+    with fewer than 2 pairs or no spread."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    se = scipy.stats.sem(diffs)
+    if not se > 0:
+        return 0.0 if abs(np.mean(diffs)) < margin else 1.0
+    lower = scipy.stats.t.sf((np.mean(diffs) + margin) / se, n - 1)
+    upper = scipy.stats.t.cdf((np.mean(diffs) - margin) / se, n - 1)
+    return float(max(lower, upper))
+
+
+def comparison(summaries: dict[str, list[dict]], reference: str, margin: float = EQUIVALENCE_MARGIN) -> str:
     """Markdown: each run's last test top-1 minus ``reference``'s on the same seed, mean +- std over the seeds both
     finished, the 95 % confidence interval of the mean difference (Student's t with n - 1 degrees of freedom, the
-    paired t-test's: it excludes 0 where that test rejects "no difference" at 5 %), and on how many of those seeds
-    the run is ahead (ties count as not ahead)."""
-    ref = {r["seed"]: r["last_top1"] for r in summaries[reference]}
-    lines = [f"| model | seeds paired | last top-1 − {reference} (points) | 95 % CI | ahead on |",
-             "|---|---|---|---|---|"]
+    paired t-test's: it excludes 0 where that test rejects "no difference" at 5 %), on how many of those seeds
+    the run is ahead (ties count as not ahead), the TOST p-value of equivalence within +-``margin`` points (below
+    0.05: no difference as large as the margin, at 5 %), and on how many seeds both runs ran on the same machine.
+    Every row pairs with the same ``reference`` run of each seed, so the rows are not independent of each
+    other; the table says so."""
+    ref = {r["seed"]: r for r in summaries[reference]}
+    lines = [f"| model | seeds paired | last top-1 − {reference} (points) | 95 % CI | ahead on | "
+             f"TOST ±{margin:g} p | same machine |", "|---|---|---|---|---|---|---|"]
     for name, rows in summaries.items():
         if name == reference:
             continue
-        diffs = [r["last_top1"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
+        pairs = [(r, ref[r["seed"]]) for r in rows if r["seed"] in ref]
+        diffs = [a["last_top1"] - b["last_top1"] for a, b in pairs]
         if not diffs:
-            lines.append(f"| {name} | 0 | – | – | – |")
+            lines.append(f"| {name} | 0 | – | – | – | – | – |")
             continue
-        ci = "–"
+        ci, p = "–", "–"
         if len(diffs) > 1:
             lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=scipy.stats.sem(diffs))
             ci = f"[{lo:+.2f}, {hi:+.2f}]"
+            p = f"{tost(diffs, margin):.3f}"
         cell = mean_std_cell(diffs, "+.2f", ".2f")
-        lines.append(f"| {name} | {len(diffs)} | {cell} | {ci} | {sum(d > 0 for d in diffs)} of {len(diffs)} |")
+        same = sum(machine(a) == machine(b) for a, b in pairs)
+        lines.append(f"| {name} | {len(diffs)} | {cell} | {ci} | {sum(d > 0 for d in diffs)} of {len(diffs)} | "
+                     f"{p} | {same} of {len(diffs)} |")
+    lines.append(f"\nEvery row pairs with the same {reference} run of each seed: the rows share it and are not "
+                 "independent of each other.")
     return "\n".join(lines)
 
 
@@ -296,7 +354,8 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
                 continue
             break
     summaries = _summaries(out, runs, all_seeds)
-    md = "\n\n".join([table(summaries)] + [comparison(summaries, ref) for ref in spec.get("compare", [])])
+    margin = spec.get("equivalence_margin", EQUIVALENCE_MARGIN)
+    md = "\n\n".join([table(summaries)] + [comparison(summaries, ref, margin) for ref in spec.get("compare", [])])
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md + "\n")
     print(md)

@@ -552,17 +552,26 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     finished("imixer[n_iter=1]", 0, 90.0, 90.0, 2000, 300.0)
     finished("imixer[n_iter=1]", 1, 91.0, 90.5, 2000, 300.0)
     finished("imixer[n_iter=4]", 1, 93.0, 92.5, 2000, 300.0)
+    summary = sweep._run_dir(tmp_path, "imixer[n_iter=4]", 1) / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "env": {
+        "hardware": "Intel Xeon", "cpu_capability": "AMX", "cpu_bf16_kernels": True, "torch": "2.14.1"}}))
     md = sweep.run_sweep(spec, table_only=True)
-    assert "| mixer | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 1,000 | 525 |" in md  # (500 + 550) / 2
-    assert "| imixer[n_iter=4] | 1 | 93.00 | 92.50 | 2,000 | 300 |" in md  # one seed: no spread to show
+    # machines: A (no env recorded) for all but imixer[n_iter=4], which ran on B
+    assert "| mixer | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | 1,000 | 525 | A A |" in md  # (500 + 550) / 2
+    assert "| imixer[n_iter=4] | 1 | 93.00 | 92.50 | 2,000 | 300 | B |" in md  # one seed: no spread to show
+    assert "Machines: A = ?, torch ?; B = Intel Xeon, AMX, bf16 kernels, torch 2.14.1." in md
     assert "| imixer[n_iter=2] | 0 |" in md and (tmp_path / "results.md").read_text() == md + "\n"
     # paired by seed: n_iter=1 is +1.0 on seed 0 and -0.5 on seed 1 (unpaired means would give +0.25 too, but
     # the spread of the differences, 1.06, is not the 1.41 of either run's seeds); n_iter=4 pairs with seed 1
     # 95 % CI of the mean difference: +0.25 +- t(0.975, 1 dof) 12.706 * 1.0607 / sqrt(2) = +0.25 +- 9.53
-    assert "| model | seeds paired | last top-1 − mixer (points) | 95 % CI | ahead on |" in md
-    assert "| imixer[n_iter=1] | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 |" in md
-    assert "| imixer[n_iter=4] | 1 | +1.50 | – | 1 of 1 |" in md
-    assert "| imixer[n_iter=2] | 0 | – | – | – |" in md and "| mixer | 2 | +" not in md
+    # TOST within +-0.5: se = 0.75, p = max(t_1.sf(0.75 / 0.75), t_1.cdf(-0.25 / 0.75)) = max(0.25, 0.398)
+    assert ("| model | seeds paired | last top-1 − mixer (points) | 95 % CI | ahead on | TOST ±0.5 p | same machine |"
+            in md)
+    assert "| imixer[n_iter=1] | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 | 0.398 | 2 of 2 |" in md
+    assert "| imixer[n_iter=4] | 1 | +1.50 | – | 1 of 1 | – | 0 of 1 |" in md
+    assert "| imixer[n_iter=2] | 0 | – | – | – | – | – |" in md and "| mixer | 2 | +" not in md
+    assert "Every row pairs with the same mixer run of each seed" in md
+    assert sweep.tost([0.1, 0.2, 0.15], 0.5) < 0.01 and sweep.tost([1.0, 1.2, 1.1], 0.5) > 0.5
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
     with pytest.raises(ConfigError, match=r"--seeds \[7\]: not in this sweep's seeds \[0, 1\]"):
