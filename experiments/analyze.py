@@ -20,7 +20,11 @@ analyses, named on stdout and in report.json's ``not_analysed``; its training cu
   symmetry-breaking parallelized-Mixer runs against lambda, with the other parallelized and serial Mixer runs as
   references, mean +- std over seeds (when there is a run with form "broken");
 - ``rank_collapse.png``, ``rank_collapse.md``: token cosine similarity and distance from rank 1 per layer of every
-  ViT run, mean +- std over the seeds of each run (folders ``<run>/seed<k>``).
+  ViT run, mean +- std over the seeds of each run (folders ``<run>/seed<k>``);
+- ``symmetry_trajectory.png``, ``symmetry_trajectory.md``: corr(W1^T, W2) at initialisation and after every epoch,
+  mean over blocks and +- std over seeds, for runs that logged it (``experiments.reports.symmetry_trajectories``);
+- ``fixed_point_certificate.md``: per derived iMixer block, the contraction bound of the trained weights and the
+  measured rate of its fixed-point iteration, mean +- std over seeds (``experiments.reports.certificate_report``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 
 from mixers import VisionTransformer
 
-from . import analysis
+from . import analysis, reports
 from .data import build_datasets
 from .train import atomic_write, build_model, load_checkpoint, load_config
 
@@ -129,6 +133,7 @@ def main(argv=None) -> dict:
     analysis.training_curves({g: [r / "metrics.jsonl" for r in rs] for g, rs in groups.items()},
                              args.out / "curves.png")
     by_run: dict[str, list[list[dict]]] = {}
+    fixed_points: dict[str, list[dict]] = {}
     report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
                     "rank_collapse": {}, "symmetry_breaking": {}, "not_analysed": []}
     for run in runs:
@@ -145,6 +150,7 @@ def main(argv=None) -> dict:
             continue
         if "fixed_point" in record:
             report["fixed_point"][label] = record["fixed_point"]
+            fixed_points.setdefault(group, []).append(record["fixed_point"])
             analysis.plot_fixed_point(record["fixed_point"], args.out / f"fixed_point_{label}.png")
         if "energy" in record:
             report["energy"][label] = {k: record["energy"][k] for k in ("max_rise", "max_rise_rel", "caveats")}
@@ -162,6 +168,12 @@ def main(argv=None) -> dict:
     if any(s["form"] == "broken" for seeds in report["symmetry_breaking"].values() for s in seeds):
         md = analysis.symmetry_breaking(report["symmetry_breaking"], path=args.out / "symmetry_breaking.png")
         (args.out / "symmetry_breaking.md").write_text(md + "\n")
+    md = reports.symmetry_trajectories(groups, path=args.out / "symmetry_trajectory.png")
+    if md.count("\n") > 1:
+        (args.out / "symmetry_trajectory.md").write_text(md + "\n")
+    md = reports.certificate_report(fixed_points)
+    if md.count("\n") > 1:
+        (args.out / "fixed_point_certificate.md").write_text(md + "\n")
     if report["rank_collapse"]:
         md = analysis.rank_collapse_report(report["rank_collapse"], path=args.out / "rank_collapse.png")
         (args.out / "rank_collapse.md").write_text(md + "\n")

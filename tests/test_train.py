@@ -731,13 +731,21 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path, capsys):
     assert {"symmetry_breaking.png", "symmetry_breaking.md"} <= names
     assert {"rank_collapse.png", "rank_collapse.md"} <= names and len(report["rank_collapse"]["vit"]) == 2
     assert "| vit | 2 | 2 |" in (tmp_path / "fig" / "rank_collapse.md").read_text()
+    # the symmetry index at initialisation and after each epoch; the trained iMixer blocks' certificates
+    assert {"symmetry_trajectory.png", "symmetry_trajectory.md", "fixed_point_certificate.md"} <= names
+    trajectory = (tmp_path / "fig" / "symmetry_trajectory.md").read_text()
+    assert "| sym | 1 | tokens | +1.000 | +1.000 |" in trajectory and "| vit |" not in trajectory
+    cert = report["fixed_point"]["imixer"]["layers"][0]["certificate"]
+    assert cert["probe_iter"] == 8 and len(cert["ratios"]) == 7 and cert["lipschitz_bound"] > 0
+    assert "| imixer | 1 | 0 | " in (tmp_path / "fig" / "fixed_point_certificate.md").read_text()
     # run folders kept without their checkpoints (as the sweeps keep them in git) are read from analysis.json
     for ckpt in runs.rglob("checkpoint.pt"):
         ckpt.unlink()
     again = analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig2"), "--images", "4"])
     assert again == report
     assert names == {p.name for p in (tmp_path / "fig2").iterdir()}
-    for name in ("symmetry.md", "symmetry_by_run.md", "symmetry_breaking.md", "rank_collapse.md"):
+    for name in ("symmetry.md", "symmetry_by_run.md", "symmetry_breaking.md", "rank_collapse.md",
+                 "symmetry_trajectory.md", "fixed_point_certificate.md"):
         assert (tmp_path / "fig2" / name).read_text() == (tmp_path / "fig" / name).read_text()
     with pytest.raises(ValueError, match=r"imixer/analysis\.json: analysed on 4 test images, not --images 5"):
         analyze.main(["--runs", str(runs / "imixer"), "--out", str(tmp_path / "fig3"), "--images", "5"])
