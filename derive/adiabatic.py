@@ -14,9 +14,12 @@ and the slow layer moves by the reduced vector field
 
     tau_v dv/dt = F^v(v) - alpha v,          F^v = sum_B H^B o S^B o G^B          (Eqs. 12, 33, 42)
 
-where alpha = 1 is the network's own decay and any alpha gives the same flow of LN(v) when L_v is a
-LayerNorm Lagrangian, whose Hessian annihilates v (Eq. 13). Leaves make the 2-layer Mixer step, a chain makes
-the iMixer's nested inverses, a star (two leaves) the parallelized Mixer.
+where alpha = 1 is the network's own decay. When L_v is a LayerNorm Lagrangian, whose Hessian annihilates v
+(Eq. 13), every alpha gives LN(v) the same velocity at a given v, so the flows of LN(v) for different alpha trace
+the same path; but alpha changes the scale of v, and LN(v) moves at a speed ~ 1/scale, so they trace it at
+different speeds. In discrete time alpha matters: one Euler step with alpha dt = tau_v removes the skip
+connection (v <- F^v(v)). Leaves make the 2-layer Mixer step, a chain makes the iMixer's nested inverses, a star
+(two leaves) the parallelized Mixer.
 """
 
 from __future__ import annotations

@@ -108,8 +108,10 @@ def _iterates(module: nn.Module, name: str) -> list[Tensor]:
 
 
 def _step_stats(xs: list[Tensor]) -> dict[str, list[float]]:
-    """Norm_a = ||x^(a+1) - x^a||_2 / sqrt(S C) and Cos_a = cos(x^(a+1), x^a) per sample, then mean and std
-    (population, ddof 0) over the samples (iMixer paper Appendix C.3)."""
+    """Norm_a = ||x^(a+1) - x^a||_2 / sqrt(N_x C) and Cos_a = cos(x^(a+1), x^a) per sample, then mean and std
+    (population, ddof 0) over the samples (iMixer paper Appendix C.3). N_x C is the size of the iterate itself
+    (the x layer: T tokens-MLP units x C channels), so Norm_a is its RMS step per element; the paper divides by
+    sqrt(S C) (S tokens), which is sqrt(T / S) times this one (1.14 for the t4_28 models, T = 64, S = 49)."""
     x = torch.stack([t.detach().double().flatten(1) for t in xs])  # (n + 1, B, S C)
     prev, nxt = x[:-1], x[1:]
     norm = (nxt - prev).norm(dim=-1) / math.sqrt(x.shape[-1])  # (n, B)
@@ -139,9 +141,10 @@ def fixed_point_convergence(model: nn.Module, images: Tensor, *, path=None,
     ``model``: a ``mixers.MlpMixer`` with iMlp / LiMlp token mixers, or a ``derive.DerivedMixer`` of kind
     "imixer" / "limixer". It runs once on ``images`` in eval mode without gradients (its train mode and the
     ``record`` flags are restored afterwards). Per step a = 0..n-1:
-    Norm_a = ||x^(a+1) - x^a||_2 / sqrt(S C) and Cos_a = cos(x^(a+1), x^a), each sample's iterate flattened,
-    mean and population std over the images. Only the outermost solve of each block counts (the hand-written
-    ``trace``; for a derived block the first recorded solve of its first hidden layer, i.e. the first Euler step).
+    Norm_a = ||x^(a+1) - x^a||_2 / sqrt(N_x C) (``_step_stats``) and Cos_a = cos(x^(a+1), x^a), each sample's
+    iterate flattened, mean and population std over the images. Only the outermost solve of each block counts (the
+    hand-written ``trace``; for a derived block the first recorded solve of its first hidden layer, i.e. the first
+    Euler step).
 
     For a derived block also its ``certificate``: the bound Lip(F) <= ... of ``DerivedBlock.certificate`` and the
     residual ratios ||x^(a+1) - x^a|| / ||x^a - x^(a-1)|| (all images at once) of ``probe_iter`` iterations

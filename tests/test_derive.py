@@ -67,6 +67,49 @@ def test_leaf_reduced_field_is_the_mixing_step_eq12():
         assert (got - (expected - alpha * v)).abs().max() < 1e-12
 
 
+def test_alpha_changes_the_speed_of_ln_v_not_its_path_and_matters_in_discrete_time():
+    """With a LayerNorm visible layer the decay -alpha v lies in the Hessian's zero mode (Eq. 13), so at any v the
+    velocity of LN(v) does not depend on alpha; but v's scale does, and LN(v) moves at speed ~ 1/scale: the
+    flows for alpha = 0 and 1 trace the same path of LN(v) at different speeds. One Euler step is another
+    matter: alpha dt = 1 removes the skip connection (v <- dt F(v))."""
+    from torchdiffeq import odeint
+
+    torch.manual_seed(0)
+    net = randomize(presets.mixing(6, 4, 5, axis=-2, norm_axis=(-2, -1)).double())
+    net.layers["v"].lagrangian.eps = 1e-12  # the zero mode is exact as eps -> 0 (Eq. 13)
+    v0 = 5 * torch.randn(1, 6, 4, dtype=torch.float64)
+    fields = {a: adiabatic(net, alpha=a) for a in (0.0, 1.0)}
+    ln = net.layers["v"].activation
+    jvp = {a: torch.func.jvp(ln, (v0,), (f(v0),))[1] for a, f in fields.items()}  # d LN(v)/dt at v0
+    assert (jvp[0.0] - jvp[1.0]).abs().max() < 1e-9
+    # alpha = 0 keeps v's scale, so LN(v) moves slower: a longer horizon, densely sampled, covers the path
+    times = {0.0: torch.linspace(0, 40, 4001, dtype=torch.float64), 1.0: torch.linspace(0, 2, 201, dtype=torch.float64)}
+    with torch.no_grad():
+        paths = {a: ln(odeint(lambda _, v, f=f: f(v), v0, times[a], rtol=1e-10, atol=1e-12)).flatten(1)
+                 for a, f in fields.items()}
+        at_same_time = (paths[0.0][:201:20] - paths[1.0][::20]).norm(dim=1).max()  # t = 0, 0.2, ... 2 on both
+        nearest = torch.cdist(paths[1.0], paths[0.0]).min(dim=1).values.max()  # every point of path 1 -> path 0
+        moved = (paths[1.0][-1] - paths[1.0][0]).norm()
+    assert moved > 0.5 and at_same_time > 0.3 and nearest < 0.01 * moved, (moved, at_same_time, nearest)
+    # discrete time: alpha = 1 with dt = tau_v is the block v <- F(v), no skip; alpha = 0 keeps v
+    no_skip, skip = discretize(net, alpha=1.0).double(), discretize(net, alpha=0.0).double()
+    assert (no_skip(v0) - fields[0.0].forcing(v0)).abs().max() < 1e-12
+    assert (skip(v0) - (v0 + fields[0.0].forcing(v0))).abs().max() < 1e-12
+    assert (ln(no_skip(v0)) - ln(skip(v0))).abs().max() > 0.1
+
+
+def test_layernorm_lagrangian_is_sqrt_n_times_the_papers():
+    """The papers' L(v) = sqrt(sum (v - mean)^2) (iMixer Eqs. 8, 10; gradient LN(v)/sqrt(N)); this project's is
+    N gamma sqrt(Var v + eps), gradient gamma LN(v): as eps -> 0 exactly sqrt(N) times theirs."""
+    v = torch.randn(3, 6, 4, dtype=torch.float64)
+    for axis, n in ((-1, 4), ((-2, -1), 24)):
+        ours = lag.layernorm(axis=axis, eps=1e-24)  # eps > 0 is required; 1e-24 is 0 at float64 here
+        dims = (axis,) if isinstance(axis, int) else axis
+        papers = (v - v.mean(dim=[d + v.ndim for d in dims], keepdim=True)).square().sum(dim=dims).sqrt()
+        papers = papers.reshape(3, -1).sum(1)  # summed over the groups of a sample
+        assert (ours(v) - math.sqrt(n) * papers).abs().max() < 1e-12
+
+
 def test_slow_manifold_is_a_fixed_point_of_the_fast_layers():
     """On the slow manifold every fast layer has dx/dt = 0 (Eqs. 34-35)."""
     net = imixer_net("limixer", depth=5)
