@@ -355,7 +355,7 @@ def test_certificate_without_spectral_norm_and_with_batchnorm():
     s = lag.gelu().lipschitz
     block = randomize(derive.derived_block("imixer", 8, 6, h_ratio=2, n_iter=1, inner_norm="none").double())
     syn = block.net.synapses[1]
-    norms = [float(torch.linalg.matrix_norm(w, ord=2)) for w in (syn.weight, syn.feedback_weight())]
+    norms = [float(torch.linalg.matrix_norm(w.detach(), ord=2)) for w in (syn.weight, syn.feedback_weight())]
     (cert,) = block.certificate()
     assert abs(cert.lipschitz_bound - norms[0] * norms[1] * s * s) < 1e-9
     v = torch.randn(3, 8, 6, dtype=torch.float64)
@@ -370,7 +370,7 @@ def test_certificate_without_spectral_norm_and_with_batchnorm():
             m.weight.fill_(1.0)
             m.running_var.fill_(4.0 - m.eps)  # gain 1/2 each
     syn = bn.net.synapses[1]
-    norms = [float(torch.linalg.matrix_norm(w, ord=2)) for w in (syn.weight, syn.feedback_weight())]
+    norms = [float(torch.linalg.matrix_norm(w.detach(), ord=2)) for w in (syn.weight, syn.feedback_weight())]
     (cert,) = bn.certificate()
     assert abs(cert.lipschitz_bound - norms[0] * norms[1] * s * s / 4) < 1e-9
     before = {k: b.clone() for k, b in bn.named_buffers()}
