@@ -4,6 +4,7 @@
     field = adiabatic(net)              # tau_v dv/dt = F^v(v) - alpha v, every fast layer eliminated
     block = discretize(net, n_iter=2)   # v <- v + F^v(v): an nn.Module whose parameters are net's synapses
     print(block.explain())              # the update rule it implements
+    block = spec_block("net.yaml", seq_len=49, dim=128)   # a network written down as data (derive.NetworkSpec)
 """
 
 from .adiabatic import Branch, ReducedField, adiabatic
@@ -17,25 +18,30 @@ from .attention import (
     score_tau,
     vit_block_network,
 )
-from .discrete import DerivedBlock, DiscreteConfig, SolveCertificate, discretize
+from .discrete import AxisBatchNorm, DerivedBlock, DiscreteConfig, SolveCertificate, discretize
 from .models import (
     KINDS,
     DerivedMixer,
     DerivedMixerConfig,
     block_network,
+    block_spec,
     derived_block,
     from_reference,
     from_timm,
     load_reference_block,
+    spec_block,
     to_reference,
     to_timm,
 )
-from .registry import DERIVED_MODEL_NAMES
+from .registry import DERIVED_MODEL_NAMES, SPEC_MODEL_NAMES
+from .spec import LayerSpec, NetworkSpec, SpecError, SynapseSpec, load_spec, register_spec
 from .spectral import SoftSpectralNorm
 
 __all__ = [
     "DERIVED_MODEL_NAMES",
     "KINDS",
+    "SPEC_MODEL_NAMES",
+    "AxisBatchNorm",
     "Branch",
     "DerivedBlock",
     "DerivedMixer",
@@ -43,11 +49,16 @@ __all__ = [
     "DerivedViT",
     "DerivedViTBlock",
     "DiscreteConfig",
+    "LayerSpec",
+    "NetworkSpec",
     "ReducedField",
     "SoftSpectralNorm",
     "SolveCertificate",
+    "SpecError",
+    "SynapseSpec",
     "adiabatic",
     "block_network",
+    "block_spec",
     "derived_block",
     "discretize",
     "euler_alpha",
@@ -56,8 +67,11 @@ __all__ = [
     "from_timm",
     "load_reference_block",
     "load_reference_vit_block",
+    "load_spec",
+    "register_spec",
     "score_memory",
     "score_tau",
+    "spec_block",
     "to_reference",
     "to_timm",
     "vit_block_network",

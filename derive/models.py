@@ -25,23 +25,23 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from hopfield import Affine, DenseSynapse, Layer, Network
-from hopfield import lagrangians as lag
+from hopfield import Network
 from mixers.models import PatchStem, TimmClassifierAPI, blocks_feature_info, check_sizes, ratio_pair, timm_data_cfg
 
 from .discrete import DerivedBlock, DiscreteConfig
+from .spec import LayerSpec, NetworkSpec, SynapseSpec, load_spec
 
-__all__ = ["KINDS", "DerivedMixer", "DerivedMixerConfig", "block_network", "derived_block", "from_reference",
-           "from_timm", "load_reference_block", "to_reference", "to_timm"]
+__all__ = ["KINDS", "DerivedMixer", "DerivedMixerConfig", "block_network", "block_spec", "derived_block",
+           "from_reference", "from_timm", "load_reference_block", "spec_block", "to_reference", "to_timm"]
 
 KINDS = ("mixer", "imixer", "limixer", "paramixer")
 LN_EPS = 1e-6
 
 
-def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
-                  depth: int = 4, form: str = "untied", norm: str | None = None,
-                  bias: bool | None = None) -> Network:
-    """The hierarchical Hopfield network whose discrete-time limit is a ``kind`` block (see the module doc).
+def block_spec(kind: str, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0, depth: int = 4, form: str = "untied",
+               norm: str | None = None, bias: bool | None = None) -> NetworkSpec:
+    """The spec of the network whose discrete-time limit is a ``kind`` block (see the module doc), in sizes of
+    the model's S tokens and C channels.
 
     ``norm``: the visible layer's LayerNorm Lagrangian over channels per token (``"channel"``, timm's; the default
     but for the parallelized Mixer) or over the whole token x channel matrix (``"matrix"``, the parallelized-Mixer
@@ -54,43 +54,68 @@ def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_
     if norm == "matrix" and kind in ("imixer", "limixer"):
         raise ValueError(f"block_network: a {kind!r} block normalises per token (norm='channel'); 'matrix' is "
                          "for the mixer and paramixer kinds")
+    form = {"symmetric": "tied", "symmetry_breaking": "broken"}.get(form, form)
     tokens_ratio, channels_ratio = ratio_pair(mlp_ratio)
-    tokens_dim, channels_dim = int(tokens_ratio * dim), int(channels_ratio * dim)
-    gelu = lag.gelu()
+    sizes: dict = {"T": f"int({tokens_ratio!r} * C)", "D": f"int({channels_ratio!r} * C)"}
+    gelu = {"name": "gelu"}
+    ln = {"name": "layernorm", "axis": -1 if norm == "channel" else [-2, -1], "eps": LN_EPS}
+    affine_shape = ("C",) if norm == "channel" else ("S", "C")
     if kind == "paramixer":
         bias = False if bias is None else bias
         bias_fb = bias and form != "tied"  # a tied MLP's bias sits before its GELU only, to stay a gradient
-        axis = (-2, -1) if norm == "matrix" else -1
-        affine = Affine((seq_len, dim) if norm == "matrix" else (dim,))  # one LayerNorm for both branches
-        layers = {"v": Layer((seq_len, dim), lag.layernorm(axis=axis, eps=LN_EPS), 1.0),
-                  "s": Layer((tokens_dim, dim), gelu, 0.01),
-                  "c": Layer((seq_len, channels_dim), gelu, 0.01)}
-        syn = [DenseSynapse("v", "s", axis=-2, form=form, bias=bias, bias_fb=bias_fb, affine=affine),
-               DenseSynapse("v", "c", axis=-1, form=form, bias=bias, bias_fb=bias_fb, affine=affine)]
-        return Network(layers, syn)
+        layers = {"v": LayerSpec(("S", "C"), ln, 1.0), "s": LayerSpec(("T", "C"), gelu, 0.01),
+                  "c": LayerSpec(("S", "D"), gelu, 0.01)}
+        syn = [SynapseSpec(("v", "s"), -2, form, bias, bias_fb, "norm"),  # one LayerNorm for both branches
+               SynapseSpec(("v", "c"), -1, form, bias, bias_fb, "norm")]
+        return NetworkSpec(layers, syn, visible="v", splitting="parallel", sizes=sizes,
+                           affines={"norm": affine_shape}, kind=kind)
     bias = True if bias is None else bias
-    # timm: per token over channels, a (C,) affine per LayerNorm; the authors' vanilla: the whole matrix, (S, C)
-    ln = lag.layernorm(axis=-1 if norm == "channel" else (-2, -1), eps=LN_EPS)
-    affine = (dim,) if norm == "channel" else (seq_len, dim)
     if kind == "mixer":
-        widths = [tokens_dim]
+        names, widths = ["s"], ["T"]
     elif kind == "imixer":
-        widths = [tokens_dim, int(tokens_dim * h_ratio)]
+        names, widths = ["x", "h"], ["T", "H"]
+        sizes["H"] = f"int(T * {float(h_ratio)!r})"
     else:
         if depth < 3:
             raise ValueError(f"block_network: an L-layer iMixer needs depth >= 3, got {depth}")
-        widths = [tokens_dim] + [int(tokens_dim * h_ratio)] * (depth - 2)
-    names = ["s"] if kind == "mixer" else (["x", "h"] if kind == "imixer" else [f"x{k}" for k in
-                                                                              range(1, len(widths) + 1)])
-    layers = {"v": Layer((seq_len, dim), ln, 1.0)}
+        names, widths = [f"x{k}" for k in range(1, depth)], ["T"] + ["H"] * (depth - 2)
+        sizes["H"] = f"int(T * {float(h_ratio)!r})"
+    layers = {"v": LayerSpec(("S", "C"), ln, 1.0)}
     for k, (n, w) in enumerate(zip(names, widths), start=1):
-        layers[n] = Layer((w, dim), gelu, 10.0 ** -k)
-    layers["c"] = Layer((seq_len, channels_dim), gelu, 0.1)
+        layers[n] = LayerSpec((w, "C"), gelu, 10.0 ** -k)
+    layers["c"] = LayerSpec(("S", "D"), gelu, 0.1)
     chain = ["v", *names]
-    syn = [DenseSynapse(a, b, axis=-2, form="untied", bias=bias, bias_fb=bias, affine=affine if a == "v" else None)
+    syn = [SynapseSpec((a, b), -2, "untied", bias, bias, "norm1" if a == "v" else None)
            for a, b in zip(chain, chain[1:])]
-    syn.append(DenseSynapse("v", "c", axis=-1, form="untied", bias=bias, bias_fb=bias, affine=affine))
-    return Network(layers, syn)
+    syn.append(SynapseSpec(("v", "c"), -1, "untied", bias, bias, "norm2"))
+    return NetworkSpec(layers, syn, visible="v", splitting="sequential", sizes=sizes,
+                       affines={"norm1": affine_shape, "norm2": affine_shape}, kind=kind)
+
+
+def block_network(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), **kwargs) -> Network:
+    """The hierarchical Hopfield network whose discrete-time limit is a ``kind`` block: ``block_spec(kind,
+    mlp_ratio, **kwargs).build(seq_len, dim)``."""
+    return block_spec(kind, mlp_ratio, **kwargs).build(seq_len, dim)
+
+
+def spec_block(spec, seq_len: int, dim: int, *, n_iter: int = 2, n_power: int = 8, coeff: float = 0.9,
+               steps: int = 1, drop_path: float = 0.0, inner_norm: str = "spectral", alpha: float = 0.0,
+               dt: float | None = None, tied_init: bool = False) -> DerivedBlock:
+    """The derived block of a network spec (``derive.NetworkSpec``, its plain data, or a YAML file's path) for
+    ``seq_len`` tokens of ``dim`` channels: the spec's network, discretised with its splitting and the
+    ``DiscreteConfig`` options given here. ``tied_init`` starts its untied synapses at the tied point
+    (``DerivedMixer.reset_parameters``). Every preset kind is built this way (``derived_block``)."""
+    spec = load_spec(spec)
+    net = spec.build(seq_len, dim)
+    if tied_init and not any(syn.form == "untied" for syn in net.synapses):
+        raise ValueError("tied_init starts untied synapses at the tied point; this network has none (its forms: "
+                         f"{sorted({syn.form for syn in net.synapses})}), so there is no free feedback matrix to tie")
+    cfg = DiscreteConfig(n_iter=n_iter, dt=dt, alpha=alpha, splitting=spec.splitting, groups=spec.groups,
+                         inner_norm=inner_norm, coeff=coeff, n_power=n_power, drop_path=drop_path, steps=steps)
+    block = DerivedBlock(net, spec.visible, cfg)
+    block.kind = spec.kind
+    block.tied_init = bool(tied_init)
+    return block
 
 
 def derived_block(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0,
@@ -107,26 +132,22 @@ def derived_block(kind: str, seq_len: int, dim: int, mlp_ratio=(0.5, 4.0), *, h_
                          "to repeat the block with the same weights use steps=")
     if inner_norm != "spectral" and kind in ("mixer", "paramixer"):
         raise ValueError(f"derived_block: a {kind!r} block has no fixed-point solve, so inner_norm does not apply")
-    n_iter = 2 if n_iter is None else n_iter
     form = {"symmetric": "tied", "symmetry_breaking": "broken"}.get(form, form)
-    net = block_network(kind, seq_len, dim, mlp_ratio, h_ratio=h_ratio, depth=depth, form=form, norm=norm,
-                        bias=bias)
-    splitting = "parallel" if kind == "paramixer" else "sequential"
-    cfg = DiscreteConfig(n_iter=n_iter, splitting=splitting, coeff=coeff, n_power=n_power, steps=steps,
-                         drop_path=drop_path, inner_norm=inner_norm)
     if tied_init and form != "untied":
         raise ValueError(f"derived_block: tied_init starts untied synapses at the tied point; form {form!r} has no "
                          "free feedback matrix to tie")
-    block = DerivedBlock(net, "v", cfg)
-    block.kind = kind
-    block.tied_init = bool(tied_init)
-    return block
+    spec = block_spec(kind, mlp_ratio, h_ratio=h_ratio, depth=depth, form=form, norm=norm, bias=bias)
+    return spec_block(spec, seq_len, dim, n_iter=2 if n_iter is None else n_iter, n_power=n_power, coeff=coeff,
+                      steps=steps, drop_path=drop_path, inner_norm=inner_norm, tied_init=tied_init)
 
 
 # ---------------------------------------------------------------------------------------------- full model
 @dataclass
 class DerivedMixerConfig:
-    """A Mixer-family image classifier whose blocks are derived (fields as ``mixers.MixerConfig``)."""
+    """A Mixer-family image classifier whose blocks are derived (fields as ``mixers.MixerConfig``): a preset
+    ``block`` kind, or ``block="spec"`` with ``spec``, any network spec (``derive.NetworkSpec``; stored here as
+    its plain data, so the config alone rebuilds the model). ``block_kwargs`` are the preset's options, or for a
+    spec the ``derive.spec_block`` options (n_iter, inner_norm, coeff, n_power, steps, alpha, dt, tied_init)."""
 
     num_classes: int = 1000
     img_size: int = 224
@@ -141,10 +162,16 @@ class DerivedMixerConfig:
     drop_path_rate: float = 0.0
     lam: float = 0.0  # weight of the symmetry-breaking penalty (paramixer, form="broken")
     global_pool: str = "avg"  # "avg": mean over tokens; "": no pooling, the head acts on every token
+    spec: dict | None = None  # the network spec's plain data, with block="spec"
 
     def __post_init__(self):
-        if self.block not in KINDS:
-            raise ValueError(f"DerivedMixerConfig.block must be one of {KINDS}, got {self.block!r}")
+        if self.block not in (*KINDS, "spec"):
+            raise ValueError(f"DerivedMixerConfig.block must be one of {(*KINDS, 'spec')}, got {self.block!r}")
+        if (self.block == "spec") != (self.spec is not None):
+            raise ValueError("DerivedMixerConfig: block='spec' goes with a network spec (spec=...), and a spec "
+                             f"with block='spec'; got block={self.block!r} and spec={'given' if self.spec else None}")
+        if self.spec is not None:
+            self.spec = load_spec(self.spec).to_dict()
         if self.global_pool not in ("avg", ""):
             raise ValueError(f"DerivedMixerConfig.global_pool must be 'avg' or '', got {self.global_pool!r}")
         check_sizes(self, ("in_chans", "patch_size", "num_blocks", "embed_dim"),
@@ -171,9 +198,7 @@ class DerivedMixer(TimmClassifierAPI, nn.Module):
         self.grad_checkpointing = False
         self.seq_len = (cfg.img_size // cfg.patch_size) ** 2
         self.stem = PatchStem((cfg.img_size, cfg.img_size), cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        self.blocks = nn.Sequential(*[
-            derived_block(cfg.block, self.seq_len, cfg.embed_dim, cfg.mlp_ratio, drop_path=cfg.drop_path_rate,
-                          **cfg.block_kwargs) for _ in range(cfg.num_blocks)])
+        self.blocks = nn.Sequential(*[self._make_block() for _ in range(cfg.num_blocks)])
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=LN_EPS)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
@@ -181,6 +206,13 @@ class DerivedMixer(TimmClassifierAPI, nn.Module):
         self.feature_info = blocks_feature_info(cfg.num_blocks, cfg.embed_dim, cfg.patch_size)
         self.pretrained_cfg = self.default_cfg = timm_data_cfg(cfg.num_classes, cfg.in_chans, (cfg.img_size,) * 2,
                                                                0.875, "stem.proj")
+
+    def _make_block(self) -> DerivedBlock:
+        cfg = self.cfg
+        if cfg.spec is not None:
+            return spec_block(cfg.spec, self.seq_len, cfg.embed_dim, drop_path=cfg.drop_path_rate, **cfg.block_kwargs)
+        return derived_block(cfg.block, self.seq_len, cfg.embed_dim, cfg.mlp_ratio, drop_path=cfg.drop_path_rate,
+                             **cfg.block_kwargs)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

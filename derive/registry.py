@@ -1,21 +1,28 @@
-"""timm entry points for the derived models: ``derived_<name>`` for every hand-written ``mixers`` model name.
+"""timm entry points for the derived models: ``derived_<name>`` for every hand-written ``mixers`` model name, and
+``derived_spec_<size>`` for a model of any network spec.
 
 ``timm.create_model("derived_imixer_t4_28", h_ratio=2)`` builds the hand-written model with the same arguments
 (and so the same initialisation) and returns its derived twin (``derive.from_reference``).
+``timm.create_model("derived_spec_t4_28", spec="net.yaml", n_iter=2)`` builds a model whose blocks are the
+spec's derived blocks (``derive.spec_block``); ``spec`` is a ``NetworkSpec``, its plain data, a YAML file's path
+or a name given to ``derive.register_spec``. ``derived_spec`` has ``DerivedMixerConfig``'s default sizes.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import fields
 from typing import Any
 
 from timm.models import model_entrypoint
 
 import mixers
-from mixers.models import register_entrypoints
+from mixers.models import SIZES, create_registered, register_entrypoints
 
-from .models import DerivedMixer, from_reference
+from .models import DerivedMixer, DerivedMixerConfig, from_reference, spec_block
+from .spec import load_spec
 
-__all__ = ["DERIVED_MODEL_NAMES"]
+__all__ = ["DERIVED_MODEL_NAMES", "SPEC_MODEL_NAMES"]
 
 
 def _entrypoint(name: str, source: str):
@@ -28,6 +35,39 @@ def _entrypoint(name: str, source: str):
     return entrypoint
 
 
+_CONFIG_FIELDS = frozenset(f.name for f in fields(DerivedMixerConfig)) - {"block", "block_kwargs", "spec", "mlp_ratio"}
+_SPEC_OPTIONS = frozenset(inspect.signature(spec_block).parameters) - {"spec", "seq_len", "dim", "drop_path"}
+
+
+def _spec_entrypoint(name: str, size: dict[str, Any]):
+    def entrypoint(pretrained: bool = False, spec=None, **kwargs: Any) -> DerivedMixer:
+        def build(kw: dict[str, Any]) -> DerivedMixer:
+            if spec is None:
+                raise TypeError(f"{name}() needs spec= (a NetworkSpec, its plain data, a YAML file's path or a name "
+                                "given to derive.register_spec)")
+            cfg, options = dict(size), {}
+            for key, value in kw.items():
+                if key in _CONFIG_FIELDS:
+                    cfg[key] = value
+                elif key in _SPEC_OPTIONS:
+                    options[key] = value
+                else:
+                    raise TypeError(f"{name}() got an unexpected keyword argument {key!r}; it accepts spec=, the "
+                                    f"DerivedMixerConfig fields {sorted(_CONFIG_FIELDS)} and the block options "
+                                    f"{sorted(_SPEC_OPTIONS)}")
+            return DerivedMixer(DerivedMixerConfig(block="spec", spec=load_spec(spec).to_dict(), block_kwargs=options,
+                                                   **cfg))
+
+        return create_registered(name, pretrained, kwargs, build)
+
+    entrypoint.__doc__ = f"{name}: a DerivedMixer ({size or 'DerivedMixerConfig defaults'}) of any network spec."
+    return entrypoint
+
+
 DERIVED_MODEL_NAMES: tuple[str, ...] = tuple(f"derived_{n}" for n in mixers.MODEL_NAMES)
+SPEC_MODEL_NAMES: tuple[str, ...] = ("derived_spec", *(f"derived_spec_{size}" for size in SIZES))
 
 register_entrypoints({d: _entrypoint(d, n) for d, n in zip(DERIVED_MODEL_NAMES, mixers.MODEL_NAMES)}, globals())
+register_entrypoints({"derived_spec": _spec_entrypoint("derived_spec", {}),
+                      **{f"derived_spec_{k}": _spec_entrypoint(f"derived_spec_{k}", v) for k, v in SIZES.items()}},
+                     globals())

@@ -37,11 +37,20 @@ from pathlib import Path
 
 import torch
 
+from derive import DerivedMixer
 from mixers import VisionTransformer
 
 from . import analysis, reports
 from .data import build_datasets
-from .train import atomic_write, build_model, load_checkpoint, load_config
+from .train import (
+    ConfigError,
+    add_import_argument,
+    atomic_write,
+    build_model,
+    import_modules,
+    load_checkpoint,
+    load_config,
+)
 
 __all__ = ["IMAGES", "analyse_run", "find_runs", "load_run", "main", "run_record"]
 
@@ -85,7 +94,9 @@ def analyse_run(run: Path, images: int) -> dict:
     kind = getattr(cfg, "block", "mixer")  # timm's own MlpMixer has no cfg
     form = cfg.block_kwargs.get("form") if cfg is not None else None
     record["model"] = {"block": kind, "form": form, "lam": getattr(cfg, "lam", None)}
-    if kind in ("imixer", "limixer"):
+    implicit = isinstance(model, DerivedMixer) and any(br.implicit for b in model.blocks for top in b.branches
+                                                       for br in top.walk())
+    if kind in ("imixer", "limixer") or implicit:  # any network with a fixed-point solve, a spec's too
         record["fixed_point"] = analysis.fixed_point_convergence(model, x)
     if kind == "paramixer" and form in ("symmetric", "tied"):
         record["energy"] = analysis.energy_along_flow(model, x[:1])
@@ -122,7 +133,12 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", type=Path, required=True, help="a run folder or a folder of runs")
     p.add_argument("--out", type=Path, default=Path("outputs/analysis"))
     p.add_argument("--images", type=int, default=IMAGES, help="test images for the fixed-point analysis")
+    add_import_argument(p)
     args = p.parse_args(argv)
+    try:
+        import_modules(args.imports)
+    except ConfigError as e:
+        p.error(str(e))
     runs = find_runs(args.runs)
     if not runs:
         p.error(f"no finished runs (summary.json) below {args.runs}")

@@ -51,9 +51,11 @@ from .train import (
     OPERATIONAL_KEYS,
     CheckpointError,
     ConfigError,
+    add_import_argument,
     check_model,
     config_diff,
     hold_out_dir,
+    import_modules,
     load_config,
     median_images_per_s,
     read_jsonl,
@@ -381,11 +383,13 @@ def main(argv=None) -> str:
     p.add_argument("--sweep", required=True, help="sweep YAML file")
     p.add_argument("--only", nargs="*", help="run names to train (default: all)")
     p.add_argument("--seeds", nargs="*", type=int, help="seeds to train, a subset of the sweep's (default: all)")
+    add_import_argument(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--table-only", action="store_true", help="only collect finished runs into the tables")
     mode.add_argument("--status", action="store_true", help="only show how far each run has got and the hours left")
     args = p.parse_args(argv)
     try:
+        import_modules(args.imports)
         if args.status:
             md = status(load_sweep(args.sweep))
             print(md)

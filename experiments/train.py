@@ -65,7 +65,8 @@ from .data import (
 )
 
 __all__ = ["CheckpointError", "ConfigError", "RunBusyError", "TrainConfig", "atomic_write", "check_model",
-           "config_diff", "cpu_name", "environment", "hold_out_dir", "load_config", "main", "read_jsonl", "train"]
+           "config_diff", "cpu_name", "environment", "hold_out_dir", "import_modules", "load_config", "main",
+           "read_jsonl", "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -87,7 +88,8 @@ class CheckpointError(RuntimeError):
 @dataclass
 class TrainConfig:
     model: str = "derived_imixer_t4_28"  # any timm name: vmixer_*, imixer_*, limixer_*, paramixer_*, derived_*, ...
-    model_kwargs: dict = field(default_factory=dict)  # e.g. h_ratio, n_iter, form, lam
+    # e.g. h_ratio, n_iter, form, lam; for derived_spec_* models spec: a network spec's YAML file (stored resolved)
+    model_kwargs: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 10
     batch_size: int = 128  # per process
@@ -219,6 +221,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     if isinstance(raw.get("amp"), bool):  # configs written before the modes existed: true meant bf16 on GPU
         raw["amp"] = "auto" if raw["amp"] else "off"
     cfg = _merge(TrainConfig(), raw, "")
+    cfg.model_kwargs = _resolve_spec(cfg.model_kwargs)
     for key in ("epochs", "batch_size", "lr_base_size"):
         if not (isinstance(getattr(cfg, key), int) and getattr(cfg, key) > 0):
             raise ConfigError(f"config key {key!r} must be a positive integer, got {getattr(cfg, key)!r}")
@@ -256,6 +259,39 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     except ValueError as e:
         raise ConfigError(f"config key 'data': {e}") from e
     return cfg
+
+
+def add_import_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module first (one that registers timm models or network specs with "
+                        "derive.register_spec); repeatable")
+
+
+def import_modules(names: list[str]) -> None:
+    """Import each module (a file's folder must be on the path: the current directory is); ConfigError naming
+    it if it cannot be imported."""
+    import importlib
+
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # any failure of a user's module: name it, keep its message
+            raise ConfigError(f"--import {name}: the module cannot be imported: {type(e).__name__}: {e}") from e
+
+
+def _resolve_spec(model_kwargs: dict) -> dict:
+    """``model_kwargs`` with ``spec`` (a YAML file's path, a registered name or plain data) replaced by the spec's
+    plain data, so that the run folder's config alone rebuilds the model, later and elsewhere."""
+    if "spec" not in model_kwargs:
+        return model_kwargs
+    from derive import SpecError, load_spec
+
+    try:
+        return {**model_kwargs, "spec": load_spec(model_kwargs["spec"]).to_dict()}
+    except SpecError as e:
+        raise ConfigError(f"config key 'model_kwargs.spec': {e}") from None
 
 
 def check_model(cfg: TrainConfig) -> None:
@@ -921,9 +957,11 @@ def main(argv=None) -> dict:
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir that holds a previous run, "
                    "deleting its checkpoint, summary and TensorBoard logs")
+    add_import_argument(p)
     p.add_argument("overrides", nargs="*", help="key=value (dotted keys, YAML values)")
     args = p.parse_args(argv)
     try:
+        import_modules(args.imports)
         summary = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     except ConfigError as e:
         p.error(str(e))

@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "Lagrangian",
     "exp",
+    "from_spec",
     "gelu",
     "identity",
     "layernorm",
@@ -32,6 +33,7 @@ __all__ = [
     "spherical",
     "symbolic",
     "tanh",
+    "to_spec",
 ]
 
 Axis = int | Sequence[int]
@@ -504,3 +506,66 @@ def symbolic(expr, symbol=None, *, name: str | None = None, convex: bool | None 
     pass ``convex=`` to state it yourself.
     """
     return _Symbolic(expr, symbol, name, convex)
+
+
+# ---------------------------------------------------------------------------------------------- as data
+_CONSTRUCTORS: dict[str, Callable[..., Lagrangian]] = {
+    "identity": identity, "relu": relu, "repu": repu, "exp": exp, "tanh": tanh, "sigmoid": sigmoid,
+    "softmax": softmax, "layernorm": layernorm, "spherical": spherical, "gelu": gelu, "symbolic": symbolic}
+
+
+def _axis_data(axis: Axis):
+    return axis if isinstance(axis, int) else list(axis)
+
+
+def to_spec(lagrangian: Lagrangian) -> dict:
+    """The Lagrangian as plain data, ``{"name": ..., parameters}``, that `from_spec` turns back into it (for
+    network specs stored in YAML or a run folder). A tensor-valued ``delta`` has no such form."""
+    L = lagrangian
+    if isinstance(L, _Identity):
+        return {"name": "identity"}
+    if isinstance(L, _GELU):
+        return {"name": "gelu"}
+    if isinstance(L, _RePU):
+        return {"name": "relu"} if L.n == 2 else {"name": "repu", "n": L.n}
+    if isinstance(L, (_Exp, _Tanh, _Sigmoid)):
+        return {"name": {_Exp: "exp", _Tanh: "tanh", _Sigmoid: "sigmoid"}[type(L)], "beta": L.beta}
+    if isinstance(L, _Softmax):
+        return {"name": "softmax", "beta": L.beta, "axis": _axis_data(L.axis)}
+    if isinstance(L, (_LayerNorm, _Spherical)):
+        if isinstance(L.delta, Tensor):
+            raise ValueError(f"to_spec: {L.name} has a tensor delta, which has no plain-data form")
+        out = {"name": "layernorm" if isinstance(L, _LayerNorm) else "spherical", "gamma": L.gamma,
+               "axis": _axis_data(L.axis), "eps": L.eps}
+        if L.delta != 0:
+            out["delta"] = float(L.delta)
+        return out
+    if isinstance(L, _Symbolic):
+        out = {"name": "symbolic", "expr": str(L.expr), "symbol": str(L.var), "convex": L.convex}
+        if L.name != f"symbolic({L.expr})":
+            out["label"] = L.name
+        return out
+    raise TypeError(f"to_spec: {type(L).__name__} is not one of this module's Lagrangians")
+
+
+def from_spec(spec: str | dict) -> Lagrangian:
+    """A Lagrangian from its name (``"gelu"``) or ``{"name": ..., parameters}`` (``{"name": "layernorm", "axis":
+    [-2, -1], "eps": 1e-6}``): the constructors of this module; ValueError naming what does not fit."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"a Lagrangian is a name or a mapping with a 'name', got {spec!r}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    name = spec["name"]
+    if name not in _CONSTRUCTORS:
+        raise ValueError(f"unknown Lagrangian {name!r}; expected one of {sorted(_CONSTRUCTORS)}")
+    if isinstance(params.get("axis"), list):
+        params["axis"] = tuple(params["axis"])
+    if name == "symbolic":
+        params = {("name" if k == "label" else k): v for k, v in params.items()}
+        if isinstance(params.get("symbol"), str):
+            params["symbol"] = sympy.Symbol(params["symbol"])
+    try:
+        return _CONSTRUCTORS[name](**params)
+    except TypeError as e:
+        raise ValueError(f"Lagrangian {name!r}: {e}; its parameters are those of hopfield.lagrangians.{name}") from e

@@ -29,6 +29,7 @@ from .layers import AsymMlp, LiMlp, Mlp, SpectralNormLinear, SymMlp, iMlp
 __all__ = [
     "BLOCK_TYPES",
     "MODEL_NAMES",
+    "SIZES",
     "IMixerBlock",
     "LiMixerBlock",
     "MixerBlock",
@@ -626,7 +627,7 @@ class MlpMixer(TimmClassifierAPI, nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # timm registration
 
-_SIZES: dict[str, dict[str, Any]] = {
+SIZES: dict[str, dict[str, Any]] = {
     "s32_224": dict(patch_size=32, num_blocks=8, embed_dim=512),
     "s16_224": dict(patch_size=16, num_blocks=8, embed_dim=512),
     "b32_224": dict(patch_size=32, num_blocks=12, embed_dim=768),
@@ -691,7 +692,7 @@ def create_registered(name: str, pretrained: bool, kwargs: dict[str, Any],
 
 def _build_mixer(name: str, family: str, size: str, kwargs: dict[str, Any]) -> MlpMixer:
     block, defaults = _FAMILIES[family]
-    cfg_kwargs = dict(_SIZES[size])
+    cfg_kwargs = dict(SIZES[size])
     block_kwargs = dict(defaults)
     for key, value in kwargs.items():
         if key in _CONFIG_FIELDS:
@@ -715,7 +716,7 @@ def _make_entrypoint(name: str, family: str, size: str, n_iter: int | None = Non
     block, defaults = _FAMILIES[family]
     defaults = defaults if n_iter is None else {**defaults, "n_iter": n_iter}
     entrypoint.__doc__ = (
-        f"{name}: MlpMixer(block={block!r}, {_SIZES[size]}); block options {defaults}. "
+        f"{name}: MlpMixer(block={block!r}, {SIZES[size]}); block options {defaults}. "
         "Keyword arguments override MixerConfig fields and block options."
     )
     return entrypoint
@@ -725,7 +726,7 @@ def _make_entrypoint(name: str, family: str, size: str, n_iter: int | None = Non
 _REPEATED: dict[str, tuple[str, str, int]] = {
     f"{family}_s16_224_ni{k}": (family, "s16_224", k) for family in ("vanillamixer", "paramixer") for k in (2, 3, 4)}
 
-MODEL_NAMES: tuple[str, ...] = tuple(f"{family}_{size}" for family in _FAMILIES for size in _SIZES) + tuple(_REPEATED)
+MODEL_NAMES: tuple[str, ...] = tuple(f"{family}_{size}" for family in _FAMILIES for size in SIZES) + tuple(_REPEATED)
 
 def register_entrypoints(entrypoints: dict[str, Callable[..., Any]], namespace: dict[str, Any]) -> None:
     """Register each entry point in timm under its name and bind it in ``namespace`` (a module's globals).

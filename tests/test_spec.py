@@ -1,0 +1,175 @@
+"""Network specs: a block's network as data (Python and YAML), the preset families as specs, models from specs."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from helpers import perturb
+
+import derive
+from derive import NetworkSpec, SpecError, load_spec, spec_block
+from experiments import analyze, train
+from experiments.train import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "experiments" / "configs" / "fashion_small.yaml")
+S, C = 12, 8
+
+CUSTOM = """
+# a star of a tied tanh token layer and an untied ReLU channel layer with biases, one parallel step
+visible: v
+splitting: parallel
+sizes: {T: C // 2, D: 3 * C}
+layers:
+  v: {shape: [S, C], lagrangian: {name: layernorm, axis: -1, eps: 1.0e-6}, tau: 1.0}
+  a: {shape: [T, C], lagrangian: tanh, tau: 0.01}
+  b: {shape: [S, D], lagrangian: relu, tau: 0.01}
+synapses:
+  - {layers: [v, a], axis: -2, form: tied}
+  - {layers: [v, b], axis: -1, form: untied, bias: true}
+"""
+
+
+@pytest.mark.parametrize("kind, kw", [("mixer", {}), ("mixer", dict(norm="matrix", bias=False)),
+                                      ("imixer", dict(h_ratio=2)), ("limixer", dict(depth=4, h_ratio=1.5)),
+                                      ("paramixer", dict(form="broken")), ("paramixer", dict(form="symmetric"))])
+def test_preset_specs_through_yaml_give_the_preset_blocks(kind, kw, tmp_path):
+    """Each preset family is a spec: written to YAML, read back and discretised it is the preset's block, with
+    the same state-dict names and, with the same weights, the same output (float64, train and eval)."""
+    spec = derive.block_spec(kind, **kw)
+    path = tmp_path / "net.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    again = load_spec(str(path))
+    assert again.to_dict() == spec.to_dict()
+    n_iter = {} if kind in ("mixer", "paramixer") else dict(n_iter=3)
+    ref = perturb(derive.derived_block(kind, S, C, **kw, **n_iter)).double()
+    block = spec_block(str(path), S, C, **n_iter).double()
+    assert list(block.state_dict()) == list(ref.state_dict())
+    block.load_state_dict(ref.state_dict())
+    x = torch.randn(3, S, C, dtype=torch.float64)
+    for train_mode in (True, False):
+        ref.train(train_mode)
+        block.train(train_mode)
+        assert (block(x) - ref(x)).abs().max() <= 1e-12
+
+
+def test_a_custom_spec_block_is_the_update_written_by_hand():
+    spec = load_spec(yaml.safe_load(CUSTOM))
+    block = perturb(spec_block(spec, S, C)).double()
+    net = block.net
+    assert net.layers["a"].shape == (C // 2, C) and net.layers["b"].shape == (S, 3 * C)
+    wa, vb, syn_b = net.synapses[0].weight, None, net.synapses[1]
+    vb = syn_b.weight_fb
+    x = torch.randn(3, S, C, dtype=torch.float64)
+    g = F.layer_norm(x, (C,), eps=1e-6)
+    a = torch.tanh(torch.einsum("ts,bsc->btc", wa, g))
+    b = torch.relu(g @ syn_b.weight.T + syn_b.bias)
+    expected = x + torch.einsum("st,btc->bsc", wa.T, a) + b @ vb.T + syn_b.bias_fb
+    assert (block(x) - expected).abs().max() <= 1e-12
+    assert "tanh" in block.explain() and "ReLU" in block.explain()
+    assert any("'v-b'" in c and "untied" in c for c in net.descent_caveats())
+
+
+def test_spec_errors_name_the_offending_entry(tmp_path):
+    base = yaml.safe_load(CUSTOM)
+
+    def broken(edit):
+        data = json.loads(json.dumps(base))
+        edit(data)
+        return data
+
+    cases = [
+        (lambda d: d["synapses"][1].update(layers=["v", "q"]), r"synapses\[1\]\.layers: 'q' is not a layer"),
+        (lambda d: d["synapses"][0].update(form="symmetric"), r"synapses\[0\]\.form: one of"),
+        (lambda d: d["synapses"][0].update(axs=-2), r"synapses\[0\]: unknown key\(s\) \['axs'\]"),
+        (lambda d: d["layers"]["a"].update(lagrangian="softplus"), r"layers\.a\.lagrangian: unknown Lagrangian"),
+        (lambda d: d["layers"]["a"].update(lagrangian={"name": "tanh", "bta": 2}), r"layers\.a\.lagrangian"),
+        (lambda d: d["layers"]["a"].update(tau=0), r"layers\.a\.tau"),
+        (lambda d: d.update(visible="w"), r"visible: 'w' is not a layer"),
+        (lambda d: d.update(splitting="serial"), r"splitting: one of"),
+        (lambda d: d.update(groups=[["a"], ["b"]]), r"groups: only a sequential splitting"),
+        (lambda d: d.update(colour="red"), r"unknown key\(s\) \['colour'\]"),
+    ]
+    for edit, match in cases:
+        with pytest.raises(SpecError, match=match):
+            load_spec(broken(edit))
+    build_cases = [
+        (lambda d: d["sizes"].update(T="C // 16"), r"sizes\.T: 'C // 16' gives 0"),
+        (lambda d: d["sizes"].update(T="C ** 2"), r"sizes\.T: 'C \*\* 2' may use"),
+        (lambda d: d["sizes"].update(T="K + 1"), r"sizes\.T: unknown size 'K'"),
+        (lambda d: d["layers"]["a"].update(shape=["T", "C + 1"]), r"does not fit together.*'v-a'"),
+    ]
+    for edit, match in build_cases:
+        with pytest.raises(SpecError, match=match):
+            load_spec(broken(edit)).build(S, C)
+    (tmp_path / "bad.yaml").write_text("layers: [1, 2\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml.*not valid YAML"):
+        load_spec(str(tmp_path / "bad.yaml"))
+    with pytest.raises(SpecError, match="neither a file nor a registered name"):
+        load_spec(str(tmp_path / "missing.yaml"))
+
+
+def test_a_network_built_in_python_becomes_a_spec():
+    net = derive.block_network("paramixer", S, C, form="tied")
+    spec = NetworkSpec.from_network(net, splitting="parallel")
+    rebuilt = spec.build(S, C)
+    assert [type(s).__name__ for s in rebuilt.synapses] == ["DenseSynapse"] * 2
+    assert rebuilt.synapses[0].affine is rebuilt.synapses[1].affine  # the shared LayerNorm stays shared
+    assert {n: L.shape for n, L in rebuilt.layers.items()} == {n: L.shape for n, L in net.layers.items()}
+    with pytest.raises(SpecError, match=r"layers\.v\.shape: the visible layer is the model's token x channel"):
+        spec.build(S + 1, C)  # fixed sizes fit only the network's own tokens x channels
+
+
+def test_spec_models_register_train_resume_and_analyse_from_the_run_folder_alone(tmp_path, monkeypatch):
+    """A YAML spec trains by config alone; the run folder stores the resolved spec, so resuming and analysing
+    need neither the YAML file nor any user code; a spec registered by an --import-ed module works too."""
+    spec_file = tmp_path / "net.yaml"
+    spec_file.write_text(CUSTOM)
+    model = timm.create_model("derived_spec_t4_28", spec=str(spec_file), embed_dim=16, num_blocks=2)
+    assert isinstance(model, derive.DerivedMixer) and model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'h_ratio'"):
+        timm.create_model("derived_spec_t4_28", spec=str(spec_file), h_ratio=2)
+    out = tmp_path / "run"
+    common = ["data.num_workers=0", "progress=false", "warmup_epochs=0", "data.train_subset=256",
+              "data.test_subset=64", "batch_size=64", "model=derived_spec_t4_28", f"out_dir={out}"]
+    cfg = load_config(CONFIG, [*common, "epochs=2", f"model_kwargs={{spec: {spec_file}, embed_dim: 16, num_blocks: 2}}"])
+    assert cfg.model_kwargs["spec"]["layers"]["a"]["lagrangian"] == {"name": "tanh"}
+    evaluate = train.evaluate
+
+    def stop_after_epoch_1(*args, **kw):  # a SIGTERM at the end of epoch 1: the run stops early in epoch 2
+        signal.raise_signal(signal.SIGTERM)
+        monkeypatch.setattr(train, "evaluate", evaluate)
+        return evaluate(*args, **kw)
+
+    monkeypatch.setattr(train, "evaluate", stop_after_epoch_1)
+    assert train.train(cfg)["stopped"]
+    spec_file.unlink()  # the run folder alone must do from here on
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    assert stored["model_kwargs"]["spec"]["synapses"][0]["form"] == "tied"
+    summary = train.train(load_config(str(out / "config.yaml")), resume=True)
+    assert summary["epochs"] == 2 and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    record = analyze.analyse_run(out, 4)
+    assert record["model"]["block"] == "spec" and record["symmetry"]
+    with pytest.raises(ConfigError, match=r"model_kwargs\.spec.*neither a file nor a registered name"):
+        load_config(CONFIG, [*common, "model_kwargs={spec: nowhere.yaml}"])
+
+    module = tmp_path / "my_blocks.py"
+    module.write_text("import yaml, derive\n"
+                      f"derive.register_spec('my_star', yaml.safe_load('''{CUSTOM}'''))\n")
+    r = subprocess.run([sys.executable, "-m", "experiments.train", "--import", "my_blocks", "--config", CONFIG,
+                        *[c for c in common if not c.startswith("out_dir")], f"out_dir={tmp_path / 'run2'}",
+                        "epochs=1", "model_kwargs={spec: my_star, embed_dim: 16, num_blocks: 1}"],
+                       cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "my_star" not in (tmp_path / "run2" / "config.yaml").read_text()  # the spec itself, not its name
+    r = subprocess.run([sys.executable, "-m", "experiments.train", "--import", "no_such_module", "--config", CONFIG],
+                       cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    assert r.returncode == 2 and "--import no_such_module: the module cannot be imported" in r.stderr
