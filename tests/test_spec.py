@@ -139,7 +139,8 @@ def test_spec_models_register_train_resume_and_analyse_from_the_run_folder_alone
     out = tmp_path / "run"
     common = ["data.num_workers=0", "progress=false", "warmup_epochs=0", "data.train_subset=256",
               "data.test_subset=64", "batch_size=64", "model=derived_spec_t4_28", f"out_dir={out}"]
-    cfg = load_config(CONFIG, [*common, "epochs=2", f"model_kwargs={{spec: {spec_file}, embed_dim: 16, num_blocks: 2}}"])
+    kw = f"model_kwargs={{spec: {spec_file}, embed_dim: 16, num_blocks: 2}}"
+    cfg = load_config(CONFIG, [*common, "epochs=2", kw])
     assert cfg.model_kwargs["spec"]["layers"]["a"]["lagrangian"] == {"name": "tanh"}
     evaluate = train.evaluate
 
