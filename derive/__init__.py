@@ -19,6 +19,7 @@ from .attention import (
     vit_block_network,
 )
 from .discrete import AxisBatchNorm, DerivedBlock, DiscreteConfig, SolveCertificate, discretize
+from .fastsolve import SlowManifoldError
 from .models import (
     KINDS,
     DerivedMixer,
@@ -52,6 +53,7 @@ __all__ = [
     "LayerSpec",
     "NetworkSpec",
     "ReducedField",
+    "SlowManifoldError",
     "SoftSpectralNorm",
     "SolveCertificate",
     "SpecError",

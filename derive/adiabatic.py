@@ -33,7 +33,11 @@ from torch import Tensor
 from hopfield import Network
 from hopfield.synapses import DenseSynapse
 
-__all__ = ["Branch", "ReducedField", "adiabatic"]
+from .fastsolve import solve_fast
+
+__all__ = ["SOLVERS", "Branch", "ReducedField", "adiabatic"]
+
+SOLVERS = ("anderson", "newton", "fixed_point")
 
 # maps a branch to the functions its G and H apply (default: ``(br.G, br.H)``, the synapse's own currents); a
 # derived block passes ones with spectrally normalised matrices, or BatchNorm after them
@@ -138,22 +142,35 @@ def _check_order(branches: list[Branch], order: Iterable[str] | None) -> list[st
 class ReducedField:
     """The visible layer's vector field after the adiabatic elimination of every fast layer.
 
-    ``solver`` picks how the fast layers are solved: ``"fixed_point"`` solves each implicit
-    x^A = (1 - F^A)^-1 (z) by x^0 = z, x^(a+1) = z + F^A(x^a), ``n_iter`` times (the i-ResNet inverse of the
-    iMixer, Eq. 29), nested as the tree; ``"newton"`` solves all fast layers' fixed-point equations
-    x_A = (currents into A) jointly (Eqs. 34-35, straight from the network's own currents) by Newton's method
-    with the exact Jacobian, to ``tol``: the reference, independent of the nested recursion.
+    ``solver`` picks how the fast layers are solved:
+
+    - ``"anderson"`` (default): all fast layers' fixed-point equations x_A = (currents into A) jointly (Eqs.
+      34-35, straight from the network's own currents), matrix-free and batched, by Anderson acceleration
+      (``derive.fastsolve``), to ``tol`` (default dtype-aware: 1e-12 in float64, 1e-4 in float32, relative);
+      ``max_iter``, ``m`` (memory) and ``beta`` (mixing, < 1 damps) tune it;
+    - ``"newton"``: the same equations by Newton's method with the dense per-sample Jacobian and backtracking
+      (O(state^2) memory: small states), ``max_iter`` steps at most;
+    - ``"fixed_point"``: each implicit x^A = (1 - F^A)^-1 (z) by x^0 = z, x^(a+1) = z + F^A(x^a), ``n_iter`` times
+      (the i-ResNet inverse of the iMixer, Eq. 29), nested as the tree: what a derived block computes.
+
+    The first two are the references, independent of the nested recursion; their solution carries the implicit
+    function theorem's gradient. A failure raises ``derive.fastsolve.SlowManifoldError`` naming the layer, the
+    worst sample, the residual and what to try.
     """
 
     def __init__(self, net: Network, visible: str = "v", fast: Iterable[str] | None = None, *,
-                 order: Iterable[str] | None = None, alpha: float = 0.0, solver: str = "newton", n_iter: int = 50,
-                 tol: float = 1e-12, max_newton: int = 50):
-        if solver not in ("fixed_point", "newton"):
-            raise ValueError(f"ReducedField: solver must be 'fixed_point' or 'newton', got {solver!r}")
+                 order: Iterable[str] | None = None, alpha: float = 0.0, solver: str = "anderson",
+                 n_iter: int = 50, tol: float | None = None, max_iter: int | None = None, m: int = 5,
+                 beta: float = 1.0):
+        if solver not in SOLVERS:
+            raise ValueError(f"ReducedField: solver must be one of {SOLVERS}, got {solver!r}")
+        if not 0 < beta <= 1:
+            raise ValueError(f"ReducedField: beta (mixing) must be in (0, 1], got {beta!r}")
         self.net, self.visible = net, visible
         self.branches = _tree(net, visible, fast)
         self.order = _check_order(self.branches, order)
-        self.alpha, self.solver, self.n_iter, self.tol, self.max_newton = float(alpha), solver, n_iter, tol, max_newton
+        self.alpha, self.solver, self.n_iter = float(alpha), solver, n_iter
+        self.tol, self.max_iter, self.m, self.beta = tol, max_iter, m, beta
         self.tau = net.layers[visible].tau
 
     def act(self, name: str, x: Tensor) -> Tensor:
@@ -189,11 +206,12 @@ class ReducedField:
             if on_solve is not None:
                 on_solve(br, iterates)
             return x
-        raise RuntimeError("ReducedField.solve: the 'newton' solver works on all fast layers at once (forcing)")
+        raise RuntimeError(f"ReducedField.solve: the {self.solver!r} solver works on all fast layers at once "
+                           "(forcing, slow_manifold)")
 
     def forcing(self, v: Tensor) -> Tensor:
         """F^v(v): the total current into the visible layer on the slow manifold."""
-        if self.solver == "newton":
+        if self.solver != "fixed_point":
             return self.net.currents(self.slow_manifold(v))[self.visible]
         return self.feedback(self.visible, self.branches, v)
 
@@ -213,10 +231,14 @@ class ReducedField:
                 out[br.node] = xc
                 fill(br.node, xc, br.children)
 
-        fill(self.visible, v, self.branches)
-        if self.solver == "newton":
-            out = _newton(self.net, out, self.visible, self.tol, self.max_newton)
-        return out
+        if self.solver == "fixed_point":
+            fill(self.visible, v, self.branches)
+            return out
+        with torch.no_grad():  # the initial guess: each layer driven by its parent alone
+            fill(self.visible, v.detach(), self.branches)
+        out[self.visible] = v
+        return solve_fast(self.net, out, self.visible, method=self.solver, tol=self.tol, max_iter=self.max_iter,
+                          m=self.m, beta=self.beta)
 
     def energy(self, v: Tensor) -> Tensor:
         """The reduced network's Lyapunov function, for leaf branches (2-layer steps and the star):
@@ -245,49 +267,6 @@ class ReducedField:
             for b in br.walk():
                 out.extend(b.synapse.caveats())
         return out
-
-
-def _newton(net: Network, start: dict[str, Tensor], visible: str, tol: float, max_iter: int) -> dict[str, Tensor]:
-    """Solve x_A = (currents into A) for every layer A but ``visible`` (held), per sample, by Newton's method.
-
-    The iterations run off the autograd graph; the solution x* is then differentiable by the implicit function
-    theorem: one more Newton step x* - J^-1 r(x*, v, theta), with J = dr/dx held constant and r on the graph,
-    has the gradient J^-1 dcurrents/d(v, theta) = dx*/d(v, theta) (its value moves by less than ``tol``)."""
-    fast = [n for n in net.layers if n != visible]
-    shapes = [net.layers[n].shape for n in fast]
-    sizes = [net.layers[n].size for n in fast]
-    v = start[visible].detach()
-    batch = v.shape[0]
-
-    def residual(flat: Tensor, v1: Tensor) -> Tensor:  # one sample: flat fast state -> x - currents(x)
-        parts = torch.split(flat, sizes)
-        state = {n: p.reshape(1, *sh) for n, p, sh in zip(fast, parts, shapes)}
-        state[visible] = v1.unsqueeze(0)
-        cur = net.currents(state)
-        return torch.cat([(state[n] - cur[n]).reshape(-1) for n in fast])
-
-    x = torch.cat([start[n].detach().reshape(batch, -1) for n in fast], dim=1)
-    scale = max(1.0, float(x.abs().max()))
-    jac_fn = torch.func.vmap(torch.func.jacrev(residual))
-    res_fn = torch.func.vmap(residual)
-    on_graph = torch.is_grad_enabled() and (start[visible].requires_grad or
-                                            any(p.requires_grad for p in net.parameters()))
-    with torch.enable_grad():
-        for _ in range(max_iter):
-            r = res_fn(x, v).detach()
-            if float(r.abs().max()) <= tol * scale:
-                break
-            x = (x - torch.linalg.solve(jac_fn(x, v), r.unsqueeze(-1)).squeeze(-1)).detach()
-        else:
-            raise RuntimeError(f"Newton's method on the fast layers {fast} did not reach tol {tol:g} in {max_iter} "
-                               "steps")
-        if on_graph:
-            jac = jac_fn(x, v).detach()
-            x = x - torch.linalg.solve(jac, res_fn(x, start[visible]).unsqueeze(-1)).squeeze(-1)
-    parts = torch.split(x, sizes, dim=1)
-    out = {n: p.reshape(batch, *sh) for n, p, sh in zip(fast, parts, shapes)}
-    out[visible] = start[visible]
-    return out
 
 
 def adiabatic(net: Network, visible: str = "v", fast: Iterable[str] | None = None, **kwargs) -> ReducedField:

@@ -131,19 +131,70 @@ def test_fixed_point_solve_converges_to_the_newton_solve():
 
 
 @pytest.mark.parametrize("kind", ["mixing", "imixer"])
-def test_newton_reduced_field_has_the_implicit_function_gradient(kind):
-    """The Newton solve runs off the graph; its solution still carries dx*/dv and dx*/dW (implicit function
-    theorem): gradcheck in float64, and the same gradients as the converged fixed-point solve."""
+@pytest.mark.parametrize("solver", ["newton", "anderson"])
+def test_reduced_field_solves_have_the_implicit_function_gradient(kind, solver):
+    """The Newton and Anderson solves run off the graph; their solution still carries dx*/dv and dx*/dW (implicit
+    function theorem: Newton's held-Jacobian step, Anderson's adjoint fixed point): gradcheck in float64, and the
+    same gradients as the converged fixed-point solve."""
     net = randomize(presets.mixing(6, 4, 5, axis=-2).double()) if kind == "mixing" else imixer_net()
     v = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
-    newton, fixed = adiabatic(net, solver="newton"), adiabatic(net, solver="fixed_point", n_iter=60)
-    assert torch.autograd.gradcheck(newton, (v,))
+    solve, fixed = adiabatic(net, solver=solver), adiabatic(net, solver="fixed_point", n_iter=60)
+    assert torch.autograd.gradcheck(solve, (v,))
     w = net.synapses[0].weight
-    grads = [torch.autograd.grad((f(v) ** 2).sum(), (v, w)) for f in (newton, fixed)]
+    grads = [torch.autograd.grad((f(v) ** 2).sum(), (v, w)) for f in (solve, fixed)]
     for a, b in zip(*grads):
         assert a.abs().max() > 0.1 and (a - b).abs().max() < 1e-10
     with torch.no_grad():
-        assert not newton(v).requires_grad
+        assert not solve(v).requires_grad
+
+
+def relu_chain(norm):
+    torch.manual_seed(1)
+    net = presets.chain([8, 12, 10, 6], other=(5,), axis=-2, names=["v", "x1", "x2", "x3"]).double()
+    return rescale_hidden(net, norm)
+
+
+@pytest.mark.parametrize("case", ["imixer", "limixer5", "star", "relu_chain"])
+def test_matrix_free_solve_equals_dense_newton(case):
+    """The default (Anderson, matrix-free, batched) solve of the fast layers equals the dense per-sample Newton
+    solve (with backtracking) where both run: float64, <= 1e-10."""
+    net = {"imixer": lambda: rescale_hidden(randomize(derive.block_network("imixer", 8, 16, h_ratio=2).double()), 0.9),
+           "limixer5": lambda: rescale_hidden(randomize(derive.block_network("limixer", 8, 16, depth=5).double()), 0.9),
+           "star": lambda: randomize(derive.block_network("paramixer", 8, 16).double()),
+           "relu_chain": lambda: relu_chain(0.8)}[case]()
+    v = torch.randn(3, *net.layers["v"].shape, dtype=torch.float64)
+    with torch.no_grad():
+        a, n = adiabatic(net)(v), adiabatic(net, solver="newton")(v)
+    assert adiabatic(net).solver == "anderson" and (a - n).abs().max() <= 1e-10
+
+
+def test_float32_default_tolerance_and_failures_that_say_where_and_what_to_try():
+    """In float32 the default tolerance is float32's (Newton's old 1e-12 failed here); a fast subsystem that does
+    not contract fails with the layer, the worst sample, the residual reached and advice."""
+    torch.manual_seed(0)
+    net = derive.block_network("imixer", 8, 16)
+    v = torch.randn(2, 8, 16)
+    for solver in ("anderson", "newton"):
+        assert torch.isfinite(adiabatic(net, solver=solver)(v)).all()
+    strong = rescale_hidden(randomize(derive.block_network("imixer", 8, 16).double()), 6.0)
+    with pytest.raises(derive.SlowManifoldError,
+                       match=r"sample \d+'s relative residual is .* > tol 1e-12, largest in layer '[xh]'; try") as e:
+        adiabatic(strong, max_iter=50)(torch.randn(2, 8, 16, dtype=torch.float64))
+    assert e.value.layer in ("x", "h") and e.value.residual > 1e-12
+    with pytest.raises(ValueError, match="beta"):
+        adiabatic(net, beta=0.0)
+
+
+@pytest.mark.slow
+def test_reduced_field_of_the_mixer_s16_size_imixer_network_runs():
+    """196 x 512 visible, h_ratio 2: the matrix-free solve evaluates it, batch 8 in float32 and 2 in float64 (the
+    dense Newton solve needs a 794,624^2 Jacobian per sample here)."""
+    torch.manual_seed(0)
+    for dtype, batch in ((torch.float32, 8), (torch.float64, 2)):
+        net = derive.block_network("imixer", 196, 512, h_ratio=2).to(dtype)
+        with torch.no_grad():
+            f = adiabatic(net)(torch.randn(batch, 196, 512, dtype=dtype))
+        assert f.shape == (batch, 196, 512) and torch.isfinite(f).all()
 
 
 def test_adiabatic_errors_name_the_offending_thing():
