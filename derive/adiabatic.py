@@ -24,6 +24,7 @@ connection (v <- F^v(v)). Leaves make the 2-layer Mixer step, a chain makes the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -257,16 +258,93 @@ class ReducedField:
             e = e - self.net.layers[br.node].lagrangian(br.G(g))
         return e
 
-    def caveats(self) -> list[str]:
-        """Why E(v) of ``energy`` need not decrease (empty when it must)."""
+    def contraction_bound(self, br: Branch, norms: Callable[[Branch], tuple[float, float]] | None = None) -> float:
+        """An upper bound on Lip(F^A) of the implicit solve x^A = G^A + F^A(x^A) of ``br`` (Eqs. 38-40):
+        sum over children C of ||H^C|| s_C Lip((1 - F^C)^-1) ||G^C|| gain s_A, with s the largest activation slopes,
+        Lip((1 - F)^-1) <= 1 / (1 - Lip F), and ``norms(C)`` the spectral norms of (G^C's, H^C's) matrices (default:
+        the synapses' own, exactly)."""
+        norms = norms or _raw_norms
+        layers = self.net.layers
+        total = 0.0
+        for c in br.children:
+            ng, nh = norms(c)
+            lip_s = 1.0
+            if c.implicit:
+                f = self.contraction_bound(c, norms)
+                lip_s = 1.0 / (1.0 - f) if f < 1 else math.inf
+            gain = 1.0
+            if c.synapse.affine is not None and c.down:
+                gain = float(c.synapse.affine.weight.detach().abs().max())
+            total += nh * layers[c.node].lagrangian.lipschitz * lip_s * ng * gain * layers[br.node].lagrangian.lipschitz
+        return total
+
+    def caveats(self, v: Tensor | None = None, *, contraction: bool = True) -> list[str]:
+        """In words, every assumption of the energy picture and of the adiabatic limit that this network breaks
+        (empty when none): a non-convex visible Lagrangian (E need not decrease); a visible Lagrangian without
+        LayerNorm's zero mode with alpha != 1 (then F^v - alpha v is not this network's flow, and a block's step
+        not its Euler step); a fast layer not faster than its parent (tau ratio); an implicit solve not certified
+        to contract (bound; with a state ``v`` also the measured rate of 8 fixed-point iterations): several fast
+        fixed points may then exist; untied or broken synapses (a pseudo-energy)."""
         out = []
-        vis = self.net.layers[self.visible].lagrangian
+        layers = self.net.layers
+        vis = layers[self.visible].lagrangian
         if not vis.convex:
             out.append(f"visible layer {self.visible!r}: {vis.caveat or 'not convex'}")
+        if self.alpha != 1 and not vis.zero_mode:
+            out.append(f"visible layer {self.visible!r} ({vis.name}) has no zero mode in its Hessian (LayerNorm's, "
+                       f"Eq. 13), so the decay alpha = {self.alpha:g} is not the network's own (alpha = 1): "
+                       "tau_v dv/dt = F^v(v) - alpha v is not this network's flow, and a block's step v + F^v(v) is "
+                       "not its Euler step")
+        for top in self.branches:
+            for br in top.walk():
+                tb, tp = layers[br.node].tau, layers[br.parent].tau
+                if tb >= tp:
+                    out.append(f"fast layer {br.node!r} is not faster than {br.parent!r}: tau {tb:g} >= {tp:g} "
+                               f"(ratio {tb / tp:g}); the adiabatic limit assumes tau_{br.node} << tau_{br.parent}")
+        if contraction:
+            rates = self.measured_rates(v) if v is not None else {}
+            for top in self.branches:
+                for br in top.walk():
+                    if not br.implicit:
+                        continue
+                    bound = self.contraction_bound(br)
+                    if bound >= 1:
+                        rate = f", measured rate {rates[br.node]:.3g}" if br.node in rates else ""
+                        out.append(f"fast layer {br.node!r}: its solve x = G + F(x) is not certified to contract "
+                                   f"(Lip(F^{br.node}) <= {bound:.3g}{rate}), so the fast layers may have several "
+                                   "fixed points: a solve from another start may land elsewhere")
         for br in self.branches:
             for b in br.walk():
                 out.extend(b.synapse.caveats())
         return out
+
+    def measured_rates(self, v: Tensor, n_iter: int = 8) -> dict[str, float]:
+        """Per implicit layer, the geometric mean of the later residual ratios ||x^(a+1) - x^a|| / ||x^a - x^(a-1)||
+        of ``n_iter`` nested fixed-point iterations at ``v`` (the first solve of each layer): < 1 contracts there."""
+        first: dict[str, list[Tensor]] = {}
+
+        def record(br: Branch, xs: list[Tensor]) -> None:
+            first.setdefault(br.node, xs)
+
+        probe = ReducedField(self.net, self.visible, solver="fixed_point", n_iter=n_iter, alpha=self.alpha)
+        with torch.no_grad():
+            probe.feedback(self.visible, probe.branches, v, None, record)
+        out = {}
+        for node, xs in first.items():
+            d = [float((b - a).norm()) for a, b in zip(xs, xs[1:])]
+            ratios = [d1 / d0 for d0, d1 in zip(d, d[1:]) if d0 > 0]
+            tail = ratios[len(ratios) // 2:]
+            if tail and min(tail) > 0:
+                out[node] = math.exp(sum(math.log(r) for r in tail) / len(tail))
+        return out
+
+
+def _raw_norms(br: Branch) -> tuple[float, float]:
+    """Exact spectral norms of the matrices of (G, H) of a branch."""
+    syn = br.synapse
+    nf = float(torch.linalg.matrix_norm(syn.weight.detach().double(), ord=2))
+    nb = float(torch.linalg.matrix_norm(syn.feedback_weight().detach().double(), ord=2))
+    return (nf, nb) if br.down else (nb, nf)
 
 
 def adiabatic(net: Network, visible: str = "v", fast: Iterable[str] | None = None, **kwargs) -> ReducedField:

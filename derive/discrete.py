@@ -219,26 +219,6 @@ class DerivedBlock(nn.Module):
         return sum(terms) if terms else torch.zeros(())
 
     # ------------------------------------------------------------------ contraction
-    def _slope(self, name: str) -> float:
-        return self.net.layers[name].lagrangian.lipschitz
-
-    def _gain(self, br: Branch, side: str) -> float:
-        aff = br.synapse.affine
-        if aff is None or (side == "G") != br.down:
-            return 1.0
-        return float(aff.weight.detach().abs().max())
-
-    def _lip(self, parent: str, children: list[Branch], norm) -> float:
-        total = 0.0
-        for br in children:
-            wg, wh = norm(br)
-            lip_s = 1.0
-            if br.implicit:
-                f = self._lip(br.node, br.children, norm)
-                lip_s = 1.0 / (1.0 - f) if f < 1 else math.inf
-            total += wh * self._slope(br.node) * lip_s * wg * self._gain(br, "G") * self._slope(parent)
-        return total
-
     def _exact_norms(self, br: Branch) -> tuple[float, float]:
         syn = br.synapse
         key = _key(br)
@@ -267,7 +247,7 @@ class DerivedBlock(nn.Module):
         for top in self.branches:
             for br in top.walk():
                 if br.implicit:
-                    out.append(SolveCertificate(br.node, iters, self._lip(br.node, br.children, self._exact_norms)))
+                    out.append(SolveCertificate(br.node, iters, self.field.contraction_bound(br, self._exact_norms)))
         if v is not None and out:
             was, saved = self.record, [(b, b.clone()) for b in self.buffers()]
             field_iters = self.field.n_iter
@@ -290,6 +270,22 @@ class DerivedBlock(nn.Module):
                     c.ratios = ratios
         return out
 
+    def caveats(self, v: Tensor | None = None) -> list[str]:
+        """Every assumption this block's derivation breaks, in words (``ReducedField.caveats`` of its network, with
+        its own alpha), the contraction judged by the block's own certificate (its normalised matrices; with a
+        state ``v`` also the measured rate of 8 iterations); empty when none."""
+        out = self.field.caveats(contraction=False)
+        for cert in self.certificate(v, n_iter=8 if v is not None else None):
+            if not cert.certified:
+                rate = ""
+                tail = cert.ratios[len(cert.ratios) // 2:]
+                if tail and min(tail) > 0:
+                    rate = f", measured rate {math.exp(sum(math.log(r) for r in tail) / len(tail)):.3g}"
+                out.append(f"fast layer {cert.layer!r}: its solve is not certified to contract (Lip(F^{cert.layer}) "
+                           f"<= {cert.lipschitz_bound:.3g}{rate}), so FPA_{self.config.n_iter} need not approach "
+                           "one fixed point of the network: the block is then not its adiabatic limit")
+        return out
+
     def certified_coeff(self, target: float = 1.0) -> float:
         """The largest spectral-norm coefficient c with every Lip(F^A) bound < ``target`` when every normalised
         matrix has norm c (soft normalisation caps them there)."""
@@ -298,7 +294,7 @@ class DerivedBlock(nn.Module):
             return math.inf
 
         def worst(c):
-            return max(self._lip(br.node, br.children, lambda _: (c, c)) for br in solves)
+            return max(self.field.contraction_bound(br, lambda _: (c, c)) for br in solves)
 
         lo, hi = 0.0, 1.0
         while worst(hi) < target:

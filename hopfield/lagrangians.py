@@ -69,6 +69,9 @@ class Lagrangian:
     convex: bool = True
     caveat: str | None = None
     lipschitz: float = math.inf  # an upper bound on the activation's Lipschitz constant (largest slope)
+    # g(c x) = g(x) for c > 0 (up to eps), so the Hessian annihilates x (iMixer Eq. 13): a decay -alpha x then
+    # does not move g, whatever alpha (LayerNorm, spherical)
+    zero_mode: bool = False
 
     def __call__(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -295,6 +298,7 @@ class _LayerNorm(Lagrangian):
         self.gamma, self.delta, self.axis, self.eps = gamma, delta, axis, float(eps)
         self.name = f"layernorm(gamma={gamma:g}, axis={axis}, eps={eps:g})"
         self.symbol = "LN"
+        self.zero_mode = True
 
     def _std(self, x, dims):
         return torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + self.eps)
@@ -345,6 +349,7 @@ class _Spherical(Lagrangian):
         self.gamma, self.delta, self.axis, self.eps = gamma, delta, axis, float(eps)
         self.name = f"spherical(gamma={gamma:g}, axis={axis}, eps={eps:g})"
         self.symbol = "Sph"
+        self.zero_mode = True
 
     def _norm(self, x, dims):
         return torch.sqrt((x * x).sum(dim=dims, keepdim=True) + self.eps)

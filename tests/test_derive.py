@@ -357,6 +357,42 @@ def test_symmetric_star_energy_descends_untied_is_flagged():
     assert any("untied" in c for c in adiabatic(untied).caveats())
 
 
+def test_caveats_name_each_broken_assumption_and_only_those():
+    """Each assumption of the derivation, with a network that breaks it and one that does not."""
+    def tiny(vis_lag, tau_h=0.01, form="tied", hidden_norm=None, depth=2):
+        layers = {"v": Layer((6, 4), vis_lag, 1.0), "x": Layer((5, 4), lag.gelu(), 0.1)}
+        syn = [DenseSynapse("v", "x", axis=-2, form=form)]
+        if depth == 3:
+            layers["h"] = Layer((7, 4), lag.gelu(), tau_h)
+            syn.append(DenseSynapse("x", "h", axis=-2, form=form))
+        net = randomize(Network(layers, syn).double(), scale=0.3)
+        return rescale_hidden(net, hidden_norm) if hidden_norm else net
+
+    ln = lag.layernorm(axis=-1)
+    # a visible layer without LayerNorm's zero mode: alpha must be the network's own (1)
+    assert any("no zero mode" in c for c in adiabatic(tiny(lag.tanh()), alpha=0.0).caveats())
+    assert not any("no zero mode" in c for c in adiabatic(tiny(lag.tanh()), alpha=1.0).caveats())
+    assert not any("no zero mode" in c for c in adiabatic(tiny(ln), alpha=0.0).caveats())
+    # a fast layer slower than its parent
+    slow = adiabatic(tiny(ln, tau_h=5.0, depth=3, hidden_norm=0.3)).caveats()
+    assert any("'h' is not faster than 'x': tau 5 >= 0.1 (ratio 50)" in c for c in slow)
+    assert not any("not faster" in c for c in adiabatic(tiny(ln, depth=3, hidden_norm=0.3)).caveats())
+    # an implicit solve not certified to contract: several fast fixed points may exist
+    strong = adiabatic(tiny(ln, depth=3, hidden_norm=2.0))
+    v = torch.randn(2, 6, 4, dtype=torch.float64)
+    c = [c for c in strong.caveats(v) if "not certified to contract" in c]
+    assert len(c) == 1 and "Lip(F^x) <= 5.1" in c[0] and "measured rate" in c[0]
+    assert not any("contract" in c for c in adiabatic(tiny(ln, depth=3, hidden_norm=0.3)).caveats(v))
+    # untied synapses: a pseudo-energy
+    assert any("pseudo-energy" in c for c in adiabatic(tiny(ln, form="untied")).caveats())
+    assert adiabatic(tiny(ln), alpha=1.0).caveats() == []
+    # a derived block judges the contraction by its own (spectrally normalised) matrices
+    block = derive.derived_block("imixer", 8, 6, h_ratio=2)
+    assert any("'x': its solve is not certified to contract (Lip(F^x) <= 1.03" in c for c in block.caveats())
+    block.set_coeff(0.85)
+    assert not any("contract" in c for c in block.caveats())
+
+
 # ------------------------------------------------------------------------------------------ contraction certificate
 def test_paper_setting_is_not_certified_and_a_certified_coeff_is_found():
     block = derive.derived_block("imixer", 8, 6, h_ratio=2).double()
