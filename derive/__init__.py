@@ -37,6 +37,7 @@ from .models import (
 from .registry import DERIVED_MODEL_NAMES, SPEC_MODEL_NAMES
 from .spec import LayerSpec, NetworkSpec, SpecError, SynapseSpec, load_spec, register_spec
 from .spectral import SoftSpectralNorm
+from .verify import VerifyReport, verify
 
 __all__ = [
     "DERIVED_MODEL_NAMES",
@@ -58,6 +59,7 @@ __all__ = [
     "SolveCertificate",
     "SpecError",
     "SynapseSpec",
+    "VerifyReport",
     "adiabatic",
     "block_network",
     "block_spec",
@@ -76,5 +78,6 @@ __all__ = [
     "spec_block",
     "to_reference",
     "to_timm",
+    "verify",
     "vit_block_network",
 ]

@@ -393,6 +393,33 @@ def test_caveats_name_each_broken_assumption_and_only_those():
     assert not any("contract" in c for c in block.caveats())
 
 
+def _equal_fast_taus(net, tau=0.1):
+    return Network({n: Layer(L.shape, L.lagrangian, L.tau if n == "v" else tau) for n, L in net.layers.items()},
+                   list(net.synapses))
+
+
+def test_verify_reports_the_limit_on_a_well_posed_network_and_the_failure_on_one_that_is_not(tmp_path):
+    """derive.verify: on a contracting iMixer network the visible velocity approaches the reduced field in
+    proportion to eps, and a block iterated to convergence is one (split) Euler step of it; on a network whose
+    fast subsystem does not contract the report fails and says why."""
+    torch.manual_seed(0)
+    net = _equal_fast_taus(imixer_net("imixer"))
+    block = discretize(net, n_iter=40, splitting="sequential")
+    report = derive.verify(net, block=block, path=tmp_path / "verify.png")
+    assert report.ok, str(report)
+    assert 0.8 < report.slope < 1.2 and report.velocity_error[-1] < 1e-3
+    assert report.block_error < 1e-10 and (tmp_path / "verify.png").stat().st_size > 0
+    assert "| 0.001 |" in str(report) and "is the network's adiabatic limit here" in str(report)
+    few = derive.verify(net, eps=(1e-2,), block=discretize(net, n_iter=1, splitting="sequential"))
+    assert few.block_error > 1e-5 and few.slope is None  # one fixed-point iteration is not the limit
+
+    bad = _equal_fast_taus(rescale_hidden(randomize(derive.block_network("imixer", 6, 4, h_ratio=2).double()), 3.0))
+    report = derive.verify(bad, eps=(1e-1, 1e-2))
+    assert not report.ok and "NOT shown" in str(report)
+    assert "fixed point was not found" in report.failure
+    assert any("not certified to contract" in c for c in report.caveats)
+
+
 # ------------------------------------------------------------------------------------------ contraction certificate
 def test_paper_setting_is_not_certified_and_a_certified_coeff_is_found():
     block = derive.derived_block("imixer", 8, 6, h_ratio=2).double()
