@@ -121,13 +121,26 @@ class DerivedViTBlock(nn.Module):
         return v, h
 
     def explain(self) -> str:
+        """The update rule, written from the network: its layers' activations (each Lagrangian's symbol), the
+        couplings' affines and biases, and alpha' from the time constants."""
         v, s, c = self.visible, self.scores, self.channels
-        ratio = self.net.layers[s].tau / self.net.layers[v].tau
-        hs = f"{s} <- {self.alpha_h:g} {s} + {1 - self.alpha_h:g} scale q k^T(LN {v})  (tau_{s} / tau_{v} = " \
-            f"{ratio:g})" if self.alpha_h else \
-            f"{s} <- scale q k^T(LN {v})  (adiabatic)"
-        return (f"{hs}\n{v} <- {v} + W_o softmax({s}) V(LN {v})\n"
-                f"{v} <- {v} + W_2 GELU(W_1 Affine(LN {v}) + b_1) + b_2  (layer {c})")
+        layers = self.net.layers
+
+        def act(name: str, x: str) -> str:
+            sym = layers[name].lagrangian.symbol
+            return f"{sym}({x})" if sym else x
+
+        gv = act(v, v)
+        qin = f"Affine^({s},{v})({gv})" if self.attn.affine is not None else gv
+        ratio = layers[s].tau / layers[v].tau
+        cur = f"scale q k^T({qin})"
+        hs = (f"{s} <- {self.alpha_h:g} {s} + {1 - self.alpha_h:g} {cur}  (tau_{s} / tau_{v} = {ratio:g})"
+              if self.alpha_h else f"{s} <- {cur}  (adiabatic: tau_{s} / tau_{v} = {ratio:g})")
+        mlp = self.mlp
+        xin = f"Affine^({c},{v})({gv})" if mlp.affine is not None else gv
+        inner = f"xi^({c},{v}) {xin}" + (f" + b^({c},{v})" if mlp.has_bias else "")
+        out = f"xi^({v},{c}) {act(c, inner)}" + (f" + b^({v},{c})" if mlp.has_bias_fb else "")
+        return f"{hs}\n{v} <- {v} + W_o {act(s, s)} V({qin})\n{v} <- {v} + {out}"
 
     def extra_repr(self) -> str:
         return f"alpha_h={self.alpha_h:g}\n" + self.explain()

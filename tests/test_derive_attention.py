@@ -76,6 +76,12 @@ def test_parameters_are_the_networks_and_unmapped_keys_are_refused():
     with pytest.raises(ValueError, match=r"ls1\.gamma"):
         load_reference_vit_block(ours, Extra())
     assert "softmax" in ours.explain() and "0.2" in DerivedViTBlock(ours.net, 0.2).explain()
+    assert "GELU(xi^(c,v) Affine^(c,v)(LN(v)) + b^(c,v)) + b^(v,c)" in ours.explain()
+    # the text is written from the network: a ReLU channel layer reads ReLU, not a hard-coded GELU
+    net = derive.vit_block_network(8, 5, 2)
+    relu = Network({**net.layers, "c": Layer(net.layers["c"].shape, lag.relu(), 0.01)}, list(net.synapses))
+    text = DerivedViTBlock(relu).explain()
+    assert "ReLU(xi^(c,v)" in text and "GELU" not in text
 
 
 # ------------------------------------------------------------------------------------------ whole model
