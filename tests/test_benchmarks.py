@@ -58,3 +58,12 @@ def test_train_throughput_model_kwargs(tt):
         tt.parse_model("no_such_model_xyz")
     with pytest.raises(ValueError):
         tt.parse_model("imixer_s16_224:[2]")
+
+
+def test_adiabatic_solve_benchmark_compares_both_solvers(capsys):
+    table = load("adiabatic_solve").main(["--sizes", "4x8", "--rounds", "1", "--max-jacobian-gb", "8"])
+    rows = [r for r in table.splitlines() if r.startswith("| 4x8 |")]
+    assert len(rows) == 2 and "dense Newton" in rows[0] and "Anderson (default)" in rows[1]
+    assert float(rows[1].split("|")[-2]) < 1e-9  # the two fields agree
+    skipped = load("adiabatic_solve").main(["--sizes", "4x8", "--rounds", "1", "--max-jacobian-gb", "0"])
+    assert "skipped: the Jacobian alone needs" in skipped
