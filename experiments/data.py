@@ -33,6 +33,7 @@ import pickle
 import random
 import signal
 import struct
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -103,15 +104,23 @@ class _DatasetSpec:
     native_size: int | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    splits: tuple[int, int] | None = None  # (train, test) images, where the dataset fixes them
 
 
 _SPECS = {
-    "fashion_mnist": _DatasetSpec(10, 1, 28, (0.2860,), (0.3530,)),
-    "cifar10": _DatasetSpec(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": _DatasetSpec(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    # number of classes read from the tree
+    "fashion_mnist": _DatasetSpec(10, 1, 28, (0.2860,), (0.3530,), (60000, 10000)),
+    "cifar10": _DatasetSpec(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (50000, 10000)),
+    "cifar100": _DatasetSpec(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), (50000, 10000)),
+    # number of classes and images read from the tree
     "imagefolder": _DatasetSpec(0, 3, None, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
 }
+
+
+def split_size(cfg: DataConfig, split: str) -> int | None:
+    """The number of images of the dataset's ``"train"`` or ``"test"`` split where the dataset fixes it (None
+    for imagefolder)."""
+    sizes = _SPECS[cfg.name].splits
+    return None if sizes is None else sizes[0 if split == "train" else 1]
 
 
 def _is_int(value) -> bool:
@@ -136,6 +145,10 @@ def validate_config(cfg: DataConfig) -> None:
         value = getattr(cfg, field)
         if value is not None and (not _is_int(value) or value < 1):
             raise ValueError(f"DataConfig.{field} must be None or a positive integer, got {value!r}")
+    for field, split in (("train_subset", "train"), ("test_subset", "test")):
+        value, size = getattr(cfg, field), split_size(cfg, split)
+        if value is not None and size is not None and value > size:
+            raise ValueError(f"DataConfig.{field}={value} exceeds the {size} images of {cfg.name}'s {split} split")
     if not _is_int(cfg.crop_pad) or cfg.crop_pad < 0:
         raise ValueError(f"DataConfig.crop_pad must be a non-negative integer, got {cfg.crop_pad!r}")
     if cfg.crop_pad > 0 and not _uses_small_recipe(cfg):
@@ -330,8 +343,28 @@ def prepare_fashion_mnist(root: Path, source_dir: Path | None = None) -> bool:
     return True
 
 
-def _fashion_mnist(root: Path, train_tf, test_tf):
+_NOTED: set[str] = set()
+
+
+def _note(msg: str) -> None:
+    """Say once per process where data came from (stderr: stdout may carry a run's JSON)."""
+    if msg not in _NOTED:
+        _NOTED.add(msg)
+        print(f"[data] {msg}", file=sys.stderr, flush=True)
+
+
+def _fashion_mnist(root: Path, train_tf, test_tf, explicit: bool = False):
+    raw = root / "FashionMNIST" / "raw"
+    had = all((raw / name).is_file() for name in FASHION_MNIST_FILES)
+    if explicit and not root.exists():
+        source = fashion_mnist_source_dir()
+        if not all((source / f"{name}.gz").is_file() for name in FASHION_MNIST_FILES):
+            raise DatasetNotFoundError(
+                f"data.root {str(root)!r} does not exist, and there is no Debian copy of Fashion-MNIST in {source} to "
+                f"prepare it from (set ${FASHION_MNIST_DIR_ENV}, or `apt-get install dataset-fashion-mnist`)")
+    origin = f"prepared now from {fashion_mnist_source_dir()}"
     if not prepare_fashion_mnist(root):
+        origin = "downloaded now"
         try:
             datasets.FashionMNIST(str(root), train=True, download=True)
             datasets.FashionMNIST(str(root), train=False, download=True)
@@ -342,6 +375,7 @@ def _fashion_mnist(root: Path, train_tf, test_tf):
                 f"failed ({err}). Install it with `apt-get install dataset-fashion-mnist` (`bash scripts/setup.sh` "
                 "does), or run once with network access."
             ) from err
+    _note(f"Fashion-MNIST from {raw}" + ("" if had else f" ({origin})"))
     train = datasets.FashionMNIST(str(root), train=True, transform=train_tf, download=False)
     test = datasets.FashionMNIST(str(root), train=False, transform=test_tf, download=False)
     return train, test
@@ -501,7 +535,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset, Da
     train_tf, test_tf = build_transforms(cfg, img_size, spec.mean, spec.std, spec.in_chans)
     root = Path(cfg.root or DEFAULT_FASHION_MNIST_ROOT).expanduser()
     if cfg.name == "fashion_mnist":
-        train, test = _fashion_mnist(root, train_tf, test_tf)
+        train, test = _fashion_mnist(root, train_tf, test_tf, explicit=cfg.root is not None)
     elif cfg.name in ("cifar10", "cifar100"):
         train, test = _cifar(cfg.name, root, train_tf, test_tf)
     else:

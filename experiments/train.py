@@ -29,8 +29,10 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
 import fcntl
 import fnmatch
+import io
 import json
 import math
 import os
@@ -61,12 +63,13 @@ from .data import (
     build_datasets,
     build_loaders,
     dataset_info,
+    split_size,
     validate_config,
 )
 
-__all__ = ["CheckpointError", "ConfigError", "RunBusyError", "TrainConfig", "atomic_write", "check_model",
-           "config_diff", "cpu_name", "environment", "hold_out_dir", "import_modules", "load_config", "main",
-           "read_jsonl", "train"]
+__all__ = ["CheckpointError", "ConfigError", "RunBusyError", "RunWriteError", "TrainConfig", "atomic_write",
+           "check_model", "check_run", "config_diff", "cpu_name", "environment", "hold_out_dir", "import_modules",
+           "load_config", "main", "read_jsonl", "train"]
 
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -342,17 +345,34 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class RunWriteError(OSError):
+    """A run's file could not be written: the message names the file and says why; the previous version of the
+    file is intact and no temporary file is left."""
+
+
+_WHY = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space is left on the device",
+        errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG: "the file-size limit (ulimit -f) was reached",
+        errno.EACCES: "permission denied", errno.EPERM: "the operation is not permitted (an immutable or read-only "
+                                                         "file or folder?)"}
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` fills a temporary file in the same folder, which is flushed to disk and renamed over ``path``:
-    a reader (or a crash at any point) sees the old file or the new one, never half of one."""
+    a reader (or a crash at any point) sees the old file or the new one, never half of one. A failure to write is a
+    ``RunWriteError`` naming ``path`` and the reason (read-only, no space, file-size limit, ...)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, RunWriteError):
+            why = _WHY.get(e.errno, e.strerror or str(e))
+            kept = "its previous version is intact" if path.exists() else "nothing was written"
+            raise RunWriteError(e.errno, f"cannot write {str(path)!r}: {why}; {kept}") from e
         raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -362,8 +382,12 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint. The
+    checkpoint is serialised in memory first, so that a failing write is Python's (with its errno: read-only, no
+    space, file-size limit) rather than torch's."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best", "rng", "wall_s", "config")
@@ -470,11 +494,55 @@ def hold_out_dir(out: Path):
             yield False
             return
         _HELD[key] = 1
+        _LOCK_FDS.add(f.fileno())
         try:
             yield True
         finally:
+            _LOCK_FDS.discard(f.fileno())
             del _HELD[key]
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# An flock belongs to the open file, which a forked process (a DataLoader worker) shares: a worker orphaned by a
+# kill -9 would hold the run's lock until it noticed, refusing an immediate --resume. Forked children close their
+# copies at once (closing, not unlocking: the lock stays the parent's and goes when the parent dies).
+_LOCK_FDS: set[int] = set()
+
+
+def _close_locks_in_child() -> None:
+    for fd in list(_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """What can be checked before a run's folder is made: the model and ``model_kwargs`` (``check_model``), the
+    device, and the batch size against the training images; ConfigError naming the key."""
+    check_model(cfg)
+    if cfg.device != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"config key 'device': {cfg.device!r} is not a device (auto, cpu, cuda, cuda:N, mps)"
+                              ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"config key 'device': {cfg.device!r}, but this machine has no CUDA GPU (use auto or "
+                              "cpu)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"config key 'device': {cfg.device!r}, but this machine has "
+                              f"{torch.cuda.device_count()} GPU(s)")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"config key 'device': {cfg.device!r} is not supported here (auto, cpu, cuda, mps)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"config key 'device': {cfg.device!r}, but MPS is not available here")
+    images = cfg.data.train_subset or split_size(cfg.data, "train")
+    if images is not None and cfg.batch_size > images:
+        raise ConfigError(f"config key 'batch_size': {cfg.batch_size} exceeds the {images} training images "
+                          f"({'data.train_subset' if cfg.data.train_subset else 'the split'}): no batch would be full")
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -485,17 +553,24 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     start refuses an ``out_dir`` that holds another run's checkpoint or summary, unless ``overwrite`` (which deletes
     that run's outputs). A signal that arrives after the last training step (during the last evaluation) is
     delivered again once the summary is written, so a sweep stops instead of starting a new run."""
-    check_model(cfg)  # a wrong model name or model_kwargs fails now, before any data is read or folder made
+    check_run(cfg)  # a wrong model, device or batch size fails now, before any data is read or folder made
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process holds the lock for all
         return _train(cfg, resume, overwrite)
     out = Path(cfg.out_dir)
-    with hold_out_dir(out) as mine:
-        if not mine:
-            raise RunBusyError(f"config key 'out_dir': {str(out)!r} is in use by another training process (it "
-                               f"holds {str(out / '.lock')!r}); wait for it to end or choose another out_dir")
-        for orphan in out.glob("*.tmp[0-9]*"):  # left by a writer killed mid-write: nobody else writes here now
-            orphan.unlink()
-        return _train(cfg, resume, overwrite)
+    created = not out.exists()
+    try:
+        with hold_out_dir(out) as mine:
+            if not mine:
+                raise RunBusyError(f"config key 'out_dir': {str(out)!r} is in use by another training process (it "
+                                   f"holds {str(out / '.lock')!r}); wait for it to end or choose another out_dir")
+            for orphan in out.glob("*.tmp[0-9]*"):  # left by a writer killed mid-write: nobody else writes here now
+                orphan.unlink()
+            return _train(cfg, resume, overwrite)
+    except BaseException:
+        # a run that failed before writing anything leaves no folder of its own behind (only its lock was there)
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
@@ -555,6 +630,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / cfg.lr_base_size
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                     param_group_fn=(lambda m: param_groups(m, cfg)) if cfg.no_weight_decay else None)
+    if cfg.warmup_epochs >= cfg.epochs and main_proc and ckpt is None:
+        warnings.warn(f"config keys 'warmup_epochs' ({cfg.warmup_epochs}) >= 'epochs' ({cfg.epochs}): the whole run "
+                      "is warm-up, its learning rate rising all the way and never reaching the peak", RuntimeWarning,
+                      stacklevel=2)
     steps_per_epoch = len(train_loader)
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -965,7 +1044,7 @@ def main(argv=None) -> dict:
         summary = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     except ConfigError as e:
         p.error(str(e))
-    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError) as e:
+    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError, RunWriteError) as e:
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))

@@ -3,6 +3,7 @@
 import gzip
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -123,11 +124,27 @@ def test_missing_fashion_mnist_falls_back_to_download_and_says_how_to_get_it(tmp
     empty_mirror.mkdir()
     monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [empty_mirror.as_uri() + "/"])  # fails without network
     root = tmp_path / "cache"
+    root.mkdir()
     with pytest.raises(DatasetNotFoundError) as err:
         build_datasets(DataConfig(root=str(root)))
     message = str(err.value)
     assert str(root) in message and str(tmp_path / "no-debian-copy") in message
     assert "apt-get install dataset-fashion-mnist" in message and "network" in message
+    # an explicit root that does not exist and cannot be prepared is an error naming it, and is not created
+    missing = tmp_path / "typo"
+    with pytest.raises(DatasetNotFoundError, match=rf"data\.root '{re.escape(str(missing))}' does not exist"):
+        build_datasets(DataConfig(root=str(missing)))
+    assert not missing.exists()
+
+
+def test_where_fashion_mnist_came_from_is_said(fmnist_source, tmp_path, monkeypatch, capsys):
+    """A root that does not exist yet is prepared from the Debian copy, and the run says so (and where it reads
+    the data from), once per process."""
+    source, _ = fmnist_source
+    monkeypatch.setattr(data, "_NOTED", set())
+    build_datasets(DataConfig(root=str(tmp_path / "new")))
+    err = capsys.readouterr().err
+    assert f"Fashion-MNIST from {tmp_path / 'new' / 'FashionMNIST' / 'raw'} (prepared now from {source})" in err
 
 
 # --------------------------------------------------------------------------------------------------- CIFAR fixtures

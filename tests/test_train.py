@@ -78,6 +78,74 @@ def test_config_errors_name_the_key(tmp_path):
             train.check_model(load_config(CONFIG, [f"model_kwargs={kwargs}"]))
 
 
+def test_errors_before_the_run_come_before_its_folder(tmp_path):
+    """An unknown device, CUDA without a GPU, a batch larger than the training images and a subset larger than its
+    split fail before anything is read or the run folder is made; a one-epoch run that is all warm-up warns."""
+    out = tmp_path / "run"
+    cases = [("device=tpu", "'device': 'tpu' is not a device"),
+             ("data.train_subset=100", "'batch_size': 128 exceeds the 100 training images"),
+             ("data.train_subset=70000", "train_subset=70000 exceeds the 60000 images of fashion_mnist's train"),
+             ("data.test_subset=20000", "test_subset=20000 exceeds the 10000 images")]
+    if not torch.cuda.is_available():
+        cases.append(("device=cuda", "'device': 'cuda', but this machine has no CUDA GPU"))
+    for override, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train.train(load_config(CONFIG, [*TINY, override, f"out_dir={out}"]))
+        assert not out.exists(), override
+    with pytest.warns(RuntimeWarning, match=r"'warmup_epochs' \(1\) >= 'epochs' \(1\): the whole run is warm-up"):
+        train.train(load_config(CONFIG, [*TINY, "warmup_epochs=1", "epochs=1", "data.train_subset=64",
+                                         "data.test_subset=32", "batch_size=32", f"out_dir={out}"]))
+
+
+def test_write_failures_name_the_file_and_keep_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A read-only folder, a full disk or the file-size limit while a checkpoint is written: an error that names
+    the file and the reason; the previous checkpoint is intact and no temporary file is left."""
+    import errno
+
+    path = tmp_path / "checkpoint.pt"
+    train.save_checkpoint(path, {"w": torch.zeros(4)})
+    before = path.read_bytes()
+    for code, reason in ((errno.EROFS, "read-only"), (errno.ENOSPC, "no space is left"),
+                         (errno.EACCES, "permission denied")):
+        def fail(self, data, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(Path, "write_bytes", fail)
+        with pytest.raises(train.RunWriteError, match=rf"cannot write '{re.escape(str(path))}': .*{reason}.*"
+                                                      "its previous version is intact"):
+            train.save_checkpoint(path, {"w": torch.ones(1000)})
+        monkeypatch.undo()
+        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    # the real file-size limit, in a child process (ulimit -f)
+    code = ("import resource, torch, sys; from pathlib import Path; from experiments import train\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            f"train.save_checkpoint(Path({str(path)!r}), {{'w': torch.ones(100000)}})\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env1(), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "file-size limit" in r.stderr and str(path) in r.stderr, r.stderr[-1000:]
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_an_immediate_resume_is_not_refused(tmp_path):
+    """The DataLoader worker that a kill -9 orphans must not hold the run's lock: a supervisor that restarts at
+    once gets the run folder."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.train", "--config", CONFIG, *TINY, "epochs=3", "data.num_workers=1",
+           "data.train_subset=3000", "data.test_subset=500", "batch_size=32", f"out_dir={out}"]
+    proc = subprocess.Popen(cmd, env=env1(), cwd=ROOT, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2: its loader worker is running
+    workers = [int(c) for f in Path(f"/proc/{proc.pid}/task").glob("*/children") for c in f.read_text().split()]
+    assert workers, "the loader worker should be running"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(Path(f"/proc/{w}").exists() for w in workers)  # the orphaned worker is still alive ...
+    with train.hold_out_dir(out) as mine:  # ... and does not hold the lock
+        assert mine
+
+
 def test_sweep_file_errors_name_the_file_and_key(tmp_path):
     f = tmp_path / "sweep.yaml"
     for text, message in (("runs: {a: [1,\n", "is not valid YAML"), ("- 1\n", "must hold a mapping"),
