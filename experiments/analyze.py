@@ -41,8 +41,9 @@ from derive import DerivedMixer
 from mixers import VisionTransformer
 
 from . import analysis, reports
-from .data import build_datasets
+from .data import CorruptDatasetError, DatasetNotFoundError, build_datasets
 from .train import (
+    CheckpointError,
     ConfigError,
     add_import_argument,
     atomic_write,
@@ -62,21 +63,28 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def load_run(run: Path):
-    """(model with the run's final weights, config, test dataset) for a finished run folder."""
+    """(model with the run's final weights, config, test dataset) for a finished run folder; CheckpointError
+    naming the run when its checkpoint does not fit its model."""
     cfg = load_config(str(run / "config.yaml"))
     _, test_ds, info = build_datasets(cfg.data, seed=cfg.seed)
     model = build_model(cfg, info.num_classes, info.in_chans, info.img_size)
-    model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
+    try:
+        model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"run {str(run)!r}: its checkpoint.pt does not fit its model {cfg.model!r} "
+                              f"(config.yaml): {str(e).splitlines()[0]}") from e
     return model.eval(), cfg, test_ds
 
 
 def _label(run: Path, root: Path) -> str:
-    return str(run.relative_to(root)).replace("/", "_") or run.name
+    if run == root:  # --runs is the run folder itself: its own name (its run's name when it is a seed folder)
+        return f"{run.parent.name}_{run.name}" if run.name.startswith("seed") else run.name
+    return str(run.relative_to(root)).replace("/", "_")
 
 
 def _group(run: Path, root: Path) -> str:
     """The run's name without its seed folder: ``vit/seed1`` -> ``vit``."""
-    rel = run.relative_to(root) if run != root else Path(run.name)
+    rel = run.relative_to(root) if run != root else Path(run.parent.name) / run.name
     return str(rel.parent if rel.name.startswith("seed") and str(rel.parent) != "." else rel)
 
 
@@ -151,7 +159,7 @@ def main(argv=None) -> dict:
     by_run: dict[str, list[list[dict]]] = {}
     fixed_points: dict[str, list[dict]] = {}
     report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
-                    "rank_collapse": {}, "symmetry_breaking": {}, "not_analysed": []}
+                    "rank_collapse": {}, "symmetry_breaking": {}, "not_analysed": [], "failed": []}
     for run in runs:
         label, group = _label(run, args.runs), _group(run, args.runs)
         if not (run / "checkpoint.pt").exists() and not (run / "analysis.json").exists():
@@ -160,7 +168,15 @@ def main(argv=None) -> dict:
                   "there; left out of the weight analyses", file=sys.stderr)
             report["not_analysed"].append(str(run))
             continue
-        record = run_record(run, args.images)
+        try:
+            record = run_record(run, args.images)
+        except (DatasetNotFoundError, CorruptDatasetError):
+            raise  # the data is missing for every run alike
+        except Exception as e:  # one broken run (truncated checkpoint, another model's weights, ...): skip it
+            message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"warning: {run}: not analysed, {message}", file=sys.stderr)
+            report["failed"].append({"run": str(run), "error": message})
+            continue
         if "rank_collapse" in record:
             report["rank_collapse"].setdefault(group, []).append(record["rank_collapse"])
             continue
@@ -194,9 +210,11 @@ def main(argv=None) -> dict:
         md = analysis.rank_collapse_report(report["rank_collapse"], path=args.out / "rank_collapse.png")
         (args.out / "rank_collapse.md").write_text(md + "\n")
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-    analysed = len(runs) - len(report["not_analysed"])
+    analysed = len(runs) - len(report["not_analysed"]) - len(report["failed"])
     print(f"wrote {args.out}: curves.png ({len(runs)} runs), symmetry.md, symmetry_by_run.md, report.json and "
-          f"per-run figures ({analysed} runs analysed, {len(report['not_analysed'])} not)")
+          f"per-run figures ({analysed} runs analysed, {len(report['not_analysed'])} without weights, "
+          f"{len(report['failed'])} failed" + (": " + ", ".join(f["run"] for f in report["failed"]) if
+                                                report["failed"] else "") + ")")
     return report
 
 

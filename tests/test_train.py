@@ -815,14 +815,16 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path, capsys):
     for name in ("symmetry.md", "symmetry_by_run.md", "symmetry_breaking.md", "rank_collapse.md",
                  "symmetry_trajectory.md", "fixed_point_certificate.md"):
         assert (tmp_path / "fig2" / name).read_text() == (tmp_path / "fig" / name).read_text()
-    with pytest.raises(ValueError, match=r"imixer/analysis\.json: analysed on 4 test images, not --images 5"):
-        analyze.main(["--runs", str(runs / "imixer"), "--out", str(tmp_path / "fig3"), "--images", "5"])
+    # a run that cannot be analysed as asked is named and skipped, with the reason
+    bad = analyze.main(["--runs", str(runs / "imixer"), "--out", str(tmp_path / "fig3"), "--images", "5"])
+    assert re.search(r"imixer/analysis\.json: analysed on 4 test images, not --images 5", bad["failed"][0]["error"])
     saved = (runs / "broken" / "analysis.json").read_text()
     stale = json.loads(saved)
     del stale["model"]  # as written before analysis.json recorded the model
     (runs / "broken" / "analysis.json").write_text(json.dumps(stale))
-    with pytest.raises(ValueError, match=r"broken/analysis\.json: written before analysis\.json recorded the model"):
-        analyze.main(["--runs", str(runs / "broken"), "--out", str(tmp_path / "fig3"), "--images", "4"])
+    bad = analyze.main(["--runs", str(runs / "broken"), "--out", str(tmp_path / "fig3"), "--images", "4"])
+    assert re.search(r"broken/analysis\.json: written before analysis\.json recorded the model",
+                     bad["failed"][0]["error"])
     (runs / "broken" / "analysis.json").write_text(saved)
     # a run whose weights were lost before they were analysed: named, and left out of the weight analyses only
     (runs / "sym" / "analysis.json").unlink()
@@ -833,6 +835,36 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path, capsys):
     assert lost["runs"] == report["runs"] and lost["fixed_point"] == report["fixed_point"]
     assert lost["symmetry_breaking"].keys() == {"broken"} and not any(r["run"] == "sym" for r in lost["symmetry"])
     assert "| sym |" not in (tmp_path / "fig3" / "symmetry_by_run.md").read_text()
+
+
+@pytest.mark.slow
+def test_analyze_reports_broken_runs_by_name_and_finishes_the_rest(tmp_path, capsys):
+    """One truncated checkpoint and one checkpoint of another model: both named and skipped, the other run
+    analysed and every report file written; a single run folder is labelled with its own name."""
+    runs = tmp_path / "runs"
+    common = ["data.num_workers=0", "progress=false", "epochs=1", "warmup_epochs=0", "data.train_subset=128",
+              "data.test_subset=32", "batch_size=32", "model=derived_vmixer_t4_28",
+              "model_kwargs={embed_dim: 16, num_blocks: 1}"]
+    for name in ("good", "truncated", "other"):
+        train.train(load_config(CONFIG, [*common, f"out_dir={runs / name / 'seed0'}"]))
+    ckpt = runs / "truncated" / "seed0" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    other = load_config(CONFIG, [*common, "model_kwargs={embed_dim: 24, num_blocks: 1}", f"out_dir={tmp_path / 'x'}"])
+    train.train(other)
+    (runs / "other" / "seed0" / "checkpoint.pt").write_bytes((tmp_path / "x" / "checkpoint.pt").read_bytes())
+    capsys.readouterr()
+    report = analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig"), "--images", "4"])
+    err = capsys.readouterr().err
+    failed = {f["run"]: f["error"] for f in report["failed"]}
+    assert set(failed) == {str(runs / "truncated" / "seed0"), str(runs / "other" / "seed0")}
+    assert "cannot be read" in failed[str(runs / "truncated" / "seed0")]
+    assert "does not fit its model" in failed[str(runs / "other" / "seed0")] and "other/seed0" in err
+    assert [r["run"] for r in report["symmetry"]][0] == "good_seed0"
+    assert {"curves.png", "symmetry.md", "symmetry_by_run.md", "report.json"} <= {p.name for p in
+                                                                                 (tmp_path / "fig").iterdir()}
+    single = analyze.main(["--runs", str(runs / "good" / "seed0"), "--out", str(tmp_path / "one"), "--images", "4"])
+    assert {r["run"] for r in single["symmetry"]} == {"good_seed0"}
+    assert "| good | 1 |" in (tmp_path / "one" / "symmetry_by_run.md").read_text()
 
 
 def test_rank_collapse_at_initialisation_script(tmp_path):
