@@ -859,7 +859,7 @@ def test_analyze_reports_broken_runs_by_name_and_finishes_the_rest(tmp_path, cap
     assert set(failed) == {str(runs / "truncated" / "seed0"), str(runs / "other" / "seed0")}
     assert "cannot be read" in failed[str(runs / "truncated" / "seed0")]
     assert "does not fit its model" in failed[str(runs / "other" / "seed0")] and "other/seed0" in err
-    assert [r["run"] for r in report["symmetry"]][0] == "good_seed0"
+    assert next(r["run"] for r in report["symmetry"]) == "good_seed0"
     assert {"curves.png", "symmetry.md", "symmetry_by_run.md", "report.json"} <= {p.name for p in
                                                                                  (tmp_path / "fig").iterdir()}
     single = analyze.main(["--runs", str(runs / "good" / "seed0"), "--out", str(tmp_path / "one"), "--images", "4"])
