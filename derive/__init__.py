@@ -7,7 +7,6 @@
     block = spec_block("net.yaml", seq_len=49, dim=128)   # a network written down as data (derive.NetworkSpec)
 """
 
-from .adiabatic import Branch, ReducedField, adiabatic
 from .attention import (
     DerivedViT,
     DerivedViTBlock,
@@ -34,6 +33,7 @@ from .models import (
     to_reference,
     to_timm,
 )
+from .reduced import Branch, ReducedField, adiabatic
 from .registry import DERIVED_MODEL_NAMES, SPEC_MODEL_NAMES
 from .spec import LayerSpec, NetworkSpec, SpecError, SynapseSpec, load_spec, register_spec
 from .spectral import SoftSpectralNorm

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hopfield import Network
 
-from .adiabatic import Branch, ReducedField
+from .reduced import Branch, ReducedField
 from .spectral import SoftSpectralNorm
 
 __all__ = ["INNER_NORMS", "AxisBatchNorm", "DerivedBlock", "DiscreteConfig", "SolveCertificate", "discretize"]

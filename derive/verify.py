@@ -25,9 +25,9 @@ from torch import Tensor
 from hopfield import Layer, Network
 from hopfield.dynamics import NonFiniteStateError
 
-from .adiabatic import ReducedField
 from .discrete import DerivedBlock
 from .fastsolve import SlowManifoldError
+from .reduced import ReducedField
 
 __all__ = ["VerifyReport", "verify"]
 

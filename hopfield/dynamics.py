@@ -8,6 +8,7 @@ the network reaches a fixed point.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,14 +43,17 @@ ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5", 
 
 
 class NonFiniteStateError(FloatingPointError):
-    """A layer's state became NaN or infinite during a simulation."""
+    """A layer's state is NaN or infinite: given so (``initial``), or become so during a simulation."""
 
-    def __init__(self, layer: str, time: float):
-        self.layer, self.time = layer, time
-        super().__init__(
-            f"non-finite state in layer {layer!r} at t={time:.6g}: the dynamics diverged "
-            "(check the weights' scale, the time constants and the solver's step size)"
-        )
+    def __init__(self, layer: str, time: float, initial: bool = False):
+        self.layer, self.time, self.initial = layer, time, initial
+        if initial:
+            msg = (f"the initial state of layer {layer!r} is not finite (NaN or inf): check the state passed in, "
+                   "nothing was integrated")
+        else:
+            msg = (f"non-finite state in layer {layer!r} at t={time:.6g}: the dynamics diverged "
+                   "(check the weights' scale, the time constants and the solver's step size)")
+        super().__init__(msg)
 
 
 class StepUnderflowError(FloatingPointError):
@@ -213,19 +217,30 @@ def _odeint(func, y0, t, *, method, rtol, atol, options, adjoint, adjoint_option
         raise StepUnderflowError(float(t_last), sizes) from err
 
 
+DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4}  # float32's: 6 digits of the energy, 1/6 the work
+
+
+def _check_tolerance(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"simulate: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: str = "dopri5",
-             rtol: float = 1e-7, atol: float = 1e-9, options: dict | None = None, adjoint: bool = False,
-             adjoint_options: dict | None = None, inputs: Mapping[str, Tensor] | None = None,
-             clamped: Iterable[str] = (), track_energy: bool = True, check_finite: bool = True,
-             descent_tol: float | None = None) -> Trajectory:
+             rtol: float | None = None, atol: float | None = None, options: dict | None = None,
+             adjoint: bool = False, adjoint_options: dict | None = None, inputs: Mapping[str, Tensor] | None = None,
+             clamped: Iterable[str] | str = (), track_energy: bool = True, check_finite: bool = True,
+             descent_tol: float | None = None, grad: bool = False) -> Trajectory:
     """Integrate tau_A dx_A/dt = I_A - x_A from ``state`` over the output times ``t`` (1-D, increasing).
 
-    ``method``/``rtol``/``atol``/``options`` go to ``torchdiffeq.odeint`` (``adjoint=True``: to
-    ``odeint_adjoint``, O(1) memory in the number of steps, gradients w.r.t. the network's parameters and
-    any input currents that require grad). For stiff time-constant ratios use
+    ``method``/``rtol``/``atol``/``options`` go to ``torchdiffeq.odeint``. ``rtol`` defaults to the dtype's:
+    1e-7 in float64, 1e-4 in float32 (the energy to about 6 digits either way); ``atol`` to rtol / 100.
+    ``grad=False`` (the default, for exploring) integrates without an autograd graph; ``grad=True`` keeps it, so
+    that losses on the trajectory backpropagate into the weights, inputs and initial state (``adjoint=True``
+    implies it: ``odeint_adjoint``, O(1) memory in the number of steps). For stiff time-constant ratios use
     ``method="scipy_solver", options={"solver": "Radau"}`` (or "BDF", "LSODA"), which has no gradient.
-    ``inputs`` are constant external currents per layer; ``clamped`` layers are held at their initial
-    state. With ``track_energy`` the energy is evaluated at every output time and the descent report
+    ``inputs`` are constant external currents per layer; ``clamped`` layers (a name or names) are held at their
+    initial state. With ``track_energy`` the energy is evaluated at every output time and the descent report
     compares consecutive values with ``descent_tol`` (default max(10 rtol, 100 eps) for adaptive
     methods, 1e-6 for fixed grids, relative to |E|).
     """
@@ -237,7 +252,20 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
         raise ValueError("t must be a 1-D tensor of strictly increasing output times")
     names = list(net.layers)
     y0 = tuple(state[n] for n in names)
-    t = t.to(device=y0[0].device, dtype=y0[0].dtype if y0[0].is_floating_point() else torch.float64)
+    dtype = y0[0].dtype if y0[0].is_floating_point() else torch.float64
+    rtol = _check_tolerance("rtol", DEFAULT_RTOL.get(dtype, 1e-7) if rtol is None else rtol)
+    atol = _check_tolerance("atol", rtol / 100 if atol is None else atol)
+    t = t.to(device=y0[0].device, dtype=dtype)
+    for n, x in zip(names, y0):
+        if not torch.isfinite(x).all():
+            raise NonFiniteStateError(n, float(t[0]), initial=True)
+    with contextlib.nullcontext() if grad or adjoint else torch.no_grad():
+        return _simulate(net, names, y0, t, inputs, clamped, method, rtol, atol, options, adjoint, adjoint_options,
+                         track_energy, check_finite, descent_tol)
+
+
+def _simulate(net, names, y0, t, inputs, clamped, method, rtol, atol, options, adjoint, adjoint_options,
+              track_energy, check_finite, descent_tol) -> Trajectory:
     func = _Field(net, inputs, clamped, check_finite)
     ys = _odeint(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, adjoint=adjoint,
                  adjoint_options=adjoint_options)

@@ -391,7 +391,10 @@ class _Symbolic(_Separable):
     """Separable Lagrangian from a sympy expression phi(x): phi' and phi'' by sympy, lambdified to torch."""
 
     def __init__(self, expr, symbol: sympy.Symbol | None, name: str | None, convex: bool | None):
-        expr = sympy.sympify(expr)
+        try:
+            expr = sympy.sympify(expr)
+        except (sympy.SympifyError, SyntaxError, TypeError) as e:
+            raise ValueError(f"symbolic({expr!r}): not an expression sympy can read: {e}") from None
         free = sorted(expr.free_symbols, key=str)
         if symbol is None:
             if len(free) != 1:
@@ -402,16 +405,33 @@ class _Symbolic(_Separable):
             symbol = free[0]
         elif set(free) - {symbol}:
             raise ValueError(f"symbolic({expr}): free symbols other than {symbol}: {set(free) - {symbol}}")
+        real = sympy.Symbol(symbol.name, real=True)  # a neuron's state is real, whatever the caller declared
+        expr, symbol = expr.subs(symbol, real), real
         self.expr, self.var = expr, symbol  # ``symbol`` (below) is the display name of the activation
         self.d1 = sympy.simplify(sympy.diff(expr, symbol))
         self.d2 = sympy.simplify(sympy.diff(expr, symbol, 2))
-        self._phi, self._d1, self._d2 = (self._lambdify(e) for e in (expr, self.d1, self.d2))
+        if self.d2.has(sympy.DiracDelta) or self.d1.has(sympy.DiracDelta):
+            raise ValueError(
+                f"symbolic({expr}): phi must be twice differentiable (Eq. 18 and the Legendre energy use phi''), "
+                f"but phi''({symbol}) = {self.d2} has a Dirac delta (a kink in phi'); for relu(x)^2 / 2 use "
+                "lagrangians.relu()")
+        try:
+            self._phi, self._d1, self._d2 = (self._lambdify(e) for e in (expr, self.d1, self.d2))
+        except Exception as e:  # sympy's printers raise many types for what torch cannot compute
+            raise ValueError(f"symbolic({expr}): phi, phi' or phi'' cannot be written with torch functions: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         self.name = name or f"symbolic({expr})"
         self.symbol = name or "phi'"
         self.negative_set = None  # where phi'' < 0, when sympy could say
         self.convex = self._decide_convexity() if convex is None else bool(convex)
         if not self.convex:
             where = f" on {self.negative_set}" if self.negative_set is not None else ""
+            try:
+                period = sympy.periodicity(self.d2, self.var)
+            except (NotImplementedError, ValueError, TypeError):
+                period = None
+            if where and period:  # solveset lists one period of a periodic phi''
+                where += f" + {period}*k for every integer k"
             self.caveat = (f"{self.name}: phi''({self.var}) = {self.d2} takes negative values{where}, "
                            "descent not guaranteed")
 

@@ -134,7 +134,7 @@ class Network(nn.Module):
                     f"input current for layer {n!r} has shape {tuple(cur.shape)}, which does not broadcast to the "
                     f"layer's state (batch, *shape) = {want}")
             self._check_like(cur, state[n], f"input current for layer {n!r}")
-        clamped = tuple(clamped)
+        clamped = (clamped,) if isinstance(clamped, str) else tuple(clamped)  # one name, or names
         for n in clamped:
             if n not in self.layers:
                 raise ValueError(f"cannot clamp unknown layer {n!r}; layers are {list(self.layers)}")
@@ -174,8 +174,18 @@ class Network(nn.Module):
         return terms
 
     def energy(self, state: Mapping[str, Tensor], inputs: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Total energy per sample, shape (batch,) (Eq. 17; a pseudo-energy with asymmetric synapses)."""
-        return sum(self.energy_terms(state, inputs).values())
+        """Total energy per sample, shape (batch,) (Eq. 17; a pseudo-energy with asymmetric synapses).
+        FloatingPointError, naming the layer or the term, when it is not finite."""
+        terms = self.energy_terms(state, inputs)
+        total = sum(terms.values())
+        if not bool(torch.isfinite(total).all()):
+            for n in self.layers:
+                if not bool(torch.isfinite(state[n]).all()):
+                    raise FloatingPointError(f"energy: the state of layer {n!r} is not finite (NaN or inf)")
+            bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
+            raise FloatingPointError(f"energy: not finite although every state is: the term(s) {bad} overflowed "
+                                     "(a state or weight too large for the dtype?)")
+        return total
 
     # ------------------------------------------------------------------ dynamics
     def vector_field(self, state: Mapping[str, Tensor], inputs: Mapping[str, Tensor] | None = None,

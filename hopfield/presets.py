@@ -37,12 +37,13 @@ def chain(sizes: Sequence[int], *, other: Sequence[int] = (), axis: int = -1,
     """Krotov's hierarchical network (2021, Eqs. 14-17): layers 0 - 1 - ... - (L-1), neighbours coupled.
 
     Layer k has ``sizes[k]`` units along ``axis`` and the sizes ``other`` along its remaining axes.
-    Defaults: layer 0 LayerNorm over ``axis``, the others ReLU; tau_k = 10^-k; names x0, x1, ...
+    Defaults: layer 0 LayerNorm over ``axis``, the others ReLU; tau_k = 10^-k; names v, x1, x2, ... (layer 0 is the
+    visible layer, named as everywhere else).
     """
     depth = len(sizes)
     if depth < 2:
         raise ValueError(f"chain needs at least 2 layers, got sizes {list(sizes)}")
-    names = list(names) if names is not None else [f"x{k}" for k in range(depth)]
+    names = list(names) if names is not None else ["v"] + [f"x{k}" for k in range(1, depth)]
     lagrangians = list(lagrangians) if lagrangians is not None else (
         [lag.layernorm(axis=axis)] + [lag.relu() for _ in range(depth - 1)])
     taus = list(taus) if taus is not None else [10.0 ** -k for k in range(depth)]

@@ -150,7 +150,7 @@ def test_reduced_field_solves_have_the_implicit_function_gradient(kind, solver):
 
 def relu_chain(norm):
     torch.manual_seed(1)
-    net = presets.chain([8, 12, 10, 6], other=(5,), axis=-2, names=["v", "x1", "x2", "x3"]).double()
+    net = presets.chain([8, 12, 10, 6], other=(5,), axis=-2).double()  # v, x1, x2, x3
     return rescale_hidden(net, norm)
 
 

@@ -124,7 +124,7 @@ def test_relax_reaches_a_fixed_point_where_state_equals_currents():
     net = presets.chain([6, 5, 4], other=(3,), lagrangians=[lag.layernorm(), lag.tanh(), lag.softmax()],
                         taus=[1.0, 0.5, 0.2]).double()
     state = net.init_state(2)
-    inputs = {"x0": torch.randn(2, 3, 6, dtype=torch.float64)}
+    inputs = {"v": torch.randn(2, 3, 6, dtype=torch.float64)}
     tol = 1e-8
     fp = net.relax(state, tol=tol, inputs=inputs)
     cur = net.currents(fp, inputs)
@@ -199,8 +199,8 @@ def test_clamped_layer_is_held_and_inputs_enter_the_energy():
     state = net.init_state(2)
     inputs = {"x1": torch.ones(1, 2, 3, dtype=torch.float64)}
     with torch.no_grad():
-        traj = net.simulate(state, torch.linspace(0, 2, 21), inputs=inputs, clamped=("x0",), rtol=1e-9, atol=1e-11)
-    assert (traj.states["x0"] == state["x0"]).all()  # exactly
+        traj = net.simulate(state, torch.linspace(0, 2, 21), inputs=inputs, clamped=("v",), rtol=1e-9, atol=1e-11)
+    assert (traj.states["v"] == state["v"]).all()  # exactly
     assert traj.descent.ok
     assert "input:x1" in net.energy_terms(state, inputs)
 
@@ -208,7 +208,7 @@ def test_clamped_layer_is_held_and_inputs_enter_the_energy():
 def _grads(net, state, adjoint):
     net.zero_grad()
     traj = net.simulate(state, torch.linspace(0, 1, 3, dtype=torch.float64), rtol=1e-10, atol=1e-12,
-                        adjoint=adjoint, track_energy=False)
+                        adjoint=adjoint, track_energy=False, grad=True)
     loss = sum((s[-1] ** 2).sum() for s in traj.states.values())
     loss.backward()
     return [p.grad.clone() for p in net.parameters()]
@@ -234,7 +234,7 @@ def test_gradcheck_through_a_short_simulation():
 
     def final():
         traj = net.simulate(state, torch.tensor([0.0, 0.5], dtype=torch.float64), method="rk4",
-                            options={"step_size": 0.05}, track_energy=False)
+                            options={"step_size": 0.05}, track_energy=False, grad=True)
         return traj.states["x1"][-1].sum()
 
     (g,) = torch.autograd.grad(final(), w)
@@ -300,11 +300,36 @@ def test_diverging_network_names_the_layer_and_time(dtype):
         net.simulate(net.init_state(1), torch.linspace(0, 50, 3, dtype=dtype))
     assert e.value.layer in ("a", "b") and 0 < e.value.time <= 50
     assert f"layer {e.value.layer!r}" in str(e.value) and "at t=" in str(e.value)
-    # a state that is already non-finite is caught at the first evaluation
+    # a state that is already non-finite is named as the initial state, not as a divergence
     state = net.init_state(1)
     state["b"][0, 1] = float("nan")
-    with pytest.raises(NonFiniteStateError, match="layer 'b' at t=0"), torch.no_grad():
+    with pytest.raises(NonFiniteStateError, match="the initial state of layer 'b' is not finite") as e:
         net.simulate(state, torch.linspace(0, 1, 3, dtype=dtype))
+    assert e.value.initial and "diverged" not in str(e.value)
+    with pytest.raises(FloatingPointError, match="energy: the state of layer 'b' is not finite"):
+        net.energy(state)
+
+
+def test_simulate_validates_tolerances_takes_one_clamped_name_and_explores_without_a_graph():
+    """rtol/atol must be finite and positive; clamped may be one name; the default tolerance is the dtype's, and
+    without grad=True no autograd graph is kept (states do not require grad), with it gradients flow."""
+    torch.manual_seed(0)
+    net = presets.chain([4, 3], other=(2,))
+    state = net.init_state(2)
+    t = torch.linspace(0, 1, 3)
+    for key, value in (("rtol", -1), ("atol", 0.0), ("rtol", float("nan"))):
+        with pytest.raises(ValueError, match=f"simulate: {key} must be a finite number > 0"):
+            net.simulate(state, t, **{key: value})
+    traj = net.simulate(state, t, clamped="v")
+    assert torch.equal(traj.states["v"][-1], state["v"])
+    assert not any(s.requires_grad for s in traj.states.values()) and not traj.energy.requires_grad
+    float(traj.energy[-1, 0])  # no warning about a tensor that requires grad
+    loose = net.simulate(state, t)
+    tight = net.simulate(state, t, rtol=1e-7, atol=1e-9)
+    assert loose.nfe < tight.nfe and (loose.energy - tight.energy).abs().max() < 1e-4 * tight.energy.abs().max()
+    traj = net.simulate(state, t, grad=True)
+    traj.states["x1"][-1].sum().backward()
+    assert net.synapses[0].weight.grad is not None
 
 
 def test_finite_time_blow_up_gives_a_clear_error():

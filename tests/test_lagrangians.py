@@ -167,7 +167,7 @@ def test_symbolic_convexity_is_decided_by_sympy_not_by_a_grid():
     assert not late.convex
     assert late.negative_set == sympy.Interval.open(60 + sympy.log(2), sympy.oo)
     assert "log(2) + 60" in late.caveat
-    assert late.symbol == "phi'" and late.var == sympy.Symbol("x")  # display name and sympy variable apart
+    assert late.symbol == "phi'" and late.var == sympy.Symbol("x", real=True)  # display name and (real) variable apart
     assert lag.symbolic("x**2/2 + exp(x - 60)").convex
     # sympy leaves phi'' = GELU'(z) < 0 unsolved (a ConditionSet): the grid decides, and finds z < -0.75
     z = sympy.Symbol("z")
@@ -206,3 +206,19 @@ def test_bad_lagrangian_arguments_are_named():
         lag.symbolic("x*y")
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         lag.softmax(axis=2).activation(torch.zeros(3, 4, 5))
+
+
+def test_symbolic_lagrangians_need_two_derivatives_take_real_symbols_and_state_periodic_caveats():
+    """A kink (Abs, a rectifier written with Max) is refused with the reason; a symbol not declared real is
+    treated as real; a periodic phi'' states its negative set for every period."""
+    for expr in ("Abs(x)", "Max(x, 0)**2/2"):
+        with pytest.raises(ValueError, match=r"phi must be twice differentiable .* Dirac delta"):
+            lag.symbolic(expr)
+    with pytest.raises(ValueError, match="not an expression sympy can read"):
+        lag.symbolic("x**")
+    x = sympy.Symbol("x")  # not declared real
+    L = lag.symbolic(x**2 / 2 + sympy.cos(x) / 4, symbol=x)
+    v = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.allclose(L.activation(v), v - torch.sin(v) / 4)
+    caveat = lag.symbolic("cos(x)").caveat
+    assert "+ 2*pi*k for every integer k" in caveat
