@@ -17,7 +17,7 @@ from typing import Any
 from timm.models import model_entrypoint
 
 import mixers
-from mixers.models import SIZES, create_registered, register_entrypoints
+from mixers.models import SIZES, create_registered, register_entrypoints, split_kwargs
 
 from .models import DerivedMixer, DerivedMixerConfig, from_reference, spec_block
 from .spec import load_spec
@@ -45,18 +45,9 @@ def _spec_entrypoint(name: str, size: dict[str, Any]):
             if spec is None:
                 raise TypeError(f"{name}() needs spec= (a NetworkSpec, its plain data, a YAML file's path or a name "
                                 "given to derive.register_spec)")
-            cfg, options = dict(size), {}
-            for key, value in kw.items():
-                if key in _CONFIG_FIELDS:
-                    cfg[key] = value
-                elif key in _SPEC_OPTIONS:
-                    options[key] = value
-                else:
-                    raise TypeError(f"{name}() got an unexpected keyword argument {key!r}; it accepts spec=, the "
-                                    f"DerivedMixerConfig fields {sorted(_CONFIG_FIELDS)} and the block options "
-                                    f"{sorted(_SPEC_OPTIONS)}")
+            cfg, options = split_kwargs(name, kw, _CONFIG_FIELDS, _SPEC_OPTIONS, "DerivedMixerConfig")
             return DerivedMixer(DerivedMixerConfig(block="spec", spec=load_spec(spec).to_dict(), block_kwargs=options,
-                                                   **cfg))
+                                                   **{**size, **cfg}))
 
         return create_registered(name, pretrained, kwargs, build)
 

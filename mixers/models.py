@@ -690,21 +690,24 @@ def create_registered(name: str, pretrained: bool, kwargs: dict[str, Any],
     return model
 
 
+def split_kwargs(name: str, kwargs: dict[str, Any], config_fields, options, config: str) -> tuple[dict, dict]:
+    """An entry point's keyword arguments as (``config`` fields, block options); TypeError naming an unknown one."""
+    cfg, opts = {}, {}
+    for key, value in kwargs.items():
+        if key in config_fields:
+            cfg[key] = value
+        elif key in options:
+            opts[key] = value
+        else:
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}; it accepts the {config} fields "
+                            f"{sorted(config_fields)} and the block options {sorted(options)}")
+    return cfg, opts
+
+
 def _build_mixer(name: str, family: str, size: str, kwargs: dict[str, Any]) -> MlpMixer:
     block, defaults = _FAMILIES[family]
-    cfg_kwargs = dict(SIZES[size])
-    block_kwargs = dict(defaults)
-    for key, value in kwargs.items():
-        if key in _CONFIG_FIELDS:
-            cfg_kwargs[key] = value
-        elif key in block_kwargs:
-            block_kwargs[key] = value
-        else:
-            raise TypeError(
-                f"{name}() got an unexpected keyword argument {key!r}; it accepts the MixerConfig fields "
-                f"{sorted(_CONFIG_FIELDS)} and the block options {sorted(block_kwargs)}"
-            )
-    return MlpMixer(MixerConfig(block=block, block_kwargs=block_kwargs, **cfg_kwargs))
+    cfg, options = split_kwargs(name, kwargs, _CONFIG_FIELDS, defaults, "MixerConfig")
+    return MlpMixer(MixerConfig(block=block, block_kwargs={**defaults, **options}, **{**SIZES[size], **cfg}))
 
 
 def _make_entrypoint(name: str, family: str, size: str, n_iter: int | None = None) -> Callable[..., MlpMixer]:
