@@ -38,7 +38,7 @@ from .fastsolve import solve_fast
 
 __all__ = ["SOLVERS", "Branch", "ReducedField", "adiabatic"]
 
-SOLVERS = ("anderson", "newton", "fixed_point")
+SOLVERS = ("anderson", "newton_krylov", "newton", "fixed_point")
 
 # maps a branch to the functions its G and H apply (default: ``(br.G, br.H)``, the synapse's own currents); a
 # derived block passes ones with spectrally normalised matrices, or BatchNorm after them
@@ -149,6 +149,8 @@ class ReducedField:
       34-35, straight from the network's own currents), matrix-free and batched, by Anderson acceleration
       (``derive.fastsolve``), to ``tol`` (default dtype-aware: 1e-12 in float64, 1e-4 in float32, relative);
       ``max_iter``, ``m`` (memory) and ``beta`` (mixing, < 1 damps) tune it;
+    - ``"newton_krylov"``: the same equations by Newton's method, matrix-free (GMRES on Jacobian-vector products),
+      batched, ``max_iter`` steps at most;
     - ``"newton"``: the same equations by Newton's method with the dense per-sample Jacobian and backtracking
       (O(state^2) memory: small states), ``max_iter`` steps at most;
     - ``"fixed_point"``: each implicit x^A = (1 - F^A)^-1 (z) by x^0 = z, x^(a+1) = z + F^A(x^a), ``n_iter`` times

@@ -131,7 +131,7 @@ def test_fixed_point_solve_converges_to_the_newton_solve():
 
 
 @pytest.mark.parametrize("kind", ["mixing", "imixer"])
-@pytest.mark.parametrize("solver", ["newton", "anderson"])
+@pytest.mark.parametrize("solver", ["newton", "anderson", "newton_krylov"])
 def test_reduced_field_solves_have_the_implicit_function_gradient(kind, solver):
     """The Newton and Anderson solves run off the graph; their solution still carries dx*/dv and dx*/dW (implicit
     function theorem: Newton's held-Jacobian step, Anderson's adjoint fixed point): gradcheck in float64, and the
@@ -165,7 +165,8 @@ def test_matrix_free_solve_equals_dense_newton(case):
     v = torch.randn(3, *net.layers["v"].shape, dtype=torch.float64)
     with torch.no_grad():
         a, n = adiabatic(net)(v), adiabatic(net, solver="newton")(v)
-    assert adiabatic(net).solver == "anderson" and (a - n).abs().max() <= 1e-10
+        k = adiabatic(net, solver="newton_krylov")(v)
+    assert adiabatic(net).solver == "anderson" and (a - n).abs().max() <= 1e-10 and (k - n).abs().max() <= 1e-10
 
 
 def test_float32_default_tolerance_and_failures_that_say_where_and_what_to_try():
@@ -174,7 +175,7 @@ def test_float32_default_tolerance_and_failures_that_say_where_and_what_to_try()
     torch.manual_seed(0)
     net = derive.block_network("imixer", 8, 16)
     v = torch.randn(2, 8, 16)
-    for solver in ("anderson", "newton"):
+    for solver in ("anderson", "newton_krylov", "newton"):
         assert torch.isfinite(adiabatic(net, solver=solver)(v)).all()
     strong = rescale_hidden(randomize(derive.block_network("imixer", 8, 16).double()), 6.0)
     with pytest.raises(derive.SlowManifoldError,
