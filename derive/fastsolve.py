@@ -14,9 +14,9 @@ use the nested recursion of ``ReducedField``'s ``"fixed_point"`` solver), in one
 The solution is differentiable in v and the weights by the implicit function theorem: ``"newton"`` through one
 more Newton step with the Jacobian held, ``"anderson"`` and ``"newton_krylov"`` through a backward hook that
 solves the adjoint system g = grad + J^T g by Anderson-accelerated iteration (vector-Jacobian products only). The
-default tolerance is dtype-aware: ``tol`` of max |x - c(x)| relative to max(1, max |x|), 1e-12 in float64, 1e-4 in float32 (the
-currents carry float32 round-off of that order at these sizes). A failure raises ``SlowManifoldError`` naming the
-layer, the worst sample, the residual reached and what to try.
+default tolerance is dtype-aware: ``tol`` of max |x - c(x)| relative to max(1, max |x|), 1e-12 in float64, 1e-4
+in float32 (the currents carry float32 round-off of that order at these sizes). A failure raises
+``SlowManifoldError`` naming the layer, the worst sample, the residual reached and what to try.
 """
 
 from __future__ import annotations
