@@ -155,7 +155,7 @@ def _newton_krylov(f: Callable[[Tensor], Tensor], x: Tensor, tol: float, max_ite
     r = res(x)
     k = 0
     while k < max_iter and float(rel(r, x).max()) > tol:
-        step = _gmres(lambda d: torch.func.jvp(res, (x,), (d,))[1], r, m, 1e-3)
+        step = _gmres(lambda d, x=x: torch.func.jvp(res, (x,), (d,))[1], r, m, 1e-3)
         t = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         norm = r.norm(dim=1)
         for _ in range(12):
