@@ -41,17 +41,10 @@ from derive import DerivedMixer
 from mixers import VisionTransformer
 
 from . import analysis, reports
+from .config import ConfigError, add_import_argument, import_modules, load_config
 from .data import CorruptDatasetError, DatasetNotFoundError, build_datasets
-from .train import (
-    CheckpointError,
-    ConfigError,
-    add_import_argument,
-    atomic_write,
-    build_model,
-    import_modules,
-    load_checkpoint,
-    load_config,
-)
+from .runs import CheckpointError, atomic_write, load_checkpoint
+from .train import build_model
 
 __all__ = ["IMAGES", "analyse_run", "find_runs", "load_run", "main", "run_record"]
 

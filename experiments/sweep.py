@@ -46,22 +46,18 @@ import yaml
 
 from .analysis import mean_std_cell
 from .analyze import IMAGES, run_record
-from .data import CorruptDatasetError, DatasetNotFoundError
-from .train import (
+from .config import (
     OPERATIONAL_KEYS,
-    CheckpointError,
     ConfigError,
     add_import_argument,
-    check_model,
     config_diff,
-    hold_out_dir,
     import_modules,
     load_config,
-    median_images_per_s,
-    read_jsonl,
     read_yaml_mapping,
-    train,
 )
+from .data import CorruptDatasetError, DatasetNotFoundError
+from .runs import CheckpointError, hold_out_dir, median_images_per_s, read_jsonl
+from .train import check_model, train
 
 __all__ = ["check_spec", "comparison", "expand", "load_sweep", "machine", "run_sweep", "status", "table", "tost"]
 

@@ -26,26 +26,15 @@ One process at a time trains into an ``out_dir``: the run holds ``out_dir/.lock`
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import dataclasses
-import errno
-import fcntl
 import fnmatch
-import io
 import json
-import math
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
-import types
-import typing
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,245 +45,40 @@ import yaml
 from torch import nn
 
 from .analysis import symmetry_scalars
-from .data import (
-    CorruptDatasetError,
-    DataConfig,
-    DatasetNotFoundError,
-    build_datasets,
-    build_loaders,
-    dataset_info,
-    split_size,
-    validate_config,
+from .config import (
+    RESUME_IGNORED,
+    ConfigError,
+    TrainConfig,
+    add_import_argument,
+    config_diff,
+    import_modules,
+    load_config,
+    plain_config,
+)
+from .data import CorruptDatasetError, DatasetNotFoundError, build_datasets, build_loaders, dataset_info, split_size
+from .runs import (
+    CheckpointError,
+    RunBusyError,
+    RunWriteError,
+    atomic_write,
+    cpu_has_bf16_kernels,
+    cpu_name,
+    environment,
+    hold_out_dir,
+    load_checkpoint,
+    log_metrics,
+    median_images_per_s,
+    read_jsonl,
+    rewrite_logs,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 
 __all__ = ["CheckpointError", "ConfigError", "RunBusyError", "RunWriteError", "TrainConfig", "atomic_write",
-           "check_model", "check_run", "config_diff", "cpu_name", "environment", "hold_out_dir", "import_modules",
-           "load_config", "main", "read_jsonl", "train"]
-
-
-AMP_MODES = ("auto", "bf16", "off")
-SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")  # timm's, stepped per update (not "plateau")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration: the message names the key."""
-
-
-class RunBusyError(ConfigError):
-    """Another process is training into the same out_dir (it holds out_dir/.lock)."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, or that does not continue this run: the message names the file."""
-
-
-@dataclass
-class TrainConfig:
-    model: str = "derived_imixer_t4_28"  # any timm name: vmixer_*, imixer_*, limixer_*, paramixer_*, derived_*, ...
-    # e.g. h_ratio, n_iter, form, lam; for derived_spec_* models spec: a network spec's YAML file (stored resolved)
-    model_kwargs: dict = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
-    epochs: int = 10
-    batch_size: int = 128  # per process
-    opt: str = "adamw"
-    lr: float | None = None  # None: lr_base * global batch / lr_base_size
-    lr_base: float = 5e-4
-    lr_base_size: int = 512
-    weight_decay: float = 0.05
-    # parameter names (fnmatch patterns, e.g. "blocks.*.weight_break") exempt from weight decay, on top of timm's
-    # exemptions (biases and other 1-D parameters, the model's no_weight_decay())
-    no_weight_decay: tuple[str, ...] = ()
-    sched: str = "cosine"
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    cooldown_epochs: int = 0
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    drop_path: float = 0.0
-    clip_grad: float | None = None
-    amp: str = "auto"  # bf16 autocast: "auto" (on GPU only), "bf16" (any device; CPUs with bf16 units gain), "off"
-    compile: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    out_dir: str = "runs/default"
-    progress: bool = True  # tqdm bar per epoch
-    checkpoint_minutes: float | None = None  # also checkpoint mid-epoch this often (a SIGKILL loses at most that)
-
-
-# keys that change how a run is carried out, not what it computes: a checkpoint or finished run ignores them
-OPERATIONAL_KEYS = ("out_dir", "progress", "checkpoint_minutes")
-RESUME_IGNORED = (*OPERATIONAL_KEYS, "epochs")  # a checkpoint's config, compared on resume (epochs: separately)
-
-
-# ---------------------------------------------------------------------------------------------- config
-def _coerce(value, hint, key: str):
-    """``value`` checked against the field's type; YAML reads 1e-3 as a string, so numbers in strings are parsed."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ConfigError(f"config key {key!r} must not be null")
-    for typ in allowed:
-        if typ is bool and isinstance(value, bool):
-            return value
-        if typ is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if typ is float and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if typ is str and isinstance(value, str):
-            return value
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
-
-
-def _merge(obj, values: dict, where: str):
-    """Dataclass ``obj`` with ``values`` applied; unknown keys and wrong types raise ConfigError naming them."""
-    names = {f.name: f for f in dataclasses.fields(obj)}
-    hints = typing.get_type_hints(type(obj))
-    updates = {}
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"unknown config key {where}{key!r}; valid keys: {sorted(names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {where}{key!r} must be a mapping, got {value!r}")
-            value = _merge(current, value, f"{where}{key}.")
-        elif isinstance(current, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {where}{key!r} must be a mapping, got {value!r}")
-        elif not isinstance(current, tuple):
-            value = _coerce(value, hints[key], f"{where}{key}")
-        updates[key] = value
-    try:
-        return dataclasses.replace(obj, **updates)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid value in {where or 'config'}: {e}") from e
-
-
-def _nest(dotted: str, value) -> dict:
-    out = value
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
-def _deep_update(a: dict, b: dict) -> dict:
-    for k, v in b.items():
-        a[k] = _deep_update(dict(a.get(k) or {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return a
-
-
-def read_yaml_mapping(path: str, what: str) -> dict:
-    """The mapping a YAML file holds; ConfigError naming ``what`` and the file if it is missing or not one."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} {str(p)!r} must hold a mapping of keys, got {type(raw).__name__}")
-    return raw
-
-
-def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a YAML file and ``key=value`` overrides (dotted keys, YAML values)."""
-    raw = read_yaml_mapping(path, "config file") if path is not None else {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value of config key {key.strip()!r} is not valid YAML: "
-                              f"{e}") from e
-        _deep_update(raw, _nest(key.strip(), value))
-    if isinstance(raw.get("amp"), bool):  # configs written before the modes existed: true meant bf16 on GPU
-        raw["amp"] = "auto" if raw["amp"] else "off"
-    cfg = _merge(TrainConfig(), raw, "")
-    cfg.model_kwargs = _resolve_spec(cfg.model_kwargs)
-    for key in ("epochs", "batch_size", "lr_base_size"):
-        if not (isinstance(getattr(cfg, key), int) and getattr(cfg, key) > 0):
-            raise ConfigError(f"config key {key!r} must be a positive integer, got {getattr(cfg, key)!r}")
-    for key in ("warmup_epochs", "cooldown_epochs"):
-        if not (isinstance(getattr(cfg, key), int) and getattr(cfg, key) >= 0):
-            raise ConfigError(f"config key {key!r} must be an integer >= 0, got {getattr(cfg, key)!r}")
-    if not 0 <= cfg.smoothing < 1:
-        raise ConfigError(f"config key 'smoothing' must be in [0, 1), got {cfg.smoothing!r}")
-    if cfg.amp not in AMP_MODES:
-        raise ConfigError(f"config key 'amp' must be one of {AMP_MODES}, got {cfg.amp!r}")
-    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
-        raise ConfigError(f"config key 'clip_grad' must be > 0 or null, got {cfg.clip_grad!r}")
-    for key in ("lr", "lr_base", "checkpoint_minutes"):
-        if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
-            raise ConfigError(f"config key {key!r} must be > 0, got {getattr(cfg, key)!r}")
-    if not (isinstance(cfg.no_weight_decay, (list, tuple)) and all(isinstance(p, str) for p in cfg.no_weight_decay)):
-        raise ConfigError(f"config key 'no_weight_decay' must be a list of parameter-name patterns, got "
-                          f"{cfg.no_weight_decay!r}")
-    for key in ("weight_decay", "warmup_lr", "min_lr", "mixup", "cutmix"):
-        if not getattr(cfg, key) >= 0:
-            raise ConfigError(f"config key {key!r} must be >= 0, got {getattr(cfg, key)!r}")
-    if not 0 <= cfg.drop_path < 1:
-        raise ConfigError(f"config key 'drop_path' must be in [0, 1), got {cfg.drop_path!r}")
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise ConfigError(f"config key 'batch_size' must be even with mixup/cutmix (timm's Mixup pairs each "
-                          f"batch with its reverse), got {cfg.batch_size}")
-    if cfg.sched not in SCHEDULERS:
-        raise ConfigError(f"config key 'sched' must be one of {SCHEDULERS}, got {cfg.sched!r}")
-    from timm.optim import list_optimizers
-
-    if cfg.opt.lower() not in list_optimizers():
-        raise ConfigError(f"config key 'opt': {cfg.opt!r} is not one of timm's optimizers {list_optimizers()}")
-    try:
-        validate_config(cfg.data)
-    except ValueError as e:
-        raise ConfigError(f"config key 'data': {e}") from e
-    return cfg
-
-
-def add_import_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import a module first (one that registers timm models or network specs with "
-                        "derive.register_spec); repeatable")
-
-
-def import_modules(names: list[str]) -> None:
-    """Import each module (a file's folder must be on the path: the current directory is); ConfigError naming
-    it if it cannot be imported."""
-    import importlib
-
-    if names and "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # any failure of a user's module: name it, keep its message
-            raise ConfigError(f"--import {name}: the module cannot be imported: {type(e).__name__}: {e}") from e
-
-
-def _resolve_spec(model_kwargs: dict) -> dict:
-    """``model_kwargs`` with ``spec`` (a YAML file's path, a registered name or plain data) replaced by the spec's
-    plain data, so that the run folder's config alone rebuilds the model, later and elsewhere."""
-    if "spec" not in model_kwargs:
-        return model_kwargs
-    from derive import SpecError, load_spec
-
-    try:
-        return {**model_kwargs, "spec": load_spec(model_kwargs["spec"]).to_dict()}
-    except SpecError as e:
-        raise ConfigError(f"config key 'model_kwargs.spec': {e}") from None
+           "build_model", "check_model", "check_run", "config_diff", "cpu_name", "environment", "evaluate",
+           "hold_out_dir", "import_modules", "load_config", "main", "param_groups", "read_jsonl", "save_checkpoint",
+           "train"]
 
 
 def check_model(cfg: TrainConfig) -> None:
@@ -319,95 +103,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=exempt)
 
 
-# ---------------------------------------------------------------------------------------------- state
-def _rng_state() -> dict:
-    np_state = np.random.get_state()  # noqa: NPY002 -- the global stream is what timm's Mixup draws from
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))  # noqa: NPY002
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002
     torch.manual_seed(seed)
-
-
-class RunWriteError(OSError):
-    """A run's file could not be written: the message names the file and says why; the previous version of the
-    file is intact and no temporary file is left."""
-
-
-_WHY = {errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space is left on the device",
-        errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG: "the file-size limit (ulimit -f) was reached",
-        errno.EACCES: "permission denied", errno.EPERM: "the operation is not permitted (an immutable or read-only "
-                                                         "file or folder?)"}
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` fills a temporary file in the same folder, which is flushed to disk and renamed over ``path``:
-    a reader (or a crash at any point) sees the old file or the new one, never half of one. A failure to write is a
-    ``RunWriteError`` naming ``path`` and the reason (read-only, no space, file-size limit, ...)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, RunWriteError):
-            why = _WHY.get(e.errno, e.strerror or str(e))
-            kept = "its previous version is intact" if path.exists() else "nothing was written"
-            raise RunWriteError(e.errno, f"cannot write {str(path)!r}: {why}; {kept}") from e
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, then rename over the old checkpoint. The
-    checkpoint is serialised in memory first, so that a failing write is Python's (with its errno: read-only, no
-    space, file-size limit) rather than torch's."""
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best", "rng", "wall_s", "config")
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Read with weights_only=True (no arbitrary pickle); a clear error names a corrupt file."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read (corrupt or not a checkpoint): {e}") from e
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a training checkpoint")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing}: not written by experiments.train")
-    wrong = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "config") if not isinstance(ckpt[k], dict)]
-    if wrong:
-        raise CheckpointError(f"checkpoint {str(path)!r}: {wrong} are not mappings: not written by experiments.train")
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -469,56 +168,6 @@ def evaluate(model, loader, device, autocast) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- training
-_HELD: dict[Path, int] = {}  # out_dirs whose lock this process holds -> nesting depth
-
-
-@contextlib.contextmanager
-def hold_out_dir(out: Path):
-    """Yield True while this process holds ``out``'s exclusive lock (flock on out/.lock, released when the block
-    ends or the process dies), False if another process holds it. Re-entrant within a process, so a sweep that
-    holds a run's lock can call :func:`train` on it."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    key = out.resolve()
-    if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield True
-        finally:
-            _HELD[key] -= 1
-        return
-    with open(out / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        _HELD[key] = 1
-        _LOCK_FDS.add(f.fileno())
-        try:
-            yield True
-        finally:
-            _LOCK_FDS.discard(f.fileno())
-            del _HELD[key]
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# An flock belongs to the open file, which a forked process (a DataLoader worker) shares: a worker orphaned by a
-# kill -9 would hold the run's lock until it noticed, refusing an immediate --resume. Forked children close their
-# copies at once (closing, not unlocking: the lock stays the parent's and goes when the parent dies).
-_LOCK_FDS: set[int] = set()
-
-
-def _close_locks_in_child() -> None:
-    for fd in list(_LOCK_FDS):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _LOCK_FDS.clear()
-
-
-os.register_at_fork(after_in_child=_close_locks_in_child)
-
-
 def check_run(cfg: TrainConfig) -> None:
     """What can be checked before a run's folder is made: the model and ``model_kwargs`` (``check_model``), the
     device, and the batch size against the training images; ConfigError naming the key."""
@@ -584,18 +233,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main_proc = rank == 0
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    if use_amp and device.type == "cpu" and main_proc and not cpu_has_bf16_kernels():
-        warnings.warn(f"config key 'amp' is 'bf16', but this CPU ({cpu_name()}, "
-                      f"{torch.backends.cpu.get_cpu_capability()}) has no oneDNN bf16 kernels: bf16 autocast runs "
-                      "several times slower than float32 here (docs/benchmarks.md); amp=off trains faster",
-                      RuntimeWarning, stacklevel=2)
+    device, use_amp = _device_and_precision(cfg, main_proc)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
@@ -659,22 +297,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     # training breaks the symmetry, or the weights never had it (Karakida, Ota & Taki 2024)
     symmetry_init = symmetry_scalars(model) if ckpt is None else ckpt.get("symmetry_init", {})
     if ckpt is not None:
-        _check_resumable(ckpt, ckpt_path, scheduler, world, cfg.epochs)
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit model {cfg.model!r}: {e}") from e
-        try:
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
-            # this process's RNG and partial-epoch counters (one entry per process since multi-process stops)
-            resumed = ckpt["ranks"][rank] if "ranks" in ckpt else {
-                k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted", "epoch_seen",
-                                            "epoch_time_s")}
-        except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has a damaged training state: {e!r}") from e
+        start_epoch, start_step, best, wall_before, resumed = _restore(
+            ckpt, ckpt_path, cfg, rank, world, model, optimizer, scheduler, scaler)
     # metrics of the epochs the checkpoint has seen (a kill between logging and saving leaves one extra line)
     history = [h for h in read_jsonl(out / "metrics.jsonl") if h["epoch"] <= start_epoch] if ckpt else []
     if main_proc:
@@ -682,8 +306,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
             for name in previous:
                 (out / name).unlink()
             shutil.rmtree(out / "tb", ignore_errors=True)
-            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(_plain(cfg))))
-        _rewrite_logs(out, history)
+            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(plain_config(cfg))))
+        rewrite_logs(out, history)
     writer = None
     if main_proc:
         from torch.utils.tensorboard import SummaryWriter
@@ -697,12 +321,12 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
         own = (ranks or [{}])[0]
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                   "rng": own.get("rng", _rng_state()), "epoch": epoch, "step": step, "best": best,
+                   "rng": own.get("rng", rng_state()), "epoch": epoch, "step": step, "best": best,
                    "epochs": cfg.epochs, "world_size": world, "epoch_loss_sum": own.get("epoch_loss_sum", 0.0),
                    "epoch_correct": own.get("epoch_correct", 0), "epoch_counted": own.get("epoch_counted", 0),
                    "epoch_seen": own.get("epoch_seen", 0), "epoch_time_s": own.get("epoch_time_s", 0.0),
                    "wall_s": wall_before + time.perf_counter() - t_start, "symmetry_init": symmetry_init,
-                   "config": _plain(cfg, ignore=RESUME_IGNORED)}
+                   "config": plain_config(cfg, ignore=RESUME_IGNORED)}
         if ranks is not None and world > 1:
             payload["ranks"] = ranks
         return payload
@@ -740,7 +364,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
             for step, (x, y) in enumerate(train_loader):
                 if step < skip:  # fast-forward a resumed epoch: the loader consumes its randomness as before
                     if step == skip - 1:
-                        _set_rng_state(resumed["rng"])
+                        set_rng_state(resumed["rng"])
                         t0 = time.perf_counter()  # the fast-forward is not training time
                     if bar is not None:
                         bar.update()
@@ -787,7 +411,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                                     img_s=f"{rate:.0f}")
                     bar.update()
                 if stopping or due:
-                    partial = {"rng": _rng_state(), "epoch_loss_sum": loss_sum.item(), "epoch_correct": correct,
+                    partial = {"rng": rng_state(), "epoch_loss_sum": loss_sum.item(), "epoch_correct": correct,
                                "epoch_counted": counted, "epoch_seen": seen_before + seen,
                                "epoch_time_s": time_before + time.perf_counter() - t0}
                     if stopping:
@@ -818,7 +442,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                 best = {"epoch": epoch + 1, "test_top1": metrics["test_top1"], "test_top5": metrics["test_top5"]}
             history.append(metrics)
             if main_proc:
-                _log(out, writer, metrics)
+                log_metrics(out, writer, metrics)
                 if bar is None and cfg.progress:
                     print(json.dumps(metrics))
                 save_checkpoint(ckpt_path, state(epoch + 1, 0))
@@ -860,55 +484,47 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     return summary
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows of it."""
-    import platform
+def _device_and_precision(cfg: TrainConfig, main_proc: bool) -> tuple[torch.device, bool]:
+    """The run's device (``auto``: this process's GPU under torchrun, else the CPU) and whether bf16 autocast is on;
+    a warning where bf16 would run on a CPU without bf16 kernels."""
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    if use_amp and device.type == "cpu" and main_proc and not cpu_has_bf16_kernels():
+        warnings.warn(f"config key 'amp' is 'bf16', but this CPU ({cpu_name()}, "
+                      f"{torch.backends.cpu.get_cpu_capability()}) has no oneDNN bf16 kernels: bf16 autocast runs "
+                      "several times slower than float32 here (docs/benchmarks.md); amp=off trains faster",
+                      RuntimeWarning, stacklevel=2)
+    return device, use_amp
 
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
-
-def cpu_has_bf16_kernels() -> bool:
-    """Whether oneDNN has bf16 kernels for this CPU (AVX-512, native with AVX512_BF16 or AMX). Without them, on
-    AVX2-only CPUs, bf16 autocast falls back to slow reference code: 0.10–0.13× float32's speed
-    (docs/benchmarks.md)."""
+def _restore(ckpt: dict, ckpt_path: Path, cfg: TrainConfig, rank: int, world: int, model, optimizer, scheduler,
+             scaler) -> tuple:
+    """Load a checkpoint into the run's model, optimizer, scheduler and scaler; returns (start epoch, start step,
+    best, wall seconds so far, this process's RNG state and partial-epoch counters). CheckpointError naming the file
+    if it does not continue this run or is damaged."""
+    start_epoch, start_step, best, wall_before, resumed = 0, 0, None, 0.0, {}
+    _check_resumable(ckpt, ckpt_path, scheduler, world, cfg.epochs)
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN: nothing to tell
-        return True
-
-
-def environment(device: torch.device | str = "cpu") -> dict:
-    """What produced a run, for its summary: Python, torch, torchvision and timm versions, the device (GPU name or
-    CPU model), the CPU's vector capability and whether it has bf16 kernels (two CPUs of one model name can
-    differ), cores and torch threads, and the code's git commit (None outside a git checkout) with whether
-    tracked files differed from it. Taken when the run ends: a resumed run may have started under another."""
-    import platform
-
-    import timm
-    import torchvision
-
-    device = torch.device(device)
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "hardware": hw,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_bf16_kernels": cpu_has_bf16_kernels(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "git_commit": commit, "git_dirty": bool(changes) if changes is not None else None}
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit model {cfg.model!r}: {e}") from e
+    try:
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
+        # this process's RNG and partial-epoch counters (one entry per process since multi-process stops)
+        resumed = ckpt["ranks"][rank] if "ranks" in ckpt else {
+            k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted", "epoch_seen",
+                                        "epoch_time_s")}
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has a damaged training state: {e!r}") from e
+    return start_epoch, start_step, best, wall_before, resumed
 
 
 def _ranks_identical(model: nn.Module) -> bool:
@@ -939,95 +555,12 @@ def _check_resumable(ckpt: dict, path: Path, scheduler, world: int, epochs: int)
                               "checkpoint's epochs, or start a new run in another out_dir")
 
 
-def median_images_per_s(history: list[dict]) -> float | None:
-    """Median over epochs of the training loop's images/s: an epoch slowed by a paused process, a resume or another
-    job on the CPU moves it less than it moves the mean."""
-    values = [h["images_per_s"] for h in history if h.get("images_per_s") is not None]
-    return float(np.median(values)) if values else None
-
-
-def config_diff(stored: dict, cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
-    """``"key: old -> new"`` for each (dotted) key whose value in a saved config (a checkpoint's, a run's
-    config.yaml) differs from ``cfg``'s. Keys ``cfg`` does not have after ``ignore``, and keys the saved config
-    lacks (fields added since, at their defaults), are not compared; ``model_kwargs`` compares as one value."""
-    def walk(old: dict, new: dict, prefix: str) -> list[str]:
-        out = []
-        for k, v in old.items():
-            if k not in new:
-                continue
-            if isinstance(v, dict) and isinstance(new[k], dict) and k != "model_kwargs":
-                out += walk(v, new[k], f"{prefix}{k}.")
-            elif v != new[k]:
-                out.append(f"{prefix}{k}: {v!r} -> {new[k]!r}")
-        return out
-
-    return walk(stored, _plain(cfg, ignore), "")
-
-
-def _plain(cfg: TrainConfig, ignore: tuple[str, ...] = ()) -> dict:
-    d = dataclasses.asdict(cfg)
-    for k in ignore:
-        d.pop(k, None)
-    return json.loads(json.dumps(d))
-
-
 def _bar(cfg: TrainConfig, main_proc: bool, total: int, epoch: int, epochs: int):
     if not (cfg.progress and main_proc and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The metrics history; a last line cut short (a process killed while appending it) is dropped."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i < len(lines) - 1:
-                raise RuntimeError(f"{str(path)!r} line {i + 1} is not JSON: {e}") from e
-    return out
-
-
-def _rewrite_logs(out: Path, history: list[dict]) -> None:
-    """metrics.jsonl and metrics.csv holding exactly ``history``, each replaced atomically."""
-    def jsonl(tmp):
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    def table(tmp):
-        with open(tmp, "w", newline="") as f:
-            if history:
-                w = csv.DictWriter(f, fieldnames=list(history[0]))
-                w.writeheader()
-                w.writerows(history)
-
-    atomic_write(out / "metrics.jsonl", jsonl)
-    if history:
-        atomic_write(out / "metrics.csv", table)
-    else:
-        (out / "metrics.csv").unlink(missing_ok=True)
-
-
-def _log(out: Path, writer, metrics: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    new = not (out / "metrics.csv").exists()
-    with open(out / "metrics.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(metrics))
-        if new:
-            w.writeheader()
-        w.writerow(metrics)
-    if writer is None:
-        return
-    for k, v in metrics.items():
-        if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
-            writer.add_scalar(k, v, metrics["epoch"])
-    writer.flush()
 
 
 def main(argv=None) -> dict:

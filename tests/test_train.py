@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from experiments import analyze, sweep, train
+from experiments import analyze, runs, sweep, train
 from experiments.train import CheckpointError, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,7 +400,8 @@ def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path, monkeypatch):
     cfg = load_config(CONFIG, [*TINY, "model=derived_imixer_t4_28", "model_kwargs={embed_dim: 32, num_blocks: 2, "
                                "h_ratio: 2, n_iter: 2}", "epochs=1", "data.train_subset=256",
                                "data.test_subset=128", "batch_size=64", "amp=bf16", f"out_dir={tmp_path}"])
-    monkeypatch.setattr(train, "cpu_has_bf16_kernels", lambda: False)
+    for module in (train, runs):  # the training loop's warning, and the environment the summary records
+        monkeypatch.setattr(module, "cpu_has_bf16_kernels", lambda: False)
     with pytest.warns(RuntimeWarning, match="config key 'amp' is 'bf16'.*no oneDNN bf16 kernels"):
         summary = train.train(cfg)
     assert summary["precision"] == "bf16 autocast" and summary["last_top1"] is not None
