@@ -163,7 +163,7 @@ class NetworkSpec:
             if isinstance(layer.tau, bool) or not isinstance(layer.tau, (int, float)) or \
                     not (math.isfinite(layer.tau) and layer.tau > 0):
                 raise SpecError(f"{where}.tau: a finite number > 0, got {layer.tau!r}")
-        if self.visible not in self.layers:
+        if not isinstance(self.visible, str) or self.visible not in self.layers:
             raise SpecError(f"visible: {self.visible!r} is not a layer; layers are {list(self.layers)}")
         if self.splitting not in SPLITTINGS:
             raise SpecError(f"splitting: one of {SPLITTINGS}, got {self.splitting!r}")
@@ -176,7 +176,7 @@ class NetworkSpec:
             if not (isinstance(syn.layers, (tuple, list)) and len(syn.layers) == 2):
                 raise SpecError(f"{where}.layers: two layer names, got {syn.layers!r}")
             for n in syn.layers:
-                if n not in self.layers:
+                if not isinstance(n, str) or n not in self.layers:
                     raise SpecError(f"{where}.layers: {n!r} is not a layer; layers are {list(self.layers)}")
             if syn.layers[0] == syn.layers[1]:
                 raise SpecError(f"{where}.layers: a synapse couples two different layers, got {list(syn.layers)}")
@@ -188,7 +188,7 @@ class NetworkSpec:
                 v = getattr(syn, key)
                 if not (isinstance(v, bool) or (key == "bias_fb" and v is None)):
                     raise SpecError(f"{where}.{key}: true or false, got {v!r}")
-            if syn.affine is not None and syn.affine not in self.affines:
+            if syn.affine is not None and (not isinstance(syn.affine, str) or syn.affine not in self.affines):
                 raise SpecError(f"{where}.affine: {syn.affine!r} is not in affines {list(self.affines)}")
         for name in self.sizes:
             if not (isinstance(name, str) and name.isidentifier()) or name in ("S", "C", "int"):
@@ -203,7 +203,7 @@ class NetworkSpec:
                 raise SpecError(f"groups: a list of non-empty lists of layer names, got {self.groups!r}")
             for g in self.groups:
                 for n in g:
-                    if n not in self.layers or n == self.visible:
+                    if not isinstance(n, str) or n not in self.layers or n == self.visible:
                         raise SpecError(f"groups: {n!r} is not a hidden layer of this spec")
 
     def resolve_sizes(self, seq_len: int, dim: int) -> dict[str, int]:

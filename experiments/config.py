@@ -105,15 +105,15 @@ def _merge(obj, values: dict, where: str):
     updates = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {where}{key!r}; valid keys: {sorted(names)}")
+            raise ConfigError(f"unknown config key {where + str(key)!r}; valid keys: {sorted(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {where}{key!r} must be a mapping, got {value!r}")
+                raise ConfigError(f"config key {where + str(key)!r} must be a mapping, got {value!r}")
             value = _merge(current, value, f"{where}{key}.")
         elif isinstance(current, dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {where}{key!r} must be a mapping, got {value!r}")
+                raise ConfigError(f"config key {where + str(key)!r} must be a mapping, got {value!r}")
         elif not isinstance(current, tuple):
             value = _coerce(value, hints[key], f"{where}{key}")
         updates[key] = value
@@ -157,6 +157,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, text = item.split("=", 1)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a config key (dotted names, e.g. "
+                              "model_kwargs.n_iter)")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -123,7 +123,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int
         kwargs["drop_path_rate"] = cfg.drop_path
     try:
         return timm.create_model(cfg.model, **kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: an inf or huge size (int(inf))
         raise ConfigError(f"config key 'model_kwargs' does not fit {cfg.model!r}: {e}") from e
 
 

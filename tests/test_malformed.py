@@ -1,0 +1,196 @@
+"""Malformed input, generated at random: every failure of the config loader, the spec reader and the network
+constructor is one of the project's error classes, raised by the project's own code, and its message names the
+offending config key, spec entry, layer or synapse. Never a raw traceback from torch, yaml or sympy."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from derive import NetworkSpec, SpecError
+from experiments.config import ConfigError, load_config
+from experiments.train import check_run
+from hopfield import DenseSynapse, Layer, Network
+from hopfield import lagrangians as lag
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "experiments" / "configs" / "fashion_small.yaml"
+SPEC = ROOT / "experiments" / "configs" / "specs" / "paramixer_memory_arm.yaml"
+PROJECT = tuple(str(ROOT / d) for d in ("hopfield", "derive", "experiments", "mixers"))
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                           HealthCheck.function_scoped_fixture])
+
+# values a user might write by mistake: wrong types, out of range, nonsense strings, nested junk
+junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.0, -1.0, 1e9, math.nan, math.inf, 0.5]),
+    st.text(max_size=6), st.sampled_from(["", "x", "1e-3", "none", "[1", "{a: 1}", "-2", "S * C", "C / 0"]),
+    st.lists(st.integers(-2, 4), max_size=3), st.dictionaries(st.sampled_from(["a", "name", "axis"]),
+                                                              st.integers(-1, 2), max_size=2))
+
+
+def raised_by_project(e: BaseException) -> bool:
+    """The innermost frame of the exception that reached the user is the project's own code."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(PROJECT)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+BASE = yaml.safe_load(CONFIG.read_text())
+CONFIG_KEYS = [*BASE, "model_kwargs.n_iter", "model_kwargs.h_ratio", "model_kwargs.spec", "data.name",
+               "data.train_subset", "data.test_subset", "data.num_workers", "data.root", "no_weight_decay",
+               "amp", "device", "opt", "sched", "lr", "epochs", "batch_size", "warmup_epochs", "bogus", "data.bogus"]
+
+
+@st.composite
+def configs(draw):
+    """A valid config with one to three keys set to junk, sometimes as YAML text cut short."""
+    cfg = copy.deepcopy(BASE)
+    keys = draw(st.lists(st.sampled_from(CONFIG_KEYS), min_size=1, max_size=3, unique=True))
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
+        node[leaf] = draw(junk)
+    text = yaml.safe_dump(cfg)
+    if draw(st.booleans()):
+        text = text[:draw(st.integers(0, len(text)))]
+    return keys, text
+
+
+@SETTINGS
+@given(configs())
+def test_malformed_configs_fail_with_a_config_error_naming_the_key(tmp_path, case):
+    _, text = case
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    try:
+        cfg = load_config(str(path), [f"out_dir={tmp_path / 'run'}"])
+        check_run(cfg)  # what a run checks before it makes its folder
+    except ConfigError as e:
+        msg = str(e)  # a truncated file can break any key, so any key may be the one named
+        assert str(path) in msg or re.search(r"config key '[\w.]+'", msg), msg
+        assert raised_by_project(e), traceback.format_exception(e)
+    else:
+        assert cfg.epochs > 0 and cfg.batch_size > 0
+    assert not (tmp_path / "run").exists()  # nothing was made
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from([*CONFIG_KEYS, "", " ", "a..b", "data."]), junk), min_size=1, max_size=3),
+       st.booleans())
+def test_malformed_overrides_fail_with_a_config_error(tmp_path, items, raw_text):
+    overrides = [f"{k}={v}" if raw_text else f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                 for k, v in items]
+    try:
+        load_config(str(CONFIG), overrides)
+    except ConfigError as e:
+        assert re.search(r"config key '[\w.]+'|override ['\"]", str(e)), str(e)
+        assert raised_by_project(e), traceback.format_exception(e)
+
+
+# ---------------------------------------------------------------------------------------------- specs
+SPEC_DATA = yaml.safe_load(SPEC.read_text())
+SPEC_PATHS = ["visible", "splitting", "groups", "kind", "sizes", "sizes.T", "sizes.K", "sizes.S", "affines",
+              "affines.norm", "layers", "layers.v", "layers.s.shape", "layers.m.lagrangian", "layers.c.tau",
+              "layers.s.lagrangian.name", "layers.v.lagrangian.axis", "layers.new", "synapses", "synapses.0",
+              "synapses.1.layers", "synapses.2.axis", "synapses.0.form", "synapses.1.bias", "synapses.2.affine",
+              "synapses.0.bogus", "bogus"]
+ENTRY = re.compile(r"\b(visible|splitting|groups|kind|sizes|affines|layers|synapses|spec)\b")
+
+
+def set_path(data, path: str, value, delete: bool):
+    *parents, leaf = path.split(".")
+    node = data
+    for p in parents:
+        if isinstance(node, list):
+            node = node[int(p)] if p.isdigit() and int(p) < len(node) else None
+        else:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, (dict, list)):
+            return
+    if isinstance(node, list):
+        if leaf.isdigit() and int(leaf) < len(node):
+            if delete:
+                del node[int(leaf)]
+            else:
+                node[int(leaf)] = value
+    elif delete:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+
+
+@st.composite
+def specs(draw):
+    data = copy.deepcopy(SPEC_DATA)
+    for path in draw(st.lists(st.sampled_from(SPEC_PATHS), min_size=1, max_size=3, unique=True)):
+        set_path(data, path, draw(junk), delete=draw(st.booleans()))
+    return data, draw(st.integers(-1, 6)), draw(st.integers(-1, 6))
+
+
+@SETTINGS
+@given(specs())
+def test_malformed_specs_fail_with_a_spec_error_naming_the_entry(case):
+    data, seq_len, dim = case
+    try:
+        net = NetworkSpec.from_dict(data).build(seq_len, dim)
+    except SpecError as e:
+        assert ENTRY.search(str(e)), str(e)
+        assert raised_by_project(e), traceback.format_exception(e)
+    else:
+        assert isinstance(net, Network) and net.layers["v"].shape == (seq_len, dim)
+
+
+# ---------------------------------------------------------------------------------------------- networks
+LAGRANGIANS = [lag.identity(), lag.tanh(), lag.gelu(), lag.softmax(), lag.layernorm()]
+
+
+@st.composite
+def networks(draw):
+    """Layers of random (sometimes invalid) shapes and taus; synapses between named, sometimes unknown, layers
+    along random axes, sometimes with a weight of the wrong shape."""
+    names = draw(st.lists(st.sampled_from(["v", "h", "c", "m"]), min_size=1, max_size=3, unique=True))
+    layers = {}
+    for n in names:
+        shape = tuple(draw(st.lists(st.integers(-1, 4), min_size=0, max_size=3)))
+        tau = draw(st.sampled_from([1.0, 0.1, 0.0, -1.0, math.nan]))
+        layers[n] = (shape, draw(st.sampled_from(LAGRANGIANS)), tau)
+    synapses = []
+    for _ in range(draw(st.integers(0, 3))):
+        a, b = draw(st.sampled_from([*names, "x"])), draw(st.sampled_from([*names, "x"]))
+        axis = draw(st.one_of(st.integers(-3, 3), st.sampled_from([1.5, "0"])))
+        weight = torch.randn(draw(st.integers(1, 4)), draw(st.integers(1, 4))) if draw(st.booleans()) else None
+        synapses.append((a, b, axis, draw(st.sampled_from(["tied", "untied", "broken", "odd"])), weight))
+    return layers, synapses
+
+
+@SETTINGS
+@given(networks())
+def test_malformed_networks_fail_with_an_error_naming_the_layer_or_synapse(case):
+    layer_args, synapse_args = case
+    try:
+        layers = {n: Layer(shape, lagrangian, tau) for n, (shape, lagrangian, tau) in layer_args.items()}
+        synapses = [DenseSynapse(a, b, axis=axis, form=form, weight=w) for a, b, axis, form, w in synapse_args]
+        net = Network(layers, synapses)
+        net.energy(net.init_state(2))
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        named = [*layer_args, "x"] + [f"{a}" for a, *_ in synapse_args]
+        assert any(repr(n) in msg or f"{n}-" in msg or f"-{n}" in msg for n in named) or "Layer" in msg, msg
+        assert raised_by_project(e), traceback.format_exception(e)
+    else:
+        assert math.isfinite(float(net.energy(net.init_state(2)).sum()))
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
