@@ -18,6 +18,7 @@ import torchdiffeq
 from torch import Tensor, nn
 
 from .network import Network, State
+from .stepping import FIXED_METHODS, integrate_fixed
 
 __all__ = [
     "DescentReport",
@@ -233,7 +234,10 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
              descent_tol: float | None = None, grad: bool = False) -> Trajectory:
     """Integrate tau_A dx_A/dt = I_A - x_A from ``state`` over the output times ``t`` (1-D, increasing).
 
-    ``method``/``rtol``/``atol``/``options`` go to ``torchdiffeq.odeint``. ``rtol`` defaults to the dtype's:
+    ``method``/``rtol``/``atol``/``options`` go to ``torchdiffeq.odeint``, except that "euler", "midpoint" and
+    "rk4" without gradients (on the output grid, or with ``options={"step_size": h}``) run ``hopfield.stepping``'s
+    loop: the same steps (equal to torchdiffeq's to round-off, tested), in reused buffers, with the energy read off
+    each step's own currents. ``rtol`` defaults to the dtype's:
     1e-7 in float64, 1e-4 in float32 (the energy to about 6 digits either way); ``atol`` to rtol / 100.
     ``grad=False`` (the default, for exploring) integrates without an autograd graph; ``grad=True`` keeps it, so
     that losses on the trajectory backpropagate into the weights, inputs and initial state (``adjoint=True``
@@ -266,23 +270,43 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
 
 def _simulate(net, names, y0, t, inputs, clamped, method, rtol, atol, options, adjoint, adjoint_options,
               track_energy, check_finite, descent_tol) -> Trajectory:
-    func = _Field(net, inputs, clamped, check_finite)
-    ys = _odeint(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, adjoint=adjoint,
-                 adjoint_options=adjoint_options)
+    energy = None
+    if _own_fixed_step(method, options, adjoint):
+        ys, energy, nfe = integrate_fixed(net, names, y0, t, method, inputs, clamped,
+                                          step_size=(options or {}).get("step_size"), track_energy=track_energy,
+                                          check_finite=check_finite)
+    else:
+        func = _Field(net, inputs, clamped, check_finite)
+        ys = _odeint(func, y0, t, method=method, rtol=rtol, atol=atol, options=options, adjoint=adjoint,
+                     adjoint_options=adjoint_options)
+        nfe = func.nfe
+        if check_finite:  # the solver may stop on a non-finite step before evaluating it
+            for k in range(len(t)):
+                func.check(t[k], tuple(s[k] for s in ys))
     states = dict(zip(names, ys))
     for n in clamped:  # held exactly (the solver's interpolation would add round-off)
         states[n] = y0[names.index(n)].unsqueeze(0).expand_as(states[n])
-    if check_finite:  # the solver may stop on a non-finite step before evaluating it
-        for k in range(len(t)):
-            func.check(t[k], tuple(s[k] for s in ys))
-    energy = report = None
+    report = None
     if track_energy:
-        energy = torch.stack([net.energy({n: s[k] for n, s in states.items()}, inputs) for k in range(len(t))])
+        if energy is None:
+            energy = torch.stack([net.energy({n: s[k] for n, s in states.items()}, inputs) for k in range(len(t))])
+        elif not bool(torch.isfinite(energy).all()):
+            net.energy({n: s[int(torch.isfinite(energy).all(-1).logical_not().nonzero()[0])]
+                        for n, s in states.items()}, inputs)  # raises, naming the layer or the term
         if descent_tol is None:
             eps = torch.finfo(energy.dtype).eps
             descent_tol = max(10 * rtol, 100 * eps) if method in ADAPTIVE else 1e-6
         report = descent_report(energy, t, descent_tol, net)
-    return Trajectory(t=t, states=states, energy=energy, nfe=func.nfe, method=method, descent=report)
+    return Trajectory(t=t, states=states, energy=energy, nfe=nfe, method=method, descent=report)
+
+
+def _own_fixed_step(method: str, options: dict | None, adjoint: bool) -> bool:
+    """Whether ``hopfield.stepping`` integrates (equal to torchdiffeq's same method, faster): a fixed-step
+    explicit method it has, without gradients, on the output grid or a ``step_size`` grid (linear
+    interpolation, torchdiffeq's default)."""
+    opts = dict(options or {})
+    return (method in FIXED_METHODS and not adjoint and not torch.is_grad_enabled()
+            and set(opts) <= {"step_size", "interp"} and opts.get("interp", "linear") == "linear")
 
 
 def _max_speed(dx) -> float:

@@ -1,0 +1,268 @@
+"""Fixed-step explicit integration of tau_A dx_A/dt = I_A - x_A (Krotov 2021, Eq. 14), with the energy (Eq. 17)
+at every step for the price of a few dot products.
+
+``simulate`` uses it for ``method`` "euler", "midpoint" and "rk4" (torchdiffeq's 3/8-rule RK4) when no gradient
+is wanted; it equals ``torchdiffeq.odeint`` with the same method to round-off (tests/test_stepping.py: 1e-12 in
+float64), on the output grid or on torchdiffeq's ``step_size`` grid with linear interpolation.
+
+Why not torchdiffeq's loop: it allocates every stage's tensors afresh and evaluates the energy separately, two
+GEMMs per synapse again. Here each stage writes into buffers allocated once (the state leaves no trail of
+page-faulting allocations), each synapse's GEMM accumulates straight into dx/dt (baddbmm/addmm with alpha =
+1/tau), and the energy of the state a step starts from is read off the currents that step's first stage computes
+anyway. For a dense synapse between a and b, with forward current F = W g~_a + bias into b and feedback
+B = V g_b + bias_fb into a (``DenseSynapse``'s energy, exactly):
+
+    tied:             E_s = -g_b.F - g_a.bias_fb
+    untied, broken:   E_s = -1/2 (g_b.F + g_a.B) - 1/2 (g_b.bias + g_a.bias_fb)
+
+Other synapses add their own ``energy(g)``. benchmarks/simulate_vs_hamux.py measures what this buys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .lagrangians import _fast_dot
+from .synapses import DenseSynapse, _along, _contract, _dot
+
+__all__ = ["FIXED_METHODS", "integrate_fixed"]
+
+FIXED_METHODS = ("euler", "midpoint", "rk4")
+
+
+class _Field:
+    """dx/dt of a network into buffers, and on request its energy at the same state; counts evaluations."""
+
+    def __init__(self, net, names: list[str], inputs: dict, clamped: tuple, check_finite: bool):
+        self.net, self.names = net, names
+        self.index = {n: i for i, n in enumerate(names)}
+        self.layers = [net.layers[n] for n in names]
+        self.inv_tau = [1.0 / layer.tau for layer in self.layers]
+        self.inputs = [inputs.get(n) for n in names]
+        self.free = [n not in clamped for n in names]
+        self.check_finite = check_finite
+        # the energy read off dx/dt itself (see energy_from_field) needs every current to be a dense synapse's,
+        # tied ones without a LayerNorm affine, and no clamped layer (its dx/dt is 0, not its current)
+        self.from_field = all(self.free) and all(
+            type(s) is DenseSynapse and (s.form != "tied" or s.affine is None) for s in net.synapses)
+        self.nfe = 0
+        self.t = 0.0  # time of the latest evaluation, for error messages
+
+    def check(self, y, t: float) -> None:
+        from .dynamics import NonFiniteStateError
+
+        for n, x in zip(self.names, y):
+            if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+                raise NonFiniteStateError(n, t)
+
+    def __call__(self, y: list[Tensor], out: list[Tensor], t: float, energy: bool = False) -> Tensor | None:
+        """Write dx/dt at state ``y`` into ``out``; return the energy per sample when ``energy``."""
+        self.nfe += 1
+        self.t = t
+        if self.check_finite:
+            self.check(y, t)
+        g = [layer.activation(x) for layer, x in zip(self.layers, y)]
+        from_field, energy = energy and self.from_field, energy and not self.from_field
+        started = [False] * len(y)  # whether out[i] holds -x_i / tau_i (+ currents) yet
+        e_syn = None
+
+        def accumulate(i: int, current: Tensor | None, w: Tensor | None = None, g_in: Tensor | None = None,
+                       axis: int = 0) -> None:
+            """out[i] += current / tau_i, or the GEMM w g_in along ``axis`` straight into out[i]."""
+            if not self.free[i]:
+                return
+            a = self.inv_tau[i]
+            o = out[i]
+            if current is not None:
+                if started[i]:
+                    o.add_(current, alpha=a)
+                else:
+                    torch.sub(current, y[i], out=o).mul_(a)
+                    started[i] = True
+                return
+            if axis == o.ndim - 2:  # batched GEMM along the second-to-last axis
+                o3, g3, x3 = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (o, g_in, y[i]))
+                wb = w.unsqueeze(0).expand(g3.shape[0], -1, -1)
+                if started[i]:
+                    o3.baddbmm_(wb, g3, alpha=a)
+                else:
+                    torch.baddbmm(x3, wb, g3, beta=-a, alpha=a, out=o3)
+            elif axis == o.ndim - 1:  # one GEMM over every other axis
+                o2, g2, x2 = (t.reshape(-1, t.shape[-1]) for t in (o, g_in, y[i]))
+                if started[i]:
+                    o2.addmm_(g2, w.T, alpha=a)
+                else:
+                    torch.addmm(x2, g2, w.T, beta=-a, alpha=a, out=o2)
+            else:
+                accumulate(i, _contract(w, g_in, axis))
+                return
+            started[i] = True
+
+        for syn in self.net.synapses:
+            if type(syn) is DenseSynapse:  # subclasses may change the currents: they take the general path
+                ia, ib = self.index[syn.layers[0]], self.index[syn.layers[1]]
+                ga, gb, ax = g[ia], g[ib], syn._baxis
+                ga_in = syn.affine(ga) if syn.affine is not None else ga
+                v = syn.feedback_weight()
+                if energy:  # the currents themselves, for the energy's dot products
+                    fwd = syn.forward_current(ga)
+                    fb = _contract(v, gb, ax)
+                    if syn.has_bias_fb:
+                        fb = fb + _along(syn.bias_fb, ax, gb.ndim)
+                    bias_terms = 0
+                    if syn.has_bias_fb:
+                        bias_terms = _dot(ga, _along(syn.bias_fb, ax, ga.ndim).expand_as(ga))
+                    if syn.form == "tied":
+                        e = -_dot(gb, fwd) - bias_terms
+                    else:
+                        if syn.has_bias:
+                            bias_terms = bias_terms + _dot(gb, _along(syn.bias, ax, gb.ndim).expand_as(gb))
+                        e = -0.5 * (_dot(gb, fwd) + _dot(ga, fb) + bias_terms)
+                    e_syn = e if e_syn is None else e_syn + e
+                    accumulate(ib, fwd)
+                    accumulate(ia, fb)
+                    continue
+                if self.free[ib]:
+                    accumulate(ib, None, syn.weight, ga_in, ax)
+                    if syn.has_bias:
+                        out[ib].add_(_along(syn.bias, ax, gb.ndim), alpha=self.inv_tau[ib])
+                if self.free[ia]:
+                    accumulate(ia, None, v, gb, ax)
+                    if syn.has_bias_fb:
+                        out[ia].add_(_along(syn.bias_fb, ax, ga.ndim), alpha=self.inv_tau[ia])
+            else:  # any other synapse: its own currents (and energy)
+                gd = dict(zip(self.names, g))
+                for n, c in syn.currents(gd).items():
+                    accumulate(self.index[n], c)
+                if energy:
+                    e = syn.energy(gd)
+                    e_syn = e if e_syn is None else e_syn + e
+        for i, x in enumerate(y):
+            if not self.free[i]:
+                out[i].zero_()
+                continue
+            if not started[i]:
+                torch.mul(x, -self.inv_tau[i], out=out[i])
+            if self.inputs[i] is not None:
+                out[i].add_(self.inputs[i], alpha=self.inv_tau[i])
+        if from_field:
+            return self.energy_from_field(y, g, out)
+        if not energy:
+            return None
+        total = sum(_fast_dot(x, gi) - layer.lagrangian.value_given(x, gi) for layer, x, gi in zip(self.layers, y, g))
+        if e_syn is not None:
+            total = total + e_syn
+        for i, inp in enumerate(self.inputs):
+            if inp is not None:
+                total = total - _dot(inp.expand_as(g[i]), g[i])
+        return total
+
+
+    def energy_from_field(self, y: list[Tensor], g: list[Tensor], dx: list[Tensor]) -> Tensor:
+        """Eq. 17 from the state, its activations and its dx/dt alone. Each dense synapse's energy is
+        -1/2 (g_b.F + g_a.B) - 1/2 (g_b.bias + g_a.bias_fb) (module doc; tied ones have g_a.B = g_b.W g_a), so the
+        synapses together give -1/2 sum_A g_A.I_A - (bias terms) with I_A = tau_A dx_A/dt + x_A - (input A), and
+
+            E = sum_A [1/2 <x_A, g_A> - L_A(x_A) - 1/2 tau_A <g_A, dx_A/dt> - 1/2 <g_A, input_A>] - 1/2 (bias terms):
+
+        two dot products per layer, and no GEMM."""
+        total = 0
+        for layer, x, gi, d, inp in zip(self.layers, y, g, dx, self.inputs):
+            total = total + 0.5 * _fast_dot(x, gi) - layer.lagrangian.value_given(x, gi) \
+                - (0.5 * layer.tau) * _fast_dot(gi, d)
+            if inp is not None:
+                total = total - 0.5 * _dot(inp.expand_as(gi), gi)
+        for syn in self.net.synapses:
+            ga, gb, ax = g[self.index[syn.layers[0]]], g[self.index[syn.layers[1]]], syn._baxis
+            if syn.has_bias:
+                total = total - 0.5 * _dot(gb, _along(syn.bias, ax, gb.ndim).expand_as(gb))
+            if syn.has_bias_fb:
+                total = total - 0.5 * _dot(ga, _along(syn.bias_fb, ax, ga.ndim).expand_as(ga))
+        return total
+
+
+def _grid(t: Tensor, step_size: float | None) -> Tensor:
+    """The steps' time grid: the output times, or torchdiffeq's grid of ``step_size`` (last point = t[-1])."""
+    if step_size is None:
+        return t
+    niters = torch.ceil((t[-1] - t[0]) / step_size + 1).item()
+    grid = torch.arange(0, niters, dtype=t.dtype, device=t.device) * step_size + t[0]
+    grid[-1] = t[-1]
+    return grid
+
+
+def integrate_fixed(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, method: str, inputs: dict,
+                    clamped: tuple, *, step_size: float | None = None, track_energy: bool = True,
+                    check_finite: bool = True) -> tuple[list[Tensor], Tensor | None, int]:
+    """States at the output times ``t`` (a (T, batch, *shape) tensor per layer), the energy there ((T, batch),
+    or None) and the number of vector-field evaluations. Without autograd (callers hold ``torch.no_grad``)."""
+    if method not in FIXED_METHODS:
+        raise ValueError(f"integrate_fixed: method must be one of {FIXED_METHODS}, got {method!r}")
+    field = _Field(net, names, inputs, clamped, check_finite)
+    grid = _grid(t, step_size)
+    on_grid = step_size is None  # every output time is a grid point: its energy comes with the next step
+    sol = [torch.empty((len(t), *x.shape), dtype=x.dtype, device=x.device) for x in y0]
+    energy = torch.empty((len(t), y0[0].shape[0]), dtype=y0[0].dtype, device=y0[0].device) \
+        if track_energy else None
+    for s, x in zip(sol, y0):
+        s[0] = x
+    y = [x.clone() for x in y0]
+    buf = lambda: [torch.empty_like(x) for x in y0]  # noqa: E731
+    k1, k2 = buf(), buf()
+    k3, k4, tmp = (buf(), buf(), buf()) if method == "rk4" else (None, None, buf() if method == "midpoint" else None)
+    y_prev = buf() if not on_grid else None
+    times = grid.tolist()
+    out_times = t.tolist()
+    j = 1
+    for step in range(len(times) - 1):
+        t0, t1 = times[step], times[step + 1]
+        dt = float(grid[step + 1] - grid[step])
+        e0 = field(y, k1, t0, energy=track_energy and on_grid)
+        if e0 is not None:
+            energy[step] = e0
+        if y_prev is not None:
+            for p, x in zip(y_prev, y):
+                p.copy_(x)
+        if method == "euler":
+            for x, d in zip(y, k1):
+                x.add_(d, alpha=dt)
+        elif method == "midpoint":
+            for m, x, d in zip(tmp, y, k1):
+                torch.add(x, d, alpha=0.5 * dt, out=m)
+            field(tmp, k2, t0 + 0.5 * dt)
+            for x, d in zip(y, k2):
+                x.add_(d, alpha=dt)
+        else:  # torchdiffeq's rk4: the 3/8 rule (rk4_alt_step_func)
+            third = 1.0 / 3.0
+            for m, x, d in zip(tmp, y, k1):
+                torch.add(x, d, alpha=dt * third, out=m)
+            field(tmp, k2, t0 + dt * third)
+            for m, x, a, b in zip(tmp, y, k1, k2):  # y + dt (k2 - k1 / 3)
+                torch.sub(b, a, alpha=third, out=m).mul_(dt).add_(x)
+            field(tmp, k3, t0 + 2 * dt * third)
+            for m, x, a, b, c in zip(tmp, y, k1, k2, k3):  # y + dt (k1 - k2 + k3)
+                torch.sub(a, b, out=m).add_(c).mul_(dt).add_(x)
+            field(tmp, k4, t1)
+            for x, a, b, c, d in zip(y, k1, k2, k3, k4):  # y + (k1 + 3 (k2 + k3) + k4) dt / 8
+                b.add_(c).mul_(3.0).add_(a).add_(d).mul_(dt * 0.125)
+                x.add_(b)
+        while j < len(out_times) and t1 >= out_times[j]:
+            if on_grid or out_times[j] == t1:
+                for s, x in zip(sol, y):
+                    s[j] = x
+            else:  # torchdiffeq's linear interpolation between the step's ends
+                slope = (out_times[j] - t0) / (t1 - t0) if out_times[j] != t0 else 0.0
+                for s, p, x in zip(sol, y_prev, y):
+                    s[j] = p + slope * (x - p)
+            j += 1
+    if field.check_finite:
+        field.check(y, times[-1])
+    if track_energy:
+        if on_grid:
+            energy[-1] = field(y, k1, times[-1], energy=True)
+            field.nfe -= 1  # the energy at the last output is not a step's evaluation
+        else:
+            for k in range(len(t)):
+                energy[k] = net.energy({n: s[k] for n, s in zip(names, sol)}, inputs)
+    return sol, energy, field.nfe

@@ -1,0 +1,118 @@
+"""hopfield.stepping, the fixed-step loop ``simulate`` uses for euler, midpoint and rk4 without gradients: it equals
+torchdiffeq's same method (1e-12 in float64, round-off in float32), and its energy, read off the step's own currents
+(or off dx/dt), equals ``Network.energy`` of the same states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchdiffeq
+
+from hopfield import AttentionCoupling, DenseSynapse, Layer, Network
+from hopfield import lagrangians as lag
+from hopfield.dynamics import _Field
+from hopfield.stepping import FIXED_METHODS
+from hopfield.stepping import _Field as StepField
+
+
+def network(form: str, bias: bool, affine, dtype) -> Network:
+    """Four layers, synapses along tokens (axis -2), channels (-1) and the leading axis, random weights."""
+    torch.manual_seed(0)
+    layers = {"v": Layer((7, 6), lag.layernorm(axis=-1), 1.0), "x": Layer((5, 6), lag.tanh(), 0.5),
+              "h": Layer((5, 4), lag.softmax(axis=-2), 0.25), "c": Layer((7, 9), lag.relu(), 0.3)}
+    synapses = [DenseSynapse("v", "x", axis=-2, form=form, bias=bias, affine=affine),
+                DenseSynapse("c", "v", axis=-1, form="untied", bias=True),
+                DenseSynapse("x", "h", axis=1, form=form, bias=bias)]
+    net = Network(layers, synapses).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # random, not freshly initialised: biases, gains, W_break nonzero
+    return net
+
+
+def reference(net, state, t, method, options, inputs, clamped):
+    """torchdiffeq.odeint with the same method on the same vector field, and Network.energy along it."""
+    f = _Field(net, inputs, tuple(clamped), check_finite=False)
+    with torch.no_grad():
+        ys = torchdiffeq.odeint(f, tuple(state[n] for n in net.layers), t, method=method, options=options)
+        states = dict(zip(net.layers, ys))
+        energy = torch.stack([net.energy({n: s[k] for n, s in states.items()}, inputs) for k in range(len(t))])
+    return states, energy, f.nfe
+
+
+@pytest.mark.parametrize("method", FIXED_METHODS)
+@pytest.mark.parametrize(("form", "bias", "affine"), [("tied", False, None), ("tied", True, (6,)),
+                                                      ("untied", True, (7, 6)), ("broken", False, (6,))])
+def test_fixed_step_equals_torchdiffeq_in_float64(method, form, bias, affine):
+    net = network(form, bias, affine, torch.float64)
+    state = net.init_state(3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.linspace(0, 2, 21, dtype=torch.float64)
+    inputs = {"x": torch.randn(3, 5, 6, dtype=torch.float64)}
+    for options in (None, {"step_size": 0.03}):  # the output grid; a finer grid with linear interpolation
+        for clamped in ((), ("v",)):
+            traj = net.simulate(state, t, method=method, options=options, inputs=inputs, clamped=clamped)
+            states, energy, nfe = reference(net, state, t, method, options, inputs, clamped)
+            err = max(float((traj.states[n] - states[n]).abs().max()) for n in net.layers)
+            assert err <= 1e-12, (options, clamped, err)
+            scale = float(energy.abs().max())
+            assert float((traj.energy - energy).abs().max()) <= 1e-12 * scale, (options, clamped)
+            assert traj.nfe == nfe
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_fixed_step_equals_torchdiffeq_in_float32(method):
+    net = network("untied", True, (6,), torch.float32)
+    state = net.init_state(4, generator=torch.Generator().manual_seed(2))
+    t = torch.linspace(0, 2, 11)
+    traj = net.simulate(state, t, method=method)
+    states, energy, _ = reference(net, state, t, method, None, {}, ())
+    assert max(float((traj.states[n] - states[n]).abs().max()) for n in net.layers) <= 1e-5
+    assert float((traj.energy - energy).abs().max()) <= 1e-5 * float(energy.abs().max())
+
+
+def test_both_energy_routes_equal_network_energy():
+    """The energy from dx/dt (every synapse dense, no tied affine, nothing clamped) and from each synapse's
+    currents (otherwise: here an attention coupling and a tied LayerNorm affine), at random states."""
+    torch.manual_seed(3)
+    dense = network("tied", True, None, torch.float64)
+    mixed = Network({"v": Layer((4, 6), lag.layernorm(axis=-1), 1.0), "s": Layer((2, 4, 4), lag.softmax(), 0.1),
+                     "x": Layer((4, 3), lag.gelu(), 0.2)},
+                    [AttentionCoupling("v", "s", heads=2, head_dim=3, affine=(6,)),
+                     DenseSynapse("v", "x", axis=-1, affine=(6,))]).double()
+    with torch.no_grad():
+        for p in mixed.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    for net, route in ((dense, True), (mixed, False)):
+        names = list(net.layers)
+        field = StepField(net, names, {}, (), check_finite=True)
+        assert field.from_field is route
+        state = net.init_state(3, dtype=torch.float64, scale=1.3)
+        out = [torch.empty_like(state[n]) for n in names]
+        with torch.no_grad():
+            e = field([state[n] for n in names], out, 0.0, energy=True)
+            ref = net.energy(state)
+            dx = net.vector_field(state)
+        assert float((e - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+        assert max(float((o - dx[n]).abs().max()) for o, n in zip(out, names)) <= 1e-12
+
+
+def test_gradients_and_other_methods_keep_torchdiffeq():
+    """grad=True (autograd through the steps) and methods the loop does not have go to torchdiffeq, unchanged."""
+    net = network("tied", False, None, torch.float64)
+    state = net.init_state(2, dtype=torch.float64)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    traj = net.simulate(state, t, method="rk4", grad=True)
+    traj.energy[-1].sum().backward()
+    assert net.synapses[0].weight.grad is not None
+    assert net.simulate(state, t, method="heun3").nfe == 4 * 3
+
+
+@pytest.mark.parametrize("lagrangian", [lag.identity(), lag.relu(), lag.repu(3), lag.tanh(), lag.softmax(axis=-2),
+                                        lag.softmax(beta=2.5, axis=-1), lag.softmax(axis=(-2, -1)),
+                                        lag.layernorm(axis=-1)], ids=str)
+def test_lagrangian_value_given_its_activation(lagrangian):
+    """L(x) read off g = dL/dx (the shortcuts the per-step energy takes) equals L(x)."""
+    x = 3 * torch.randn(4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    want = lagrangian(x)
+    got = lagrangian.value_given(x, lagrangian.activation(x))
+    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
