@@ -1,27 +1,32 @@
-"""Simulation speed of a Mixer-S-size 3-layer network, and the cost of energy tracking, against HAMUX.
+"""Simulation speed of a Mixer-S-size 3-layer network against HAMUX (fixed steps) and diffrax (dopri5), all in
+one process, interleaved round by round.
 
-    bash benchmarks/setup_hamux.sh            # once: .venv-hamux with jax, hamux, fastcore
-    .venv/bin/python benchmarks/simulate_vs_hamux.py [--write-docs]
+    bash benchmarks/setup_hamux.sh            # once: .venv-hamux with jax, hamux, diffrax (imported from here)
+    .venv/bin/python benchmarks/simulate_vs_hamux.py [--rounds 3] [--write-docs]
 
 Network (float32, batch 8, CPU): v (196, 512) LayerNorm over channels, tau 1; x (256, 512) ReLU, tau 0.5;
 h (512, 512) softmax over the 512 hidden units, tau 0.25; token-mixing synapses v-x (256 x 196) and
-x-h (512 x 256); t in [0, 10]. Both libraries get the same weights and initial states and run classic RK4
-with one step per interval of the same 101-point grid (400 vector-field evaluations); energies must agree
-to 1e-5 relative. We also time dopri5 (rtol 1e-5) with 51 outputs, with and without energy tracking.
-Run it on an otherwise idle machine: two processes sharing two cores distort every number.
+x-h (512 x 256); t in [0, 10]. Every side gets the same weights and initial states. Measures (each round runs
+every variant once, in turn, so that the machine's drift hits all alike; medians and ranges over rounds):
+
+- one vector-field evaluation;
+- RK4 (ours: torchdiffeq's 3/8 rule, HAMUX side: the classic rule; both 4 evaluations a step) and Euler, 100
+  steps, all 101 states kept, with the energy at every one (HAMUX: from the first stage's value_and_grad) and
+  without it;
+- dopri5 at rtol 1e-5, atol 1e-7, 51 outputs with their energies: ``hopfield`` (torchdiffeq) against diffrax's
+  ``Dopri5`` with a PID controller, jitted.
+
+The JAX side is ``benchmarks/hamux_side.py`` (the HAM built from hamux's own pieces). JAX and torch each use
+every core; they run one after the other, never at once. Pause other jobs while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
-import json
 import os
-import platform
-import subprocess
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,105 +35,166 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hopfield import DenseSynapse, Layer, Network  # noqa: E402
 from hopfield import lagrangians as lag  # noqa: E402
 
 B, S, C, X, H = 8, 196, 512, 256, 512
 TAUS = (1.0, 0.5, 0.25)
+GFLOP_PER_EVAL = 2 * 2 * B * C * (S * X + X * H) / 1e9  # two GEMMs (forward and feedback) per synapse
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, batch: int = B, tokens: int = S):
     torch.manual_seed(seed)
     net = Network(
-        {"v": Layer((S, C), lag.layernorm(axis=-1, eps=1e-5), TAUS[0]),
+        {"v": Layer((tokens, C), lag.layernorm(axis=-1, eps=1e-5), TAUS[0]),
          "x": Layer((X, C), lag.relu(), TAUS[1]),
          "h": Layer((H, C), lag.softmax(axis=-2), TAUS[2])},
         [DenseSynapse("v", "x", axis=-2), DenseSynapse("x", "h", axis=-2)],
     )
-    state = net.init_state(B)
-    return net, state
+    return net, net.init_state(batch)
 
 
-def best_of(fns: dict, repeats: int) -> dict:
-    """Best wall time of each function, the variants interleaved so that drift hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return {k: min(v) for k, v in times.items()}
-
-
-def run_torch(net, state, t, repeats: int) -> dict:
-    out = {}
-    with torch.no_grad():
-        out["vf_evals_per_s"] = 1.0 / best_of({"vf": lambda: net.vector_field(state)}, 10 * repeats)["vf"]
-        traj = net.simulate(state, t, method="rk4")
-        out["rk4_energy"] = traj.energy.numpy()
-        # the same trajectory in float64: the scale of float32 round-off along 100 steps
-        net64 = copy.deepcopy(net).double()
-        e64 = net64.simulate({n: x.double() for n, x in state.items()}, t.double(), method="rk4").energy.numpy()
-        out["rk4_energy64"] = e64
-        del net64
-        out["rk4_nfe"] = traj.nfe
-        rk4 = best_of({"with": lambda: net.simulate(state, t, method="rk4"),
-                       "without": lambda: net.simulate(state, t, method="rk4", track_energy=False)}, repeats)
-        out["rk4_wall_s_with_energy"], out["rk4_wall_s_without_energy"] = rk4["with"], rk4["without"]
-        t51 = torch.linspace(0, 10, 51)
-        d = net.simulate(state, t51, rtol=1e-5, atol=1e-7)
-        out["dopri5_nfe"] = d.nfe
-        out["dopri5_descent"] = str(d.descent).splitlines()[0]
-        dp = best_of({"with": lambda: net.simulate(state, t51, rtol=1e-5, atol=1e-7),
-                      "without": lambda: net.simulate(state, t51, rtol=1e-5, atol=1e-7, track_energy=False)},
-                     max(2, repeats - 2))
-        out["dopri5_wall_s_with_energy"], out["dopri5_wall_s_without_energy"] = dp["with"], dp["without"]
-    return out
-
-
-def run_hamux(net, state, t, repeats: int) -> dict | None:
-    py = ROOT / ".venv-hamux" / "bin" / "python"
-    if not py.exists():
-        print("no .venv-hamux: run `bash benchmarks/setup_hamux.sh` for the side-by-side numbers")
+def jax_side():
+    """Import JAX, hamux and diffrax from .venv-hamux (the numpy they need is this environment's)."""
+    site = sorted((ROOT / ".venv-hamux" / "lib").glob("python3*/site-packages"))
+    if not site:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        npz, out = Path(tmp) / "in.npz", Path(tmp) / "out.json"
-        np.savez(npz, W_vx=net.synapses[0].weight.detach().numpy(), W_xh=net.synapses[1].weight.detach().numpy(),
-                 x0_v=state["v"].numpy(), x0_x=state["x"].numpy(), x0_h=state["h"].numpy(),
-                 taus=np.asarray(TAUS, np.float32), t=t.numpy())
-        subprocess.run([str(py), str(ROOT / "benchmarks" / "hamux_side.py"), "--npz", str(npz), "--out", str(out),
-                        "--repeats", str(repeats)], check=True)
-        return json.loads(out.read_text())
+    sys.path.append(str(site[0]))
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import hamux_side
+
+    return hamux_side
+
+
+def make_jax(hs, net, state, t_np):
+    """Jitted HAMUX functions on the same weights, states and grid: dict name -> callable returning arrays."""
+    import diffrax
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import jax.tree_util as jtu
+
+    ham = hs.build_ham(net.synapses[0].weight.detach().numpy(), net.synapses[1].weight.detach().numpy())
+    params, static = eqx.partition(ham, eqx.is_array)
+    taus = {k: jnp.asarray(v, jnp.float32) for k, v in zip(("v", "x", "h"), TAUS)}
+    x0 = {k: jnp.asarray(state[k].numpy()) for k in ("v", "x", "h")}
+    dts = jnp.asarray(np.diff(t_np).astype(np.float32))
+
+    def field(h, x, energy=False):
+        return hs.vector_field(h, taus, x, return_energy=energy)
+
+    def fixed(method, with_energy):
+        def step_fn(h):
+            f = lambda x: field(h, x)  # noqa: E731
+
+            def step(x, dt):
+                if with_energy:
+                    k1, e = field(h, x, energy=True)
+                else:
+                    k1, e = f(x), None
+                if method == "euler":
+                    nxt = jtu.tree_map(lambda a, k: a + dt * k, x, k1)
+                else:
+                    nxt = hs.rk4_step(f, x, dt, k1=k1)
+                return nxt, (nxt, e)
+            return step
+
+        @jax.jit
+        def solve(p, x0, dts):
+            h = eqx.combine(p, static)
+            xT, (xs, es) = jax.lax.scan(step_fn(h), x0, dts)
+            traj = jtu.tree_map(lambda a, b: jnp.concatenate([a[None], b]), x0, xs)
+            if not with_energy:
+                return traj
+            return traj, jnp.concatenate([es, hs.energy(h, xT)[None]])
+        return lambda: solve(params, x0, dts)
+
+    t51 = jnp.asarray(np.linspace(0, 10, 51, dtype=np.float32))
+
+    @jax.jit
+    def dopri(p, x0):
+        h = eqx.combine(p, static)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, x, args: field(h, x)), diffrax.Dopri5(), t0=0.0, t1=10.0, dt0=None, y0=x0,
+            saveat=diffrax.SaveAt(ts=t51), stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-7),
+            max_steps=100_000)
+        energy = jax.vmap(lambda x: hs.energy(h, x))(sol.ys)
+        return sol.ys, energy, sol.stats["num_steps"]
+
+    vf = jax.jit(lambda p, x: field(eqx.combine(p, static), x))
+    fns = {"vf": lambda: vf(params, x0), "dopri5": lambda: dopri(params, x0),
+           "energy0": lambda: jax.jit(lambda p, x: hs.energy(eqx.combine(p, static), x))(params, x0)}
+    for method in ("rk4", "euler"):
+        for e in (True, False):
+            fns[f"{method}_{'energy' if e else 'plain'}"] = fixed(method, e)
+    return fns
+
+
+def block(out):
+    import jax
+
+    return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out)
+
+
+def timed(fn, jax_fn: bool) -> float:
+    start = time.perf_counter()
+    out = fn()
+    if jax_fn:
+        block(out)
+    return time.perf_counter() - start
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--write-docs", action="store_true", help="append the results to docs/benchmarks.md")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     net, state = build()
     t = torch.linspace(0, 10, 101)
-    ours = run_torch(net, state, t, args.repeats)
-    theirs = run_hamux(net, state, t, args.repeats)
-    res = {k: v for k, v in ours.items() if not k.startswith("rk4_energy")}
+    t51 = torch.linspace(0, 10, 51)
+    ours = {
+        "vf": lambda: net.vector_field(state),
+        "rk4_energy": lambda: net.simulate(state, t, method="rk4"),
+        "rk4_plain": lambda: net.simulate(state, t, method="rk4", track_energy=False),
+        "euler_energy": lambda: net.simulate(state, t, method="euler"),
+        "euler_plain": lambda: net.simulate(state, t, method="euler", track_energy=False),
+        "dopri5": lambda: net.simulate(state, t51, rtol=1e-5, atol=1e-7),
+    }
+    hs = jax_side()
+    theirs = make_jax(hs, net, state, t.numpy()) if hs is not None else {}
+    if hs is None:
+        print("no .venv-hamux: run `bash benchmarks/setup_hamux.sh` for the side-by-side numbers")
+    with torch.no_grad():
+        ref = {k: fn() for k, fn in ours.items()}  # warm-up, and the results compared below
+        got = {k: block(fn()) for k, fn in theirs.items()}  # compiles
+        times = {("ours", k): [] for k in ours} | {("theirs", k): [] for k in theirs}
+        for _ in range(args.rounds):
+            for k in ours:
+                reps = 10 if k == "vf" else 1
+                times["ours", k].append(sum(timed(ours[k], False) for _ in range(reps)) / reps)
+                if k in theirs:
+                    times["theirs", k].append(sum(timed(theirs[k], True) for _ in range(reps)) / reps)
+    res = {"times": {f"{side}:{k}": v for (side, k), v in times.items()}, "rounds": args.rounds,
+           "rk4_nfe": ref["rk4_energy"].nfe, "dopri5_nfe": ref["dopri5"].nfe,
+           "dopri5_descent": str(ref["dopri5"].descent).splitlines()[0]}
+    if theirs:
+        import jax
 
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30)))
+        def rel(a, b):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30)))
 
-    res["torch32_vs_torch64_traj"] = rel(ours["rk4_energy"], ours["rk4_energy64"])
-    if theirs is not None:
-        res["energy0_rel_diff"] = rel(ours["rk4_energy"][0], theirs["energy0"])
-        res["hamux32_vs_torch64_traj"] = rel(theirs["energy"], ours["rk4_energy64"])
-        res["energy_max_rel_diff"] = rel(ours["rk4_energy"], theirs["energy"])
-        res["hamux"] = {k: theirs[k] for k in ("wall_s_with_energy", "wall_s_without_energy", "vf_evals_per_s")
-                        if k in theirs}
-        v = theirs.get("versions", {})
-        res["hamux_versions"] = {k: v.get(k) for k in ("jax", "hamux")}
+        res["energy0_rel"] = rel(ref["rk4_energy"].energy[0].numpy(), got["energy0"])
+        res["rk4_energy_rel"] = rel(ref["rk4_energy"].energy.numpy(), got["rk4_energy"][1])
+        res["euler_energy_rel"] = rel(ref["euler_energy"].energy.numpy(), got["euler_energy"][1])
+        res["dopri5_energy_rel"] = rel(ref["dopri5"].energy.numpy(), got["dopri5"][1])
+        res["diffrax_steps"] = int(got["dopri5"][2])
+        import importlib.metadata as md
+
+        res["versions"] = {"jax": jax.__version__, "hamux": md.version("hamux"), "diffrax": md.version("diffrax")}
     report = render(res)
     print(report)
     if args.write_docs:
@@ -137,48 +203,58 @@ def main(argv=None) -> dict:
     return res
 
 
+def cpu_name() -> str:
+    from experiments.runs import cpu_name as name
+
+    return name()
+
+
 def render(r: dict) -> str:
-    ov_rk4 = r["rk4_wall_s_with_energy"] / r["rk4_wall_s_without_energy"] - 1
-    ov_dp = r["dopri5_wall_s_with_energy"] / r["dopri5_wall_s_without_energy"] - 1
+    T = r["times"]
+
+    def med(key):
+        return statistics.median(T[key])
+
+    def span(key):
+        return f"{min(T[key]):.3g}-{max(T[key]):.3g}"
+
     lines = [
-        f"## Simulation, Mixer-S-size 3-layer network ({datetime.date.today().isoformat()})",
-        "",
-        "Command: `.venv/bin/python benchmarks/simulate_vs_hamux.py --write-docs`; machine: "
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        "float32, batch 8, CPU.",
-        "",
-        "| measure | hopfield (torch) | HAMUX (JAX, jitted) | ratio torch / HAMUX |",
+        f"## Simulation, Mixer-S-size 3-layer network, one process ({datetime.date.today().isoformat()})", "",
+        f"Command: `.venv/bin/python benchmarks/simulate_vs_hamux.py --rounds {r['rounds']} --write-docs`; "
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {r.get('versions', 'no JAX side')}; float32, batch 8, CPU. "
+        f"Medians over {r['rounds']} interleaved rounds (range in brackets), seconds.", "",
+        "| measure | hopfield | HAMUX / diffrax (JAX, jitted) | speed-up (their time / ours) |",
         "|---|---|---|---|",
     ]
-    h = r.get("hamux", {})
-
-    def row(name, ours, key, fmt="{:.3g}", inverse=False):
-        theirs = h.get(key)
-        ratio = "" if theirs is None else f"{(theirs / ours if inverse else ours / theirs):.2f}"
-        lines.append(f"| {name} | {fmt.format(ours)} | {'' if theirs is None else fmt.format(theirs)} | {ratio} |")
-
-    row("vector-field evaluations / s", r["vf_evals_per_s"], "vf_evals_per_s", inverse=True)
-    row("RK4, 100 steps, energy at every step: wall s", r["rk4_wall_s_with_energy"], "wall_s_with_energy")
-    row("RK4, 100 steps, no energy: wall s", r["rk4_wall_s_without_energy"], "wall_s_without_energy")
+    names = {"vf": "one vector-field evaluation", "rk4_energy": "RK4, 100 steps, energy at every step",
+             "rk4_plain": "RK4, 100 steps, no energy", "euler_energy": "Euler, 100 steps, energy at every step",
+             "euler_plain": "Euler, 100 steps, no energy",
+             "dopri5": "dopri5 rtol 1e-5, 51 outputs with energies (theirs: diffrax)"}
+    for k, name in names.items():
+        ours = f"{med('ours:' + k):.3g} [{span('ours:' + k)}]"
+        if f"theirs:{k}" in T:
+            theirs = f"{med('theirs:' + k):.3g} [{span('theirs:' + k)}]"
+            ratios = [b / a for a, b in zip(T["ours:" + k], T["theirs:" + k])]
+            ratio = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+        else:
+            theirs = ratio = ""
+        lines.append(f"| {name} | {ours} | {theirs} | {ratio} |")
+    vf = med("ours:vf")
     lines += [
         "",
-        "(every ratio is torch time / HAMUX time, per evaluation for the first row: below 1 means torch is faster)",
-        "",
-        f"- energy tracking cost, RK4 with energy at all 101 grid points: {100 * ov_rk4:.1f}%",
-        f"- energy tracking cost, dopri5 (rtol 1e-5) with 51 outputs, {r['dopri5_nfe']} evaluations: "
-        f"{100 * ov_dp:.1f}% ({r['dopri5_wall_s_with_energy']:.2f} s vs {r['dopri5_wall_s_without_energy']:.2f} s)",
-        f"- dopri5 descent report: {r['dopri5_descent']}",
+        f"- one evaluation is {GFLOP_PER_EVAL:.2f} GFLOP: ours runs at {GFLOP_PER_EVAL / vf:.0f} GFLOP/s; "
+        f"RK4 with energy at {4 * 100 * GFLOP_PER_EVAL / med('ours:rk4_energy'):.0f} GFLOP/s end to end",
+        f"- energy tracking, share of the time: RK4 "
+        f"{100 * (med('ours:rk4_energy') / med('ours:rk4_plain') - 1):.1f} %, Euler "
+        f"{100 * (med('ours:euler_energy') / med('ours:euler_plain') - 1):.1f} %",
+        f"- dopri5: {r['dopri5_nfe']} evaluations (ours); {r.get('diffrax_steps', '?')} accepted+rejected steps "
+        f"(diffrax); descent report: {r['dopri5_descent']}",
     ]
-    if "energy_max_rel_diff" in r:
-        lines += [
-            f"- energy of the same states (t = 0, 8 samples), torch vs HAMUX: max relative difference "
-            f"{r['energy0_rel_diff']:.2e} (required <= 1e-5)",
-            f"- energies along the float32 RK4 trajectories (101 times x 8 samples), torch vs HAMUX: "
-            f"{r['energy_max_rel_diff']:.2e}; each against a float64 run of the same trajectory: torch "
-            f"{r['torch32_vs_torch64_traj']:.2e}, HAMUX {r['hamux32_vs_torch64_traj']:.2e} (float32 round-off "
-            "grows along the trajectory as the state grows)",
-            f"- versions: {r['hamux_versions']}",
-        ]
+    if "energy0_rel" in r:
+        lines.append(f"- energies, max relative difference ours vs theirs: same initial states "
+                     f"{r['energy0_rel']:.1e}; along RK4 {r['rk4_energy_rel']:.1e}, Euler "
+                     f"{r['euler_energy_rel']:.1e}, dopri5 {r['dopri5_energy_rel']:.1e} (required <= 1e-5)")
     return "\n".join(lines) + "\n"
 
 

@@ -196,6 +196,13 @@ class Network(nn.Module):
         return self._vector_field(state, inputs, clamped)
 
     def _vector_field(self, state, inputs, clamped) -> State:
+        if not torch.is_grad_enabled():  # the buffered evaluator: each synapse's GEMM straight into dx/dt
+            from .stepping import _Field
+
+            names = list(self.layers)
+            out = [torch.empty_like(state[n]) for n in names]
+            _Field(self, names, inputs, clamped, check_finite=False)([state[n] for n in names], out, 0.0)
+            return dict(zip(names, out))
         cur = self.currents(state, inputs)
         return {n: (torch.zeros_like(state[n]) if n in clamped else (cur[n] - state[n]) / l.tau)
                 for n, l in self.layers.items()}

@@ -116,3 +116,22 @@ def test_lagrangian_value_given_its_activation(lagrangian):
     want = lagrangian(x)
     got = lagrangian.value_given(x, lagrangian.activation(x))
     assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("method", ["dopri5"])
+def test_torchode_route_agrees_with_torchdiffeq_to_its_tolerance(method):
+    """dopri5 without gradients runs torchode (each sample its own steps): the states agree with
+    torchdiffeq's dopri5 at rtol 1e-10 to 1e-8, and the energy with Network.energy of those states."""
+    net = network("untied", True, (6,), torch.float64)
+    state = net.init_state(3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    t = torch.linspace(0, 2, 6, dtype=torch.float64)
+    inputs = {"h": torch.randn(1, 5, 4, dtype=torch.float64)}
+    traj = net.simulate(state, t, method=method, rtol=1e-10, atol=1e-12, inputs=inputs, clamped="c")
+    f = _Field(net, inputs, ("c",), check_finite=False)
+    with torch.no_grad():
+        ys = torchdiffeq.odeint(f, tuple(state[n] for n in net.layers), t, method="dopri5", rtol=1e-12, atol=1e-14)
+    assert max(float((traj.states[n] - y).abs().max()) for n, y in zip(net.layers, ys)) <= 1e-8
+    assert torch.equal(traj.states["c"][-1], state["c"]) and traj.nfe > 0
+    with torch.no_grad():
+        energy = torch.stack([net.energy({n: s[k] for n, s in traj.states.items()}, inputs) for k in range(len(t))])
+    assert torch.equal(traj.energy, energy)
