@@ -150,8 +150,17 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--write-docs", action="store_true", help="append the results to docs/benchmarks.md")
+    p.add_argument("--scale", action="store_true", help="only the scale table: time per Euler step and GFLOP/s "
+                   "at batch 1, 8, 32 and 49, 196, 784 tokens (ours alone)")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
+    if args.scale:
+        report = scale_table(args.rounds)
+        print(report)
+        if args.write_docs:
+            with open(ROOT / "docs" / "benchmarks.md", "a") as f:
+                f.write("\n" + report)
+        return {}
     net, state = build()
     t = torch.linspace(0, 10, 101)
     t51 = torch.linspace(0, 10, 51)
@@ -201,6 +210,36 @@ def main(argv=None) -> dict:
         with open(ROOT / "docs" / "benchmarks.md", "a") as f:
             f.write("\n" + report)
     return res
+
+
+def scale_table(rounds: int) -> str:
+    """Time per Euler step (10 steps, the median over rounds) with and without the energy, and the GFLOP/s of the
+    step without it, at batch 1, 8, 32 and 49, 196, 784 visible tokens (the hidden layers as above)."""
+    lines = [f"## Simulation at scale ({datetime.date.today().isoformat()})", "",
+             f"Command: `.venv/bin/python benchmarks/simulate_vs_hamux.py --scale --rounds {rounds} --write-docs`; "
+             f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+             f"({torch.get_num_threads()} threads); float32, CPU; Euler, 10 steps, the network above with v of "
+             f"N tokens; median of {rounds} rounds.", "",
+             "| batch | tokens | GFLOP / step | ms / step, no energy | GFLOP/s | ms / step, energy every step | "
+             "energy share |", "|---|---|---|---|---|---|---|"]
+    for batch in (1, 8, 32):
+        for tokens in (49, 196, 784):
+            net, state = build(batch=batch, tokens=tokens)
+            t = torch.linspace(0, 1, 11)
+            gflop = 2 * 2 * batch * C * (tokens * X + X * H) / 1e9
+            def run(energy: bool, net=net, state=state, t=t):
+                return net.simulate(state, t, method="euler", track_energy=energy)
+
+            times = {}
+            with torch.no_grad():
+                for e in (False, True):
+                    run(e)  # warm-up
+                    times[e] = statistics.median(timed(lambda e=e: run(e), False) for _ in range(rounds)) / 10
+            lines.append(f"| {batch} | {tokens} | {gflop:.2f} | {1e3 * times[False]:.1f} | "
+                         f"{gflop / times[False]:.0f} | {1e3 * times[True]:.1f} | "
+                         f"{100 * (times[True] / times[False] - 1):.0f} % |")
+            del net, state
+    return "\n".join(lines) + "\n"
 
 
 def cpu_name() -> str:
