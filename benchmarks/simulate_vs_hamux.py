@@ -138,11 +138,15 @@ def block(out):
     return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out)
 
 
-def timed(fn, jax_fn: bool) -> float:
+def timed(fn, jax_fn: bool, device: torch.device | None = None) -> float:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     out = fn()
     if jax_fn:
         block(out)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -152,10 +156,12 @@ def main(argv=None) -> dict:
     p.add_argument("--write-docs", action="store_true", help="append the results to docs/benchmarks.md")
     p.add_argument("--scale", action="store_true", help="only the scale table: time per Euler step and GFLOP/s "
                    "at batch 1, 8, 32 and 49, 196, 784 tokens (ours alone)")
+    p.add_argument("--device", default="cpu", help="the scale table's device (cpu, cuda)")
+    p.add_argument("--tiny", action="store_true", help="the scale table at batch 1, 2 and 49 tokens (a smoke test)")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     if args.scale:
-        report = scale_table(args.rounds)
+        report = scale_table(args.rounds, torch.device(args.device), args.tiny)
         print(report)
         if args.write_docs:
             with open(ROOT / "docs" / "benchmarks.md", "a") as f:
@@ -212,19 +218,22 @@ def main(argv=None) -> dict:
     return res
 
 
-def scale_table(rounds: int) -> str:
+def scale_table(rounds: int, device: torch.device | None = None, tiny: bool = False) -> str:
     """Time per Euler step (10 steps, the median over rounds) with and without the energy, and the GFLOP/s of the
     step without it, at batch 1, 8, 32 and 49, 196, 784 visible tokens (the hidden layers as above)."""
+    device = torch.device("cpu") if device is None else device
+    flags = f" --device {device.type}" if device.type != "cpu" else ""
     lines = [f"## Simulation at scale ({datetime.date.today().isoformat()})", "",
-             f"Command: `.venv/bin/python benchmarks/simulate_vs_hamux.py --scale --rounds {rounds} --write-docs`; "
-             f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads); float32, CPU; Euler, 10 steps, the network above with v of "
-             f"N tokens; median of {rounds} rounds.", "",
+             f"Command: `.venv/bin/python benchmarks/simulate_vs_hamux.py --scale{flags} --rounds {rounds} "
+             f"--write-docs`; machine: {machine(device)}, torch {torch.__version__}; float32; Euler, 10 steps, the "
+             f"network above with v of N tokens; median of {rounds} rounds.", "",
              "| batch | tokens | GFLOP / step | ms / step, no energy | GFLOP/s | ms / step, energy every step | "
              "energy share |", "|---|---|---|---|---|---|---|"]
-    for batch in (1, 8, 32):
-        for tokens in (49, 196, 784):
+    for batch in (1, 2) if tiny else (1, 8, 32):
+        for tokens in (49,) if tiny else (49, 196, 784):
             net, state = build(batch=batch, tokens=tokens)
+            net = net.to(device)
+            state = {k: v.to(device) for k, v in state.items()}
             t = torch.linspace(0, 1, 11)
             gflop = 2 * 2 * batch * C * (tokens * X + X * H) / 1e9
             def run(energy: bool, net=net, state=state, t=t):
@@ -234,12 +243,18 @@ def scale_table(rounds: int) -> str:
             with torch.no_grad():
                 for e in (False, True):
                     run(e)  # warm-up
-                    times[e] = statistics.median(timed(lambda e=e: run(e), False) for _ in range(rounds)) / 10
+                    times[e] = statistics.median(timed(lambda e=e: run(e), False, device) for _ in range(rounds)) / 10
             lines.append(f"| {batch} | {tokens} | {gflop:.2f} | {1e3 * times[False]:.1f} | "
                          f"{gflop / times[False]:.0f} | {1e3 * times[True]:.1f} | "
                          f"{100 * (times[True] / times[False] - 1):.0f} % |")
             del net, state
     return "\n".join(lines) + "\n"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {os.cpu_count()} cores ({torch.get_num_threads()} threads)"
 
 
 def cpu_name() -> str:

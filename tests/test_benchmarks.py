@@ -67,3 +67,22 @@ def test_adiabatic_solve_benchmark_compares_both_solvers(capsys):
     assert float(rows[1].split("|")[-2]) < 1e-9  # the two fields agree
     skipped = load("adiabatic_solve").main(["--sizes", "4x8", "--rounds", "1", "--max-jacobian-gb", "0"])
     assert "skipped: the Jacobian alone needs" in skipped
+
+
+def test_gpu_check_dry_run_writes_every_stage(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run (tiny sizes, CPU) runs all three stages and writes one section: what a
+    lent GPU will run cannot rot unnoticed."""
+    import os
+    import subprocess
+
+    doc = tmp_path / "doc.md"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_DOC": str(doc)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    text = doc.read_text()
+    assert text.count("## GPU check: CPU dry run") == 1
+    for heading in ("### Simulation at scale", "### Training throughput", "### Fashion-MNIST, derived iMixer"):
+        assert heading in text, text
+    assert "failed" not in text and "stopped at its limit" not in text, text
+    assert "<!--" not in text and "\n# " not in text  # the training table alone, no file heading or markers
