@@ -45,16 +45,16 @@ def integrate_adaptive(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor,
         return [p.view(flat.shape[0], *s) for p, s in zip(flat.split(sizes, dim=1), shapes)]
 
     def f(time: Tensor, flat: Tensor) -> Tensor:
-        # the buffered field works on contiguous per-layer states; torchode keeps every stage's result, so each
-        # evaluation returns a fresh (batch, N) tensor
-        out = [torch.empty((batch, *s), dtype=flat.dtype, device=flat.device) for s in shapes]
-        # torchode steps a sample's own time: the field is autonomous, so the time is for error messages only
-        field([p.contiguous() for p in split(flat)], out, float(time.max()))
-        return torch.cat([o.reshape(batch, -1) for o in out], dim=1)
+        out = torch.empty_like(flat)  # torchode keeps every stage's result: a fresh tensor per evaluation
+        # the layers are strided views of torchode's flat (batch, N) layout, which the field reads and writes in
+        # place; torchode steps a sample's own time: the field is autonomous, so the time is for messages only
+        field(split(flat), split(out), float(time.max()))
+        return out
 
     flat0 = torch.cat([x.reshape(batch, -1) for x in y0], dim=1)
     term = to.ODETerm(f)
     step = getattr(to, TORCHODE_METHODS[method])(term=term)
+
     def norm(err: Tensor) -> Tensor:
         """torchdiffeq's error norm for a tuple of states, per sample: the largest of the layers' RMS norms (an
         RMS over the concatenated layers would let a small layer's error hide among a large layer's units)."""

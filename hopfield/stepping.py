@@ -81,19 +81,24 @@ class _Field:
                     torch.sub(current, y[i], out=o).mul_(a)
                     started[i] = True
                 return
-            if axis == o.ndim - 2:  # batched GEMM along the second-to-last axis
-                o3, g3, x3 = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (o, g_in, y[i]))
-                wb = w.unsqueeze(0).expand(g3.shape[0], -1, -1)
+            # a batched GEMM along the second-to-last axis, or (as W g^T) along the last; the states may be
+            # strided views of one flat tensor (torchode's layout): bmm writes those in place
+            views = _as_batches(o, g_in, y[i])
+            if views is None:
+                accumulate(i, _contract(w, g_in, axis))
+                return
+            o3, g3, x3 = views
+            if axis == o.ndim - 2:
                 if started[i]:
-                    o3.baddbmm_(wb, g3, alpha=a)
+                    o3.baddbmm_(w.unsqueeze(0).expand(g3.shape[0], -1, -1), g3, alpha=a)
                 else:
-                    torch.baddbmm(x3, wb, g3, beta=-a, alpha=a, out=o3)
-            elif axis == o.ndim - 1:  # one GEMM over every other axis
-                o2, g2, x2 = (t.reshape(-1, t.shape[-1]) for t in (o, g_in, y[i]))
+                    torch.baddbmm(x3, w.unsqueeze(0).expand(g3.shape[0], -1, -1), g3, beta=-a, alpha=a, out=o3)
+            elif axis == o.ndim - 1:
+                wt = w.T.unsqueeze(0).expand(g3.shape[0], -1, -1)
                 if started[i]:
-                    o2.addmm_(g2, w.T, alpha=a)
+                    o3.baddbmm_(g3, wt, alpha=a)
                 else:
-                    torch.addmm(x2, g2, w.T, beta=-a, alpha=a, out=o2)
+                    torch.baddbmm(x3, g3, wt, beta=-a, alpha=a, out=o3)
             else:
                 accumulate(i, _contract(w, g_in, axis))
                 return
@@ -180,6 +185,15 @@ class _Field:
             if syn.has_bias_fb:
                 total = total - 0.5 * _dot(ga, _along(syn.bias_fb, ax, ga.ndim).expand_as(ga))
         return total
+
+
+def _as_batches(*ts: Tensor) -> tuple[Tensor, ...] | None:
+    """Each tensor as (batches, rows, cols) views over its last two axes, or None if one cannot be viewed so
+    (a rank > 3 state that is a strided slice of a larger tensor)."""
+    try:
+        return tuple(t.view(-1, t.shape[-2], t.shape[-1]) for t in ts)
+    except RuntimeError:
+        return None
 
 
 def _grid(t: Tensor, step_size: float | None) -> Tensor:
