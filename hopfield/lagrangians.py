@@ -290,12 +290,19 @@ class _Softmax(Lagrangian):
         return self.beta * p * (v - (p * v).sum(dims, keepdim=True))
 
     def value_given(self, x, g):
-        """logsumexp(z) = max z - log softmax(z) at the max, z = beta x: one max pass instead of an exp pass."""
+        """logsumexp(z) = z_k - log softmax(z)_k for any k, z = beta x: read at the first unit (a slice, no pass
+        over the state) when its probability is not tiny there (log g_k > -30: its round-off stays below 30 eps),
+        else at the maximum (one max pass)."""
         dims = _batched_axes(self.axis, x.ndim)
         if len(dims) != 1:
             return self(x)
-        m, idx = x.max(dim=dims[0], keepdim=True)
-        return _sum_per_sample(self.beta * m - torch.log(g.gather(dims[0], idx))) / self.beta
+        d = dims[0]
+        g0, x0 = g.narrow(d, 0, 1), x.narrow(d, 0, 1)
+        log_g0 = torch.log(g0)
+        if bool((log_g0 > -30.0).all()):
+            return _sum_per_sample(self.beta * x0 - log_g0) / self.beta
+        m, idx = x.max(dim=d, keepdim=True)
+        return _sum_per_sample(self.beta * m - torch.log(g.gather(d, idx))) / self.beta
 
 
 def _as_tensor_like(value, x: Tensor) -> Tensor | float:
@@ -338,6 +345,21 @@ class _LayerNorm(Lagrangian):
 
     def _has_delta(self) -> bool:
         return isinstance(self.delta, Tensor) or self.delta != 0
+
+    def value_given(self, x, g):
+        """With g = gamma (x - mean) / s, s = sqrt(Var + eps), each group's p = <g, x> = gamma D Var / s and
+        q = <g, g> = gamma^2 D Var / s^2, so s = gamma p / q: two dot products per group instead of a variance
+        pass. Where Var is not well above round-off (q < 1e-3 gamma^2 D) the ratio is ill-conditioned: then, and
+        for a delta or several axes, L(x) directly."""
+        dims = _batched_axes(self.axis, x.ndim)
+        if self._has_delta() or len(dims) != 1 or dims[0] != x.ndim - 1 or self.gamma == 0:
+            return self(x)
+        d = x.shape[-1]
+        p = torch.linalg.vecdot(g, x)
+        q = torch.linalg.vecdot(g, g)
+        if not bool((q > 1e-3 * self.gamma**2 * d).all()):
+            return self(x)
+        return _sum_per_sample(d * self.gamma * (self.gamma * p / q))
 
     def activation(self, x):
         dims = _batched_axes(self.axis, x.ndim)
