@@ -21,7 +21,7 @@ from .stepping import _Field
 __all__ = ["TORCHODE_METHODS", "integrate_adaptive"]
 
 TORCHODE_METHODS = {"dopri5": "Dopri5"}
-MAX_STEPS = 1_000_000  # torchode's default has no limit; a stuck solve ends with StepUnderflowError instead
+MAX_STEPS = 1_000_000  # torchode's default has no limit: a solve that cannot finish stops here (an error)
 
 
 def integrate_adaptive(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, method: str, inputs: dict,

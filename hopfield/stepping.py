@@ -108,13 +108,8 @@ class _Field:
             if type(syn) is DenseSynapse:  # subclasses may change the currents: they take the general path
                 ia, ib = self.index[syn.layers[0]], self.index[syn.layers[1]]
                 ga, gb, ax = g[ia], g[ib], syn._baxis
-                ga_in = syn.affine(ga) if syn.affine is not None else ga
-                v = syn.feedback_weight()
                 if energy:  # the currents themselves, for the energy's dot products
-                    fwd = syn.forward_current(ga)
-                    fb = _contract(v, gb, ax)
-                    if syn.has_bias_fb:
-                        fb = fb + _along(syn.bias_fb, ax, gb.ndim)
+                    fwd, fb = syn.forward_current(ga), syn.feedback_current(gb)
                     bias_terms = 0
                     if syn.has_bias_fb:
                         bias_terms = _dot(ga, _along(syn.bias_fb, ax, ga.ndim).expand_as(ga))
@@ -129,11 +124,11 @@ class _Field:
                     accumulate(ia, fb)
                     continue
                 if self.free[ib]:
-                    accumulate(ib, None, syn.weight, ga_in, ax)
+                    accumulate(ib, None, syn.weight, syn.affine(ga) if syn.affine is not None else ga, ax)
                     if syn.has_bias:
                         out[ib].add_(_along(syn.bias, ax, gb.ndim), alpha=self.inv_tau[ib])
                 if self.free[ia]:
-                    accumulate(ia, None, v, gb, ax)
+                    accumulate(ia, None, syn.feedback_weight(), gb, ax)
                     if syn.has_bias_fb:
                         out[ia].add_(_along(syn.bias_fb, ax, ga.ndim), alpha=self.inv_tau[ia])
             else:  # any other synapse: its own currents (and energy)
