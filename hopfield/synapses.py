@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .lagrangians import _fast_dot as _dot  # per-sample <a, b> without a state-sized temporary
 from .layers import Layer
 
 __all__ = ["Affine", "DenseSynapse", "Synapse"]
@@ -74,11 +75,6 @@ def _along(v: Tensor, axis: int, ndim: int) -> Tensor:
     """Reshape a vector so that it broadcasts along batched axis ``axis`` of a rank-``ndim`` tensor."""
     return v.reshape((-1,) + (1,) * (ndim - 1 - axis))
 
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample <a, b>, shape (batch,), without an elementwise temporary (3x faster on CPU than a product and
-    a sum)."""
-    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
 
 class Affine(nn.Module):

@@ -110,8 +110,9 @@ def test_gradients_and_other_methods_keep_torchdiffeq():
 @pytest.mark.parametrize("lagrangian", [lag.identity(), lag.relu(), lag.repu(3), lag.tanh(), lag.softmax(axis=-2),
                                         lag.softmax(beta=2.5, axis=-1), lag.softmax(axis=(-2, -1)),
                                         lag.layernorm(axis=-1)], ids=str)
-def test_lagrangian_value_given_its_activation(lagrangian):
-    """L(x) read off g = dL/dx (the shortcuts the per-step energy takes) equals L(x)."""
+def test_lagrangian_terms_given_its_activation(lagrangian):
+    """<x, g> and L(x) read off g = dL/dx (the shortcuts the per-step energy takes) equal <x, g> and L(x), and
+    the activation written into a buffer equals the activation."""
     x = 3 * torch.randn(4, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     # and the states where a shortcut does not hold (its fallback): a group of equal units (LayerNorm's Var = 0),
     # a first unit far below the others (softmax's probability there underflows)
@@ -120,10 +121,14 @@ def test_lagrangian_value_given_its_activation(lagrangian):
     flat[1, 0, :] = -200.0
     flat[2, :, 0] = -200.0
     for state in (x, flat, x.float()):
-        want = lagrangian(state)
-        got = lagrangian.value_given(state, lagrangian.activation(state))
+        g = lagrangian.activation(state)
+        buf = torch.full_like(state, float("nan"))
+        assert torch.equal(lagrangian.activation_into(state, buf), g)
+        want_xg, want = (state * g).sum((1, 2)), lagrangian(state)
+        got_xg, got = lagrangian.terms_given(state, g)
         tol = 1e-12 if state.dtype == torch.float64 else 1e-5
         assert float((got - want).abs().max()) <= tol * float(want.abs().max()), state.dtype
+        assert float((got_xg - want_xg).abs().max()) <= tol * float(want_xg.abs().max()), state.dtype
 
 
 @pytest.mark.parametrize("method", ["dopri5"])
@@ -143,3 +148,40 @@ def test_torchode_route_agrees_with_torchdiffeq_to_its_tolerance(method):
     with torch.no_grad():
         energy = torch.stack([net.energy({n: s[k] for n, s in traj.states.items()}, inputs) for k in range(len(t))])
     assert torch.equal(traj.energy, energy)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 50), (2, 4000), (5, 3, 16), (6, 40, 5)], ids=str)
+def test_chunked_dot_products_equal_vecdot(shape, monkeypatch):
+    """The energy's dot products in pieces (rows in blocks, or long rows in column blocks) equal linalg.vecdot."""
+    from hopfield import lagrangians as lags
+
+    monkeypatch.setattr(lags, "_DOT_CHUNK", 64)
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float64, torch.float32):
+        a, b = torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        want = torch.linalg.vecdot(a, b)
+        assert float((lags._vecdot(a, b) - want).abs().max()) <= tol * float(want.abs().max())
+        want = (a * b).reshape(shape[0], -1).sum(-1)
+        assert float((lags._fast_dot(a, b) - want).abs().max()) <= tol * float(want.abs().max())
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "dopri5"])
+def test_simulation_leaves_no_reference_cycle(method):
+    """The stored states are freed as soon as the trajectory is, without the garbage collector: a cycle through
+    the vector field once held every state of every run until a full collection (gigabytes at Mixer size)."""
+    import gc
+    import weakref
+
+    net = network("untied", True, None, torch.float64)
+    state = net.init_state(3, generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            traj = net.simulate(state, torch.linspace(0, 1, 5), method=method)
+        refs = [weakref.ref(s) for s in traj.states.values()]
+        del traj
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
