@@ -104,6 +104,9 @@ class Lagrangian:
     # g(c x) = g(x) for c > 0 (up to eps), so the Hessian annihilates x (iMixer Eq. 13): a decay -alpha x then
     # does not move g, whatever alpha (LayerNorm, spherical)
     zero_mode: bool = False
+    # L(c x) = c^degree L(x) for c > 0, so <x, g> = degree L (Euler's theorem): for degree 2 (identity, ReLU) the
+    # layer's part of the energy read off dx/dt, <x, g>/2 - L, is exactly 0 (``hopfield.stepping``)
+    degree: float | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -151,6 +154,7 @@ class _Identity(_Separable):
     name = "identity()"
     symbol = ""
     lipschitz = 1.0
+    degree = 2.0
 
     def phi(self, x):
         return 0.5 * x * x
@@ -190,6 +194,7 @@ class _RePU(_Separable):
         self.name = "relu()" if n == 2 else f"repu({n:g})"
         self.symbol = "ReLU" if n == 2 else f"ReLU^{n - 1:g}"
         self.lipschitz = 1.0 if n == 2 else math.inf
+        self.degree = self.n
 
     def phi(self, x):
         return _pos_power(x, self.n) / self.n
@@ -201,10 +206,8 @@ class _RePU(_Separable):
         return torch.clamp_min(x, 0.0, out=out) if self.n == 2 else self.activation(x)
 
     def terms_given(self, x, g):
-        if self.n != 2:
-            return super().terms_given(x, g)
-        gg = _fast_dot(g, g)  # <x, relu(x)> = <g, g>, phi = relu(x)^2 / 2 = g^2 / 2
-        return gg, 0.5 * gg
+        value = 0.5 * _fast_dot(g, g) if self.n == 2 else self(x)  # phi = relu(x)^2 / 2 = g^2 / 2 for n = 2
+        return self.n * value, value  # <x, g> = n L (degree n)
 
     def curvature(self, x):
         if self.n == 2:

@@ -217,8 +217,10 @@ class _Field:
         two dot products per layer, and no GEMM."""
         total = 0
         for layer, x, gi, d, inp in zip(self.layers, y, g, dx, self.inputs):
-            xg, lag = layer.lagrangian.terms_given(x, gi)
-            total = total + 0.5 * xg - lag - (0.5 * layer.tau) * _fast_dot(gi, d)
+            if layer.lagrangian.degree != 2:  # (for degree 2, <x, g>/2 - L = 0 exactly)
+                xg, lag = layer.lagrangian.terms_given(x, gi)
+                total = total + 0.5 * xg - lag
+            total = total - (0.5 * layer.tau) * _fast_dot(gi, d)
             if inp is not None:
                 total = total - 0.5 * _dot(inp.expand_as(gi), gi)
         for syn in self.net.synapses:
