@@ -43,29 +43,27 @@ def _sum_per_sample(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).sum(-1)
 
 
-_DOT_CHUNK = 1 << 18  # elements of the product a dot product may hold at once (1 MiB in float32)
+_DOT_CHUNK = 1 << 20  # elements of the product a dot product may hold at once (4 MiB in float32)
 
 
 def _vecdot(a: Tensor, b: Tensor) -> Tensor:
-    """``torch.linalg.vecdot(a, b)`` over the last axis of two real tensors of one shape, in pieces of at most
-    ``_DOT_CHUNK`` products. vecdot forms the whole product first: past 32 MiB (glibc's largest heap block) that
-    temporary is a fresh mmap each call, page-faulted in, and a batch-32 state's dot product ran at 5 GB/s where
-    the pieces, reusing one cached block, run at 23-60 (benchmarks/simulate_vs_hamux.py --scale)."""
+    """``torch.linalg.vecdot(a, b)`` over the last axis of two real tensors of one shape, in blocks of at most
+    ``_DOT_CHUNK`` products (rows, and for long rows columns too). vecdot forms the whole product first: past 32 MiB
+    (glibc's largest heap block) that temporary is a fresh mmap each call, page-faulted in, and a batch-32 state's
+    dot product ran at 5 GB/s where the blocks, reusing one cached block, run at 23-60
+    (benchmarks/simulate_vs_hamux.py --scale)."""
     if a.numel() <= _DOT_CHUNK or a.is_cuda:
         return torch.linalg.vecdot(a, b)
     n = a.shape[-1]
     a2, b2 = a.reshape(-1, n), b.reshape(-1, n)
-    rows = a2.shape[0]
-    if n <= _DOT_CHUNK // 8:  # many short rows: blocks of rows, each written into its slice of the result
-        out = a2.new_empty(rows)
-        step = _DOT_CHUNK // n
-        for s in range(0, rows, step):
-            torch.linalg.vecdot(a2[s:s + step], b2[s:s + step], out=out[s:s + step])
-    else:  # few long rows: blocks of columns, summed
-        step = max(_DOT_CHUNK // rows, _DOT_CHUNK // 8)
-        out = torch.linalg.vecdot(a2[:, :step], b2[:, :step])
-        for s in range(step, n, step):
-            out += torch.linalg.vecdot(a2[:, s:s + step], b2[:, s:s + step])
+    cols = n if n <= _DOT_CHUNK else _DOT_CHUNK // 8
+    rows = max(1, _DOT_CHUNK // cols)
+    out = a2.new_empty(a2.shape[0])
+    for r in range(0, a2.shape[0], rows):
+        o = out[r:r + rows]
+        torch.linalg.vecdot(a2[r:r + rows, :cols], b2[r:r + rows, :cols], out=o)
+        for c in range(cols, n, cols):
+            o += torch.linalg.vecdot(a2[r:r + rows, c:c + cols], b2[r:r + rows, c:c + cols])
     return out.view(a.shape[:-1])
 
 

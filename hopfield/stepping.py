@@ -311,13 +311,14 @@ def integrate_fixed(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, me
                 torch.add(x, b, out=o)
         y = nxt
         while j < len(out_times) and t1 >= out_times[j]:
-            if not on_grid and out_times[j] == t1:  # (on the grid the step wrote it)
-                for s, x in zip(sol, y):
-                    s[j] = x
-            elif not on_grid:  # torchdiffeq's linear interpolation between the step's ends
-                slope = (out_times[j] - t0) / (t1 - t0) if out_times[j] != t0 else 0.0
-                for s, p, x in zip(sol, y_prev, y):
-                    s[j] = p + slope * (x - p)
+            if not on_grid:  # (on the grid the step wrote it)
+                if out_times[j] == t1:
+                    for s, x in zip(sol, y):
+                        s[j] = x
+                else:  # torchdiffeq's linear interpolation between the step's ends
+                    slope = (out_times[j] - t0) / (t1 - t0) if out_times[j] != t0 else 0.0
+                    for s, p, x in zip(sol, y_prev, y):
+                        s[j] = p + slope * (x - p)
             j += 1
     if field.check_finite:
         field.check(y, times[-1])

@@ -150,9 +150,9 @@ def test_torchode_route_agrees_with_torchdiffeq_to_its_tolerance(method):
     assert torch.equal(traj.energy, energy)
 
 
-@pytest.mark.parametrize("shape", [(3, 7, 50), (2, 4000), (5, 3, 16), (6, 40, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 50), (2, 4000), (5, 3, 16), (6, 40, 5), (20, 300)], ids=str)
 def test_chunked_dot_products_equal_vecdot(shape, monkeypatch):
-    """The energy's dot products in pieces (rows in blocks, or long rows in column blocks) equal linalg.vecdot."""
+    """The energy's dot products in pieces (rows in blocks, long rows in column blocks too) equal linalg.vecdot."""
     from hopfield import lagrangians as lags
 
     monkeypatch.setattr(lags, "_DOT_CHUNK", 64)
