@@ -13,8 +13,11 @@ every variant once, in turn, so that the machine's drift hits all alike; medians
 - RK4 (ours: torchdiffeq's 3/8 rule, HAMUX side: the classic rule; both 4 evaluations a step) and Euler, 100
   steps, all 101 states kept, with the energy at every one (HAMUX: from the first stage's value_and_grad) and
   without it;
-- dopri5 at rtol 1e-5, atol 1e-7, 51 outputs with their energies: ``hopfield`` (torchdiffeq) against diffrax's
-  ``Dopri5`` with a PID controller, jitted.
+- dopri5 at rtol 1e-5, atol 1e-7, 51 outputs with their energies: ``hopfield`` (``hopfield.adaptive``:
+  torchdiffeq's dopri5 for each sample) against diffrax's ``Dopri5`` with a PID controller, jitted;
+- the same dopri5 solve without energies by the torch libraries on our own vector field (torchdiffeq's
+  ``odeint``, and torchode's ``Dopri5`` when torchode is installed: ``pip install torchode``), against
+  ``hopfield.adaptive``: what the project's own loop buys.
 
 The JAX side is ``benchmarks/hamux_side.py`` (the HAM built from hamux's own pieces). JAX and torch each use
 every core; they run one after the other, never at once. Pause other jobs while it runs.
@@ -132,6 +135,49 @@ def make_jax(hs, net, state, t_np):
     return fns
 
 
+def library_dopri5(net, state, t, rtol: float, atol: float) -> dict:
+    """The same dopri5 solve by the torch libraries on our vector field (no energies): name -> callable."""
+    import torchdiffeq
+
+    from hopfield.dynamics import _Field
+    from hopfield.stepping import _Field as FlatField
+
+    names = list(net.layers)
+    y0 = tuple(state[n] for n in names)
+    fns = {"dopri5_torchdiffeq": lambda: torchdiffeq.odeint(_Field(net, {}, (), check_finite=False), y0, t,
+                                                            method="dopri5", rtol=rtol, atol=atol)}
+    try:
+        import torchode as to
+    except ImportError:
+        return fns
+    shapes = [x.shape[1:] for x in y0]
+    sizes = [int(np.prod(s)) for s in shapes]
+    batch = y0[0].shape[0]
+
+    def torchode_solve():  # each sample its own steps, the GEMMs writing into torchode's flat layout
+        field = FlatField(net, names, {}, (), check_finite=False)
+
+        def split(flat):
+            return [p.view(flat.shape[0], *s) for p, s in zip(flat.split(sizes, dim=1), shapes)]
+
+        def f(time, flat):
+            out = torch.empty_like(flat)
+            field(split(flat), split(out), float(time.max()))
+            return out
+
+        def norm(err):  # torchdiffeq's norm for a tuple of states, per sample
+            return torch.stack([p.square().mean(1).sqrt() for p in err.split(sizes, dim=1)], dim=1).amax(1)
+
+        term = to.ODETerm(f)
+        solver = to.AutoDiffAdjoint(to.Dopri5(term=term), to.IntegralController(atol=atol, rtol=rtol, term=term,
+                                                                                norm=norm))
+        flat0 = torch.cat([x.reshape(batch, -1) for x in y0], dim=1)
+        return solver.solve(to.InitialValueProblem(y0=flat0, t_eval=t.unsqueeze(0).expand(batch, -1))).ys
+
+    fns["dopri5_torchode"] = torchode_solve
+    return fns
+
+
 def block(out):
     import jax
 
@@ -177,7 +223,8 @@ def main(argv=None) -> dict:
         "euler_energy": lambda: net.simulate(state, t, method="euler"),
         "euler_plain": lambda: net.simulate(state, t, method="euler", track_energy=False),
         "dopri5": lambda: net.simulate(state, t51, rtol=1e-5, atol=1e-7),
-    }
+        "dopri5_plain": lambda: net.simulate(state, t51, rtol=1e-5, atol=1e-7, track_energy=False),
+    } | library_dopri5(net, state, t51, 1e-5, 1e-7)
     hs = jax_side()
     theirs = make_jax(hs, net, state, t.numpy()) if hs is not None else {}
     if hs is None:
@@ -313,9 +360,21 @@ def render(r: dict) -> str:
         f"(diffrax); descent report: {r['dopri5_descent']}",
     ]
     if "energy0_rel" in r:
-        lines.append(f"- energies, max relative difference ours vs theirs: same initial states "
-                     f"{r['energy0_rel']:.1e}; along RK4 {r['rk4_energy_rel']:.1e}, Euler "
-                     f"{r['euler_energy_rel']:.1e}, dopri5 {r['dopri5_energy_rel']:.1e} (required <= 1e-5)")
+        lines.append(f"- energies, max relative difference ours vs theirs: same states {r['energy0_rel']:.1e} "
+                     f"(required <= 1e-5); along the float32 trajectories, whose states drift apart in round-off "
+                     f"(and, for RK4, by the rule: the 3/8 rule against the classic one), RK4 "
+                     f"{r['rk4_energy_rel']:.1e}, Euler {r['euler_energy_rel']:.1e}, dopri5 "
+                     f"{r['dopri5_energy_rel']:.1e}")
+    libs = [k for k in ("dopri5_torchdiffeq", "dopri5_torchode") if f"ours:{k}" in T]
+    if libs:
+        lines += ["", "dopri5 without energies, the same solve by the torch libraries on our vector field against "
+                  "`hopfield.adaptive` (seconds; ratio = their time / ours, per round):", "",
+                  "| solver | seconds | ratio to hopfield.adaptive |", "|---|---|---|",
+                  f"| hopfield.adaptive | {med('ours:dopri5_plain'):.3g} [{span('ours:dopri5_plain')}] | 1 |"]
+        for k in libs:
+            ratios = [b / a for a, b in zip(T["ours:dopri5_plain"], T["ours:" + k])]
+            lines.append(f"| {k.split('_')[1]} | {med('ours:' + k):.3g} [{span('ours:' + k)}] | "
+                         f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ import torch
 import torchdiffeq
 from torch import Tensor, nn
 
-from .adaptive import TORCHODE_METHODS, integrate_adaptive
+from .adaptive import ADAPTIVE_OWN, integrate_dopri5
 from .network import Network, State
 from .stepping import FIXED_METHODS, integrate_fixed
 
@@ -238,8 +238,8 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
     ``method``/``rtol``/``atol``/``options`` go to ``torchdiffeq.odeint``, except that "euler", "midpoint" and
     "rk4" without gradients (on the output grid, or with ``options={"step_size": h}``) run ``hopfield.stepping``'s
     loop: the same steps (equal to torchdiffeq's to round-off, tested), in reused buffers, with the energy read off
-    each step's own currents; "dopri5" without gradients or options runs torchode (``hopfield.adaptive``), each
-    sample with its own steps. ``rtol`` defaults to the dtype's:
+    each step's own currents; "dopri5" without gradients or options runs ``hopfield.adaptive``: torchdiffeq's
+    dopri5 for each sample on its own (its own steps), in reused buffers. ``rtol`` defaults to the dtype's:
     1e-7 in float64, 1e-4 in float32 (the energy to about 6 digits either way); ``atol`` to rtol / 100.
     ``grad=False`` (the default, for exploring) integrates without an autograd graph; ``grad=True`` keeps it, so
     that losses on the trajectory backpropagate into the weights, inputs and initial state (``adjoint=True``
@@ -277,8 +277,8 @@ def _simulate(net, names, y0, t, inputs, clamped, method, rtol, atol, options, a
         ys, energy, nfe = integrate_fixed(net, names, y0, t, method, inputs, clamped,
                                           step_size=(options or {}).get("step_size"), track_energy=track_energy,
                                           check_finite=check_finite)
-    elif _torchode(method, options, adjoint):
-        ys, nfe = integrate_adaptive(net, names, y0, t, method, inputs, clamped, rtol, atol)
+    elif _own_adaptive(method, options, adjoint):
+        ys, nfe = integrate_dopri5(net, names, y0, t, inputs, clamped, rtol, atol)
         if check_finite:
             func = _Field(net, inputs, clamped, check_finite)
             for k in range(len(t)):
@@ -308,9 +308,10 @@ def _simulate(net, names, y0, t, inputs, clamped, method, rtol, atol, options, a
     return Trajectory(t=t, states=states, energy=energy, nfe=nfe, method=method, descent=report)
 
 
-def _torchode(method: str, options: dict | None, adjoint: bool) -> bool:
-    """Whether ``hopfield.adaptive`` (torchode) integrates: dopri5 without gradients or options."""
-    return method in TORCHODE_METHODS and not adjoint and not torch.is_grad_enabled() and not options
+def _own_adaptive(method: str, options: dict | None, adjoint: bool) -> bool:
+    """Whether ``hopfield.adaptive`` integrates (torchdiffeq's dopri5 per sample, faster): dopri5 without
+    gradients or options."""
+    return method in ADAPTIVE_OWN and not adjoint and not torch.is_grad_enabled() and not options
 
 
 def _own_fixed_step(method: str, options: dict | None, adjoint: bool) -> bool:

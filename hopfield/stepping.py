@@ -185,7 +185,7 @@ class _Field:
                 started[i] = True
             return
         # a batched GEMM along the second-to-last axis, or (as W g^T) along the last; the states may be
-        # strided views of one flat tensor (torchode's layout): bmm writes those in place
+        # strided views of one flat (batch, N) tensor (hopfield.adaptive's layout): bmm writes those in place
         views = _as_batches(o, g_in, y[i])
         if views is None:
             self._accumulate(out, y, started, i, _contract(w, g_in, axis))

@@ -14,7 +14,7 @@ vpy="$venv/bin/python"
 stamp="$venv/.setup-stamp"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
-   || ! "$vpy" -c "import torch, torchvision, timm, torchdiffeq, torchode, hopfield" >/dev/null 2>&1; then
+   || ! "$vpy" -c "import torch, torchvision, timm, torchdiffeq, hopfield" >/dev/null 2>&1; then
     echo "[setup] installing into $venv (first time: a few minutes, about 6 GB)"
     # torch and torchvision from the registry in one resolve, so their builds match. PIP_FIND_LINKS is
     # emptied so that a local CPU-only torch wheel (which the registry's torchvision cannot import
