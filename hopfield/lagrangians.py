@@ -115,10 +115,11 @@ class Lagrangian:
     def hvp(self, x: Tensor, v: Tensor) -> Tensor:
         return torch.func.jvp(self.activation, (x,), (v,))[1]
 
-    def activation_into(self, x: Tensor, out: Tensor) -> Tensor:
+    def activation_into(self, x: Tensor, out: Tensor, aux: dict | None = None) -> Tensor:
         """g = dL/dx written into ``out`` (a buffer the simulation reuses at every step, ``hopfield.stepping``)
         where this Lagrangian can, else computed afresh; returns the tensor that holds g. A state-sized fresh
-        tensor past 32 MiB is a page-faulted mmap at each call on CPU."""
+        tensor past 32 MiB is a page-faulted mmap at each call on CPU. Into ``aux`` (a dict kept with the buffer)
+        it may leave what ``half_xg_minus_value`` can use at the same x (LayerNorm: each group's 1/s)."""
         return self.activation(x)
 
     def terms_given(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,6 +127,14 @@ class Lagrangian:
         from the activation g = dL/dx already computed (the energy at every simulation step,
         ``hopfield.stepping``); equal to ``(<x, g>, self(x))`` up to round-off."""
         return _fast_dot(x, g), self(x)
+
+    def half_xg_minus_value(self, x: Tensor, g: Tensor, aux: dict | None = None) -> Tensor:
+        """<x, g>/2 - L(x) per sample, the layer's part of the energy read off dx/dt (``hopfield.stepping``): 0 for
+        degree 2 (Euler's theorem), else from ``terms_given``; ``aux`` is what ``activation_into`` left at this x."""
+        if self.degree == 2:
+            return x.new_zeros(x.shape[0])
+        xg, value = self.terms_given(x, g)
+        return 0.5 * xg - value
 
     def __repr__(self) -> str:
         return self.name
@@ -200,7 +209,7 @@ class _RePU(_Separable):
     def activation(self, x):
         return torch.relu(x) if self.n == 2 else _pos_power(x, self.n - 1)
 
-    def activation_into(self, x, out):
+    def activation_into(self, x, out, aux=None):
         return torch.clamp_min(x, 0.0, out=out) if self.n == 2 else self.activation(x)
 
     def terms_given(self, x, g):
@@ -325,11 +334,31 @@ class _Softmax(Lagrangian):
             return torch.softmax(z, dim=dims[0])
         return torch.exp(z - torch.logsumexp(z, dim=dims, keepdim=True))
 
-    def activation_into(self, x, out):
+    def activation_into(self, x, out, aux=None):
+        if aux is not None:
+            aux.pop("xg", None)
         dims = _batched_axes(self.axis, x.ndim)
         if self.beta != 1.0 or len(dims) != 1 or x.is_cuda:
             return self.activation(x)
-        return torch.ops.aten._softmax.out(x, dims[0], False, out=out)
+        if aux is None:
+            return torch.ops.aten._softmax.out(x, dims[0], False, out=out)
+        # a few samples at a time, each block's <x, g> taken while it is still in cache (for the energy: a pass
+        # over x and g from memory saved); each group is normalised alike, so bit for bit the same g
+        per = math.prod(x.shape[1:])
+        step = max(1, (1 << 18) // per)
+        xg = x.new_empty(x.shape[0])
+        for s in range(0, x.shape[0], step):
+            o = torch.ops.aten._softmax.out(x[s:s + step], dims[0], False, out=out[s:s + step])
+            torch.linalg.vecdot(x[s:s + step].reshape(-1, per), o.reshape(-1, per), out=xg[s:s + step])
+        aux["xg"] = xg
+        return out
+
+    def half_xg_minus_value(self, x, g, aux=None):
+        """<x, g>/2 - logsumexp, with <x, g> as ``activation_into`` took it block by block, else the general route."""
+        xg = None if aux is None else aux.get("xg")
+        if xg is None or xg.shape[0] != x.shape[0]:
+            return super().half_xg_minus_value(x, g, aux)
+        return 0.5 * xg - self._value_given(x, g)
 
     def hvp(self, x, v):
         dims = _batched_axes(self.axis, x.ndim)
@@ -411,7 +440,9 @@ class _LayerNorm(Lagrangian):
             return _sum_per_sample(p), self(x)
         return _sum_per_sample(p), _sum_per_sample(d * self.gamma * (self.gamma * p / q))
 
-    def activation_into(self, x, out):
+    def activation_into(self, x, out, aux=None):
+        if aux is not None:
+            aux.pop("rstd", None)  # (kept below only where the fused kernel computed it for this x)
         dims = _batched_axes(self.axis, x.ndim)
         if dims != (x.ndim - 1,) or self._has_delta() or x.is_cuda:
             return self.activation(x)
@@ -423,12 +454,25 @@ class _LayerNorm(Lagrangian):
         # in blocks of about 2^20 elements (4 MiB in float32) that stay in cache: 7 ms against 22-26 ms for one
         # call over a 32 x 784 x 512 state on the 2-core CPU; each row is normalised alike, so bit for bit the same
         rows = max(1, (1 << 20) // d)
-        mean, rstd = x.new_empty(min(rows, x2.shape[0]), 1), x.new_empty(min(rows, x2.shape[0]), 1)
+        mean = x.new_empty(min(rows, x2.shape[0]), 1)
+        rstd = x.new_empty(x2.shape[0], 1) if aux is not None else mean.new_empty(mean.shape)
         for s in range(0, x2.shape[0], rows):
             n = min(rows, x2.shape[0] - s)
             torch.ops.aten.native_layer_norm.out(x2[s:s + n], [d], None, None, self.eps, out0=out2[s:s + n],
-                                                 out1=mean[:n], out2=rstd[:n])
+                                                 out1=mean[:n], out2=rstd[s:s + n] if aux is not None else rstd[:n])
+        if aux is not None:
+            aux["rstd"] = rstd
         return out if self.gamma == 1.0 else out.mul_(self.gamma)
+
+    def half_xg_minus_value(self, x, g, aux=None):
+        """With s = sqrt(Var + eps) per group, <x, g> = gamma D Var / s = gamma D (s - eps / s) and L = gamma D s,
+        so <x, g>/2 - L = -gamma D/2 (s + eps / s): read off the 1/s that ``activation_into`` kept for this x (no
+        pass over the state, and no cancellation), else the general route."""
+        rstd = None if aux is None else aux.get("rstd")
+        if rstd is None or rstd.numel() * x.shape[-1] != x.numel():
+            return super().half_xg_minus_value(x, g, aux)
+        rows = (rstd.reciprocal() + self.eps * rstd).view(x.shape[0], -1).sum(1)
+        return (-0.5 * self.gamma * x.shape[-1]) * rows
 
     def activation(self, x):
         dims = _batched_axes(self.axis, x.ndim)

@@ -82,6 +82,7 @@ class _Field:
         self.from_field = all(self.free) and all(
             type(s) is DenseSynapse and (s.form != "tied" or s.affine is None) for s in net.synapses)
         self.gbuf: list[Tensor | None] = [None] * len(names)  # activations, written in place where possible
+        self.aux: list[dict] = [{} for _ in names]  # what each activation left for the energy (LayerNorm's 1/s)
         self.nfe = 0
         self.t = 0.0  # time of the latest evaluation, for error messages
 
@@ -104,7 +105,8 @@ class _Field:
         self.t = t
         if self.check_finite:
             self.check(y, t)
-        g = [layer.lagrangian.activation_into(x, self._gbuf(i, x)) for i, (layer, x) in enumerate(zip(self.layers, y))]
+        g = [layer.lagrangian.activation_into(x, self._gbuf(i, x), self.aux[i])
+             for i, (layer, x) in enumerate(zip(self.layers, y))]
         from_field, energy = energy and self.from_field, energy and not self.from_field
         started = [False] * len(y)  # whether out[i] holds -x_i / tau_i (+ currents) yet
         acc = partial(self._accumulate, out, y, started)
@@ -216,10 +218,9 @@ class _Field:
 
         two dot products per layer, and no GEMM."""
         total = 0
-        for layer, x, gi, d, inp in zip(self.layers, y, g, dx, self.inputs):
+        for layer, x, gi, d, inp, aux in zip(self.layers, y, g, dx, self.inputs, self.aux):
             if layer.lagrangian.degree != 2:  # (for degree 2, <x, g>/2 - L = 0 exactly)
-                xg, lag = layer.lagrangian.terms_given(x, gi)
-                total = total + 0.5 * xg - lag
+                total = total + layer.lagrangian.half_xg_minus_value(x, gi, aux)
             total = total - (0.5 * layer.tau) * _fast_dot(gi, d)
             if inp is not None:
                 total = total - 0.5 * _dot(inp.expand_as(gi), gi)

@@ -122,12 +122,18 @@ def test_lagrangian_terms_given_its_activation(lagrangian):
     flat[2, :, 0] = -200.0
     for state in (x, flat, x.float()):
         g = lagrangian.activation(state)
-        buf = torch.full_like(state, float("nan"))
-        assert torch.equal(lagrangian.activation_into(state, buf), g)
+        buf, aux = torch.full_like(state, float("nan")), {}
+        assert torch.equal(lagrangian.activation_into(state, buf, aux), g)
         want_xg, want = (state * g).sum((1, 2)), lagrangian(state)
         got_xg, got = lagrangian.terms_given(state, g)
         tol = 1e-12 if state.dtype == torch.float64 else 1e-5
         assert float((got - want).abs().max()) <= tol * float(want.abs().max()), state.dtype
+        # the layer's part of the energy read off dx/dt, <x, g>/2 - L (LayerNorm's from the 1/s left in aux)
+        half = 0.5 * want_xg - want
+        got_half = lagrangian.half_xg_minus_value(state, g, aux)
+        assert float((got_half - half).abs().max()) <= tol * float(want.abs().max() + want_xg.abs().max())
+        # LayerNorm and a one-axis softmax leave what the energy needs in aux (so the check above tested that route)
+        assert bool(aux) == (str(lagrangian) in ("layernorm(gamma=1, axis=-1, eps=1e-05)", "softmax(beta=1, axis=-2)"))
         assert float((got_xg - want_xg).abs().max()) <= tol * float(want_xg.abs().max()), state.dtype
 
 
