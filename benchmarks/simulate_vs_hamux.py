@@ -297,7 +297,7 @@ def scale_table(rounds: int, device: torch.device | None = None, tiny: bool = Fa
                 for _ in range(rounds):  # interleaved, so that drift hits both alike
                     for e in (False, True):
                         samples[e].append(timed(lambda e=e: run(e), False, device))
-                    field(y, dx, 0.0)  # the activations the energy reads, at this state
+                    field(y, dx, 0.0, energy=True)  # the activations (and what they keep) the energy reads
                     samples["alone"].append(10 * timed(lambda: [field.energy_from_field(y, field.gbuf, dx)
                                                                 for _ in range(5)], False, device) / 5)
             times = {e: statistics.median(v) / 10 for e, v in samples.items()}

@@ -105,7 +105,11 @@ class _Field:
         self.t = t
         if self.check_finite:
             self.check(y, t)
-        g = [layer.lagrangian.activation_into(x, self._gbuf(i, x), self.aux[i])
+        # what an activation leaves for the energy (aux) is asked for only when the energy is; none is left stale
+        if not energy:
+            for aux in self.aux:
+                aux.clear()
+        g = [layer.lagrangian.activation_into(x, self._gbuf(i, x), self.aux[i] if energy else None)
              for i, (layer, x) in enumerate(zip(self.layers, y))]
         from_field, energy = energy and self.from_field, energy and not self.from_field
         started = [False] * len(y)  # whether out[i] holds -x_i / tau_i (+ currents) yet
