@@ -335,30 +335,13 @@ class _Softmax(Lagrangian):
         return torch.exp(z - torch.logsumexp(z, dim=dims, keepdim=True))
 
     def activation_into(self, x, out, aux=None):
-        if aux is not None:
-            aux.pop("xg", None)
+        # (taking <x, g> block by block as g is written, for the energy, was measured slower than one softmax call
+        # and a separate dot product: 3.6 ms against 1.8 ms + the dot at batch 8 x 512 x 512, the softmax over
+        # the strided token axis being slower in small blocks)
         dims = _batched_axes(self.axis, x.ndim)
         if self.beta != 1.0 or len(dims) != 1 or x.is_cuda:
             return self.activation(x)
-        if aux is None:
-            return torch.ops.aten._softmax.out(x, dims[0], False, out=out)
-        # a few samples at a time, each block's <x, g> taken while it is still in cache (for the energy: a pass
-        # over x and g from memory saved); each group is normalised alike, so bit for bit the same g
-        per = math.prod(x.shape[1:])
-        step = max(1, (1 << 18) // per)
-        xg = x.new_empty(x.shape[0])
-        for s in range(0, x.shape[0], step):
-            o = torch.ops.aten._softmax.out(x[s:s + step], dims[0], False, out=out[s:s + step])
-            torch.linalg.vecdot(x[s:s + step].reshape(-1, per), o.reshape(-1, per), out=xg[s:s + step])
-        aux["xg"] = xg
-        return out
-
-    def half_xg_minus_value(self, x, g, aux=None):
-        """<x, g>/2 - logsumexp, with <x, g> as ``activation_into`` took it block by block, else the general route."""
-        xg = None if aux is None else aux.get("xg")
-        if xg is None or xg.shape[0] != x.shape[0]:
-            return super().half_xg_minus_value(x, g, aux)
-        return 0.5 * xg - self._value_given(x, g)
+        return torch.ops.aten._softmax.out(x, dims[0], False, out=out)
 
     def hvp(self, x, v):
         dims = _batched_axes(self.axis, x.ndim)

@@ -132,8 +132,8 @@ def test_lagrangian_terms_given_its_activation(lagrangian):
         half = 0.5 * want_xg - want
         got_half = lagrangian.half_xg_minus_value(state, g, aux)
         assert float((got_half - half).abs().max()) <= tol * float(want.abs().max() + want_xg.abs().max())
-        # LayerNorm and a one-axis softmax leave what the energy needs in aux (so the check above tested that route)
-        assert bool(aux) == (str(lagrangian) in ("layernorm(gamma=1, axis=-1, eps=1e-05)", "softmax(beta=1, axis=-2)"))
+        # LayerNorm leaves what the energy needs in aux (so the check above tested that route)
+        assert bool(aux) == (str(lagrangian) == "layernorm(gamma=1, axis=-1, eps=1e-05)")
         assert float((got_xg - want_xg).abs().max()) <= tol * float(want_xg.abs().max()), state.dtype
 
 
