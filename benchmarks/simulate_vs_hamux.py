@@ -310,8 +310,8 @@ def scale_table(rounds: int, device: torch.device | None = None, tiny: bool = Fa
             # the share is the energy's cost per step without it
             share = (times[True] - times[False] * 1.1) / times[False]
             lines.append(f"| {batch} | {tokens} | {gflop:.2f} | {1e3 * times[False]:.1f} | "
-                         f"{gflop / times[False]:.0f} | {1e3 * times[True]:.1f} | {1e3 * times['alone']:.2f} | "
-                         f"{100 * times['alone'] / times[False]:.1f} % | {100 * share:.0f} % |")
+                         f"{gflop / times[False]:.0f} | {1e3 * times[True]:.1f} | {1e3 * times['energy']:.2f} | "
+                         f"{100 * times['energy'] / times[False]:.1f} % | {100 * share:.0f} % |")
             del net, state
     return "\n".join(lines) + "\n"
 
