@@ -318,13 +318,13 @@ def scale_table(rounds: int, device: torch.device | None = None, tiny: bool = Fa
 
 def field_with_buffers(net, state):
     """The fixed-step loop's vector field on ``state``, with dx/dt buffers: to time its energy's cost."""
-    from hopfield.stepping import _empty, _Field
+    from hopfield.stepping import _Field
 
     names = list(net.layers)
     y = [state[n] for n in names]
     field = _Field(net, names, {}, (), check_finite=False)
     assert field.from_field, "the energy is read off dx/dt only for dense synapses"
-    return field, y, [_empty(x.shape, x) for x in y]
+    return field, y, [x.new_empty(x.shape) for x in y]
 
 
 def machine(device: torch.device) -> str:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .stepping import _empty, _Field
+from .stepping import _Field
 
 __all__ = ["ADAPTIVE_OWN", "integrate_dopri5"]
 
@@ -98,14 +98,14 @@ def integrate_dopri5(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, i
     # trial stages may leave the finite range and be rejected: the field does not check them. A state that blows
     # up gives an infinite or NaN error norm: rejected steps until the step size underflows (torchdiffeq's way)
     field = _Field(net, names, inputs, clamped, check_finite=False)
-    kk = _empty((7, batch, sum(sizes)), like)  # the stages, one tensor: a stage's input is one baddbmm over it
+    kk = like.new_empty((7, batch, sum(sizes)))  # the stages, one tensor: a stage's input is one baddbmm over it
     k = [_Flat(kk[i], shapes, sizes) for i in range(7)]
-    y, y_new, trial = (_Flat(_empty((batch, sum(sizes)), like), shapes, sizes) for _ in range(3))
+    y, y_new, trial = (_Flat(like.new_empty((batch, sum(sizes))), shapes, sizes) for _ in range(3))
     scratch = torch.empty((2, min(_PIECE, max(sizes))), dtype=like.dtype, device=like.device)
     for p, x in zip(y.layers, y0):
         p.copy_(x)
     times = t.tolist()
-    sol = [_empty((len(times), *x.shape), x) for x in y0]
+    sol = [x.new_empty((len(times), *x.shape)) for x in y0]
     for s, x in zip(sol, y0):
         s[0] = x
 

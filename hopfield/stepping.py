@@ -32,14 +32,11 @@ __all__ = ["FIXED_METHODS", "integrate_fixed"]
 
 FIXED_METHODS = ("euler", "midpoint", "rk4")
 
-def _empty(shape, like: Tensor) -> Tensor:
-    """An uninitialised tensor for the states a simulation stores and the buffers it reuses. (Advising these
-    blocks into transparent huge pages was measured both ways on the 2-core CPU: storing 101 states of 8 x 964 x
-    512 floats took 0.15-0.42 s against 0.59-0.68 s in 4 KiB faults on a freshly started machine, but once hours
-    of training had fragmented its memory the kernel compacted memory at each fault of an advised block (6 s
-    once for 1.6 GB) and a 100-step Euler run took 4.0-5.2 s against 3.8-4.2 s without the advice. Plain pages:
-    no stall a user cannot explain.)"""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+# Buffers and stored states are plain ``new_empty`` tensors. (Advising them into transparent huge pages was measured
+# both ways on the 2-core CPU: storing 101 states of 8 x 964 x 512 floats took 0.15-0.42 s against 0.59-0.68 s in
+# 4 KiB faults on a freshly started machine, but once hours of training had fragmented memory the kernel compacted
+# memory at each fault of an advised block, 6 s once for 1.6 GB, and a 100-step Euler run took 4.0-5.2 s against
+# 3.8-4.2 s without the advice.)
 
 
 class _Field:
@@ -65,7 +62,7 @@ class _Field:
     def _gbuf(self, i: int, x: Tensor) -> Tensor:
         b = self.gbuf[i]
         if b is None or b.shape != x.shape or b.dtype != x.dtype or b.device != x.device:
-            b = self.gbuf[i] = _empty(x.shape, x)
+            b = self.gbuf[i] = x.new_empty(x.shape)
         return b
 
     def check(self, y, t: float) -> None:
@@ -242,15 +239,15 @@ def integrate_fixed(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, me
     field = _Field(net, names, inputs, clamped, check_finite)
     grid = _grid(t, step_size)
     on_grid = step_size is None  # every output time is a grid point: its energy comes with the next step
-    sol = [_empty((len(t), *x.shape), x) for x in y0]
+    sol = [x.new_empty((len(t), *x.shape)) for x in y0]
     energy = torch.empty((len(t), y0[0].shape[0]), dtype=y0[0].dtype, device=y0[0].device) \
         if track_energy else None
     for s, x in zip(sol, y0):
         s[0] = x
     # on the output grid the working state is the stored one: each step writes the next state straight into its
     # slot of the solution (no copy per step); off it, the state lives in its own buffer
-    y = [s[0] for s in sol] if on_grid else [_empty(x.shape, x).copy_(x) for x in y0]
-    buf = lambda: [_empty(x.shape, x) for x in y0]  # noqa: E731
+    y = [s[0] for s in sol] if on_grid else [x.clone(memory_format=torch.contiguous_format) for x in y0]
+    buf = lambda: [x.new_empty(x.shape) for x in y0]  # noqa: E731
     k1, k2 = buf(), buf()
     k3, k4, tmp = (buf(), buf(), buf()) if method == "rk4" else (None, None, buf() if method == "midpoint" else None)
     y_prev = buf() if not on_grid else None
