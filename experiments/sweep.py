@@ -222,7 +222,7 @@ def tost(diffs: list[float], margin: float) -> float:
     """The p-value of the paired two one-sided tests (TOST) of equivalence within +-``margin``: the larger of the
     one-sided p-values of H0 mean <= -margin and H0 mean >= +margin (Student's t, n - 1 dof). Below 0.05 the
     90 % CI of the mean lies inside (-margin, +margin): the difference is smaller than the margin at 5 %. NaN
-    with fewer than 2 pairs or no spread."""
+    with fewer than 2 pairs; with no spread at all, 0 if the mean lies inside the margin and 1 if not."""
     n = len(diffs)
     if n < 2:
         return math.nan
