@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,8 @@ from torch import Tensor, nn
 import derive
 from derive import DerivedBlock, DerivedMixer
 from mixers import AsymMlp, LiMlp, SymMlp, iMlp
+
+from .runs import read_jsonl as read_metrics  # one reader of metrics.jsonl: the training loop's
 
 __all__ = [
     "energy_along_flow",
@@ -434,21 +435,6 @@ def xavier_reference(n_out: int, n_in: int, *, trials: int = 256, seed: int = 0)
 
 
 # ---------------------------------------------------------------------------------------------- training curves
-def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl file (one JSON object per line; blank lines skipped)."""
-    out = []
-    with open(path) as f:
-        for k, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{k}: expected a JSON object per line, got {type(rec).__name__}")
-            out.append(rec)
-    return out
-
-
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(epochs, values) of the records with a finite ``key``; a record without an epoch gets its 1-based index."""
     xs, ys = [], []

@@ -55,14 +55,29 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("summary.json"))
 
 
+class StaleCheckpointError(CheckpointError):
+    """A finished run's checkpoint.pt holds the weights of an earlier epoch than its last (a copy restored from an
+    older commit, say): analysing it would describe another model than the run's."""
+
+
 def load_run(run: Path):
     """(model with the run's final weights, config, test dataset) for a finished run folder; CheckpointError
-    naming the run when its checkpoint does not fit its model."""
+    naming the run when its checkpoint does not fit its model, StaleCheckpointError when it is not the weights the
+    run finished with (summary.json's ``epochs``)."""
     cfg = load_config(str(run / "config.yaml"))
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    final = cfg.epochs
+    if (run / "summary.json").exists():
+        final = json.loads((run / "summary.json").read_text()).get("epochs", final)
+    if (ckpt["epoch"], ckpt.get("step", 0)) != (final, 0):
+        raise StaleCheckpointError(
+            f"run {str(run)!r}: its checkpoint.pt holds the weights of epoch {ckpt['epoch']}"
+            + (f" and {ckpt['step']} steps" if ckpt.get("step") else "") + f", the run finished after epoch {final}: "
+            "not its final weights")
     _, test_ds, info = build_datasets(cfg.data, seed=cfg.seed)
     model = build_model(cfg, info.num_classes, info.in_chans, info.img_size)
     try:
-        model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
+        model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"run {str(run)!r}: its checkpoint.pt does not fit its model {cfg.model!r} "
                               f"(config.yaml): {str(e).splitlines()[0]}") from e
@@ -109,13 +124,20 @@ def analyse_run(run: Path, images: int) -> dict:
 
 
 def run_record(run: Path, images: int) -> dict:
-    """``analyse_run`` of a run with its checkpoint, saved to ``run/analysis.json``; without the checkpoint, the
-    saved record (an error names the folder if there is neither, or the file if it used another ``images``)."""
+    """``analyse_run`` of a run with its checkpoint, saved to ``run/analysis.json``; without the checkpoint, or with
+    one that is not the run's final weights, the saved record (an error names the folder if there is neither, or
+    the file if it used another ``images``)."""
     saved = run / "analysis.json"
     if (run / "checkpoint.pt").exists():
-        record = analyse_run(run, images)
-        atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
-        return record
+        try:
+            record = analyse_run(run, images)
+        except StaleCheckpointError as e:
+            if not saved.exists():
+                raise
+            print(f"warning: {e}; its analysis.json, of the final weights, is kept", file=sys.stderr)
+        else:
+            atomic_write(saved, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+            return record
     if not saved.exists():
         raise FileNotFoundError(f"{run}: neither checkpoint.pt (the final weights) nor analysis.json (their "
                                 "analysis) is there, so the run cannot be analysed")
@@ -147,8 +169,17 @@ def main(argv=None) -> dict:
     groups: dict[str, list[Path]] = {}
     for r in runs:
         groups.setdefault(_group(r, args.runs), []).append(r)
-    analysis.training_curves({g: [r / "metrics.jsonl" for r in rs] for g, rs in groups.items()},
-                             args.out / "curves.png")
+    curves: dict[str, list[Path]] = {}
+    for g, rs in groups.items():
+        for r in rs:
+            try:
+                analysis.read_metrics(r / "metrics.jsonl")
+            except (OSError, ValueError) as e:  # the run's other analyses go on; its curve is left out
+                print(f"warning: {r}: left out of the training curves, its metrics cannot be read ({e})",
+                      file=sys.stderr)
+                continue
+            curves.setdefault(g, []).append(r / "metrics.jsonl")
+    analysis.training_curves(curves, args.out / "curves.png")
     by_run: dict[str, list[list[dict]]] = {}
     fixed_points: dict[str, list[dict]] = {}
     report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
@@ -193,7 +224,8 @@ def main(argv=None) -> dict:
     if any(s["form"] == "broken" for seeds in report["symmetry_breaking"].values() for s in seeds):
         md = analysis.symmetry_breaking(report["symmetry_breaking"], path=args.out / "symmetry_breaking.png")
         (args.out / "symmetry_breaking.md").write_text(md + "\n")
-    md = reports.symmetry_trajectories(groups, path=args.out / "symmetry_trajectory.png")
+    md = reports.symmetry_trajectories({g: [m.parent for m in ms] for g, ms in curves.items()},
+                                       path=args.out / "symmetry_trajectory.png")
     if md.count("\n") > 1:
         (args.out / "symmetry_trajectory.md").write_text(md + "\n")
     md = reports.certificate_report(fixed_points)
@@ -204,7 +236,8 @@ def main(argv=None) -> dict:
         (args.out / "rank_collapse.md").write_text(md + "\n")
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     analysed = len(runs) - len(report["not_analysed"]) - len(report["failed"])
-    print(f"wrote {args.out}: curves.png ({len(runs)} runs), symmetry.md, symmetry_by_run.md, report.json and "
+    curved = sum(map(len, curves.values()))
+    print(f"wrote {args.out}: curves.png ({curved} runs), symmetry.md, symmetry_by_run.md, report.json and "
           f"per-run figures ({analysed} runs analysed, {len(report['not_analysed'])} without weights, "
           f"{len(report['failed'])} failed" + (": " + ", ".join(f["run"] for f in report["failed"]) if
                                                 report["failed"] else "") + ")")

@@ -22,7 +22,7 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["CHECKPOINT_KEYS", "CheckpointError", "RunBusyError", "RunWriteError", "atomic_write",
+__all__ = ["CHECKPOINT_KEYS", "CheckpointError", "RunBusyError", "RunFileError", "RunWriteError", "atomic_write",
            "cpu_has_bf16_kernels", "cpu_name", "environment", "hold_out_dir", "load_checkpoint", "log_metrics",
            "median_images_per_s", "read_jsonl", "rewrite_logs", "rng_state", "save_checkpoint", "set_rng_state"]
 
@@ -33,6 +33,10 @@ class RunBusyError(ConfigError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or that does not continue this run: the message names the file."""
+
+
+class RunFileError(ValueError):
+    """A run's file (metrics.jsonl, summary.json) could not be read: the message names the file and the line."""
 
 
 class RunWriteError(OSError):
@@ -169,18 +173,25 @@ def _close_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The metrics history; a last line cut short (a process killed while appending it) is dropped."""
+def read_jsonl(path) -> list[dict]:
+    """The records of a metrics.jsonl file, one JSON object a line (blank lines skipped); [] when there is none. A
+    last line cut short (a process killed while appending it) is dropped; any other line that is not a JSON object
+    is a RunFileError naming the file and the line."""
+    path = Path(path)
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [(k, line) for k, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
     out = []
-    for i, line in enumerate(lines):
+    for i, (k, line) in enumerate(lines):
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError as e:
-            if i < len(lines) - 1:
-                raise RuntimeError(f"{str(path)!r} line {i + 1} is not JSON: {e}") from e
+            if i == len(lines) - 1:
+                break
+            raise RunFileError(f"{path}:{k}: not a JSON line ({e.msg}): {line[:60]!r}") from None
+        if not isinstance(rec, dict):
+            raise RunFileError(f"{path}:{k}: expected a JSON object per line, got {type(rec).__name__}")
+        out.append(rec)
     return out
 
 

@@ -56,7 +56,7 @@ from .config import (
     read_yaml_mapping,
 )
 from .data import CorruptDatasetError, DatasetNotFoundError
-from .runs import CheckpointError, hold_out_dir, median_images_per_s, read_jsonl
+from .runs import CheckpointError, RunFileError, hold_out_dir, median_images_per_s, read_jsonl
 from .train import check_model, train
 
 __all__ = ["check_spec", "comparison", "expand", "load_sweep", "machine", "run_sweep", "status", "table", "tost"]
@@ -165,7 +165,10 @@ def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]
         for seed in seeds:
             d = _run_dir(out, name, seed)
             if (d / "summary.json").exists():
-                row = {**json.loads((d / "summary.json").read_text()), "seed": seed}
+                try:
+                    row = {**json.loads((d / "summary.json").read_text()), "seed": seed}
+                except (json.JSONDecodeError, TypeError) as e:
+                    raise RunFileError(f"{d / 'summary.json'}: not a JSON object ({e})") from None
                 if (d / "metrics.jsonl").exists():  # the same median for summaries written when it was the mean
                     row["images_per_s"] = median_images_per_s(read_jsonl(d / "metrics.jsonl"))
                 rows.append(row)
@@ -393,7 +396,7 @@ def main(argv=None) -> str:
         return run_sweep(load_sweep(args.sweep), args.only, args.table_only, args.seeds)
     except ConfigError as e:
         p.error(str(e))
-    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError) as e:
+    except (CheckpointError, RunFileError, DatasetNotFoundError, CorruptDatasetError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -59,6 +59,7 @@ from .data import CorruptDatasetError, DatasetNotFoundError, build_datasets, bui
 from .runs import (
     CheckpointError,
     RunBusyError,
+    RunFileError,
     RunWriteError,
     atomic_write,
     cpu_has_bf16_kernels,
@@ -75,10 +76,10 @@ from .runs import (
     set_rng_state,
 )
 
-__all__ = ["CheckpointError", "ConfigError", "RunBusyError", "RunWriteError", "TrainConfig", "atomic_write",
-           "build_model", "check_model", "check_run", "config_diff", "cpu_name", "environment", "evaluate",
-           "hold_out_dir", "import_modules", "load_config", "main", "param_groups", "read_jsonl", "save_checkpoint",
-           "train"]
+__all__ = ["CheckpointError", "ConfigError", "RunBusyError", "RunFileError", "RunWriteError", "TrainConfig",
+           "atomic_write", "build_model", "check_model", "check_run", "config_diff", "cpu_name", "environment",
+           "evaluate", "hold_out_dir", "import_modules", "load_config", "main", "param_groups", "read_jsonl",
+           "save_checkpoint", "train"]
 
 
 def check_model(cfg: TrainConfig) -> None:
@@ -577,7 +578,7 @@ def main(argv=None) -> dict:
         summary = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     except ConfigError as e:
         p.error(str(e))
-    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError, RunWriteError) as e:
+    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError, RunFileError, RunWriteError) as e:
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))

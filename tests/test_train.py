@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from experiments import analyze, runs, sweep, train
-from experiments.train import CheckpointError, ConfigError, load_config
+from experiments.runs import load_checkpoint
+from experiments.train import CheckpointError, ConfigError, RunFileError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "experiments" / "configs" / "fashion_small.yaml")
@@ -336,6 +337,12 @@ def test_resume_refuses_a_different_config(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "lr"')
     assert train.train(cfg, resume=True)["epochs"] == 1 and len(metrics(tmp_path)) == 1
+    # a damaged line before the last is an error naming the file and the line, and the file is left as it was
+    damaged = "[1, 2]\n" + (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(damaged)
+    with pytest.raises(train.RunFileError, match=r"metrics.jsonl:1: expected a JSON object per line, got list"):
+        train.train(cfg, resume=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == damaged
 
 
 @pytest.mark.slow
@@ -645,6 +652,15 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
         sweep.run_sweep(spec, only=["nope"])
     with pytest.raises(ConfigError, match=r"--seeds \[7\]: not in this sweep's seeds \[0, 1\]"):
         sweep.run_sweep(spec, seeds=[7])
+    # a damaged summary.json is named, on the command line without a traceback
+    summary = sweep._run_dir(tmp_path, "mixer", 0) / "summary.json"
+    summary.write_text('{"best_top1": 9')
+    with pytest.raises(RunFileError, match=f"{summary}: not a JSON object"):
+        sweep.run_sweep(spec, table_only=True)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match=f"error: {summary}: not a JSON object"):
+        sweep.main(["--sweep", str(sweep_file), "--table-only"])
 
 
 def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
@@ -853,9 +869,12 @@ def test_analyze_reports_broken_runs_by_name_and_finishes_the_rest(tmp_path, cap
     other = load_config(CONFIG, [*common, "model_kwargs={embed_dim: 24, num_blocks: 1}", f"out_dir={tmp_path / 'x'}"])
     train.train(other)
     (runs / "other" / "seed0" / "checkpoint.pt").write_bytes((tmp_path / "x" / "checkpoint.pt").read_bytes())
+    metrics = runs / "other" / "seed0" / "metrics.jsonl"  # a damaged line: its curve is left out, by name
+    metrics.write_text("not json\n" + metrics.read_text())
     capsys.readouterr()
     report = analyze.main(["--runs", str(runs), "--out", str(tmp_path / "fig"), "--images", "4"])
     err = capsys.readouterr().err
+    assert f"{metrics}:1: not a JSON line" in err and "left out of the training curves" in err
     failed = {f["run"]: f["error"] for f in report["failed"]}
     assert set(failed) == {str(runs / "truncated" / "seed0"), str(runs / "other" / "seed0")}
     assert "cannot be read" in failed[str(runs / "truncated" / "seed0")]
@@ -866,6 +885,19 @@ def test_analyze_reports_broken_runs_by_name_and_finishes_the_rest(tmp_path, cap
     single = analyze.main(["--runs", str(runs / "good" / "seed0"), "--out", str(tmp_path / "one"), "--images", "4"])
     assert {r["run"] for r in single["symmetry"]} == {"good_seed0"}
     assert "| good | 1 |" in (tmp_path / "one" / "symmetry_by_run.md").read_text()
+    # a checkpoint of an earlier epoch than the run's last (an old copy restored from git, say) is not analysed:
+    # the analysis.json of the final weights is kept as it was, and without one the run is named as failed
+    good = runs / "good" / "seed0"
+    saved = (good / "analysis.json").read_text()
+    old = load_checkpoint(good / "checkpoint.pt")
+    train.save_checkpoint(good / "checkpoint.pt", {**old, "epoch": 0, "step": 3})
+    capsys.readouterr()
+    again = analyze.main(["--runs", str(good), "--out", str(tmp_path / "two"), "--images", "4"])
+    assert "holds the weights of epoch 0 and 3 steps, the run finished after epoch 1" in capsys.readouterr().err
+    assert (good / "analysis.json").read_text() == saved and not again["failed"]
+    (good / "analysis.json").unlink()
+    again = analyze.main(["--runs", str(good), "--out", str(tmp_path / "three"), "--images", "4"])
+    assert "not its final weights" in again["failed"][0]["error"]
 
 
 def test_rank_collapse_at_initialisation_script(tmp_path):
