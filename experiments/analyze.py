@@ -158,6 +158,8 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=IMAGES, help="test images for the fixed-point analysis")
     add_import_argument(p)
     args = p.parse_args(argv)
+    if args.images < 1:
+        p.error(f"--images {args.images}: the analyses need at least one test image")
     try:
         import_modules(args.imports)
     except ConfigError as e:

@@ -855,6 +855,15 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_analyze_command_line_errors_name_the_argument(tmp_path, capsys):
+    for argv, message in ((["--images", "0"], "--images 0: the analyses need at least one test image"),
+                          ([], f"no finished runs (summary.json) below {tmp_path}")):
+        with pytest.raises(SystemExit):
+            analyze.main(["--runs", str(tmp_path), "--out", str(tmp_path / "fig"), *argv])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "fig").exists()
+
+
 def test_analyze_reports_broken_runs_by_name_and_finishes_the_rest(tmp_path, capsys):
     """One truncated checkpoint and one checkpoint of another model: both named and skipped, the other run
     analysed and every report file written; a single run folder is labelled with its own name."""
