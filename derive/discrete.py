@@ -194,6 +194,7 @@ class DerivedBlock(nn.Module):
         return H(self.field.act(br.node, x))
 
     def forward(self, v: Tensor) -> Tensor:
+        self.field.check_visible(v)
         if self.record:
             self.trace = []
         by_name = {br.node: br for br in self.branches}

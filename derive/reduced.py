@@ -212,8 +212,16 @@ class ReducedField:
         raise RuntimeError(f"ReducedField.solve: the {self.solver!r} solver works on all fast layers at once "
                            "(forcing, slow_manifold)")
 
+    def check_visible(self, v: Tensor) -> None:
+        """ValueError naming the visible layer unless ``v`` is a (batch, *its shape) tensor."""
+        shape = tuple(self.net.layers[self.visible].shape)
+        if not isinstance(v, Tensor) or tuple(v.shape[1:]) != shape or v.ndim != len(shape) + 1:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"the visible layer {self.visible!r} takes states of shape (batch, *{shape}), got {got}")
+
     def forcing(self, v: Tensor) -> Tensor:
         """F^v(v): the total current into the visible layer on the slow manifold."""
+        self.check_visible(v)
         if self.solver != "fixed_point":
             return self.net.currents(self.slow_manifold(v))[self.visible]
         return self.feedback(self.visible, self.branches, v)
@@ -225,6 +233,7 @@ class ReducedField:
 
     def slow_manifold(self, v: Tensor) -> dict[str, Tensor]:
         """Every layer's state on the slow manifold for visible state v (Eqs. 34-35)."""
+        self.check_visible(v)
         out = {self.visible: v}
 
         def fill(name: str, x: Tensor, children: list[Branch]):
@@ -253,6 +262,7 @@ class ReducedField:
         """
         if any(br.implicit for br in self.branches):
             raise ValueError("ReducedField.energy is defined for leaf branches only (2-layer steps and stars)")
+        self.check_visible(v)
         vis = self.net.layers[self.visible]
         g = vis.activation(v)
         e = vis.energy(v, g)

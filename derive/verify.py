@@ -120,16 +120,25 @@ def verify(net: Network, visible: str = "v", *, eps=(1e-1, 1e-2, 1e-3), v: Tenso
     """Check the adiabatic limit of ``net`` (and, given ``block``, its discrete-time limit) numerically, in
     float64; see the module doc. ``v``: the visible state to start from (default: ``batch`` standard normal draws
     from ``seed``). ``path``: also write the PNG. Returns a ``VerifyReport`` (``print`` it for the table)."""
+    if visible not in net.layers:
+        raise ValueError(f"verify: unknown visible layer {visible!r}; layers are {list(net.layers)}")
+    try:
+        eps = [float(e) for e in ([eps] if isinstance(eps, (int, float)) else eps)]
+    except (TypeError, ValueError):
+        eps = None
+    if not eps or not all(0 < e < math.inf for e in eps):
+        raise ValueError("verify: eps must be one or more finite numbers > 0 (the factors of the fast layers' tau)")
     net = copy.deepcopy(net).double()
     tau_v = net.layers[visible].tau
     if v is None:
         g = torch.Generator().manual_seed(seed)
         v = torch.randn(batch, *net.layers[visible].shape, generator=g, dtype=torch.float64)
     v = v.detach().double()
-    eps = [float(e) for e in eps]
     errors: list[float] = []
     failure = None
-    caveats = ReducedField(net, visible, alpha=1.0).caveats(v)
+    reduced = ReducedField(net, visible, alpha=1.0)
+    reduced.check_visible(v)
+    caveats = reduced.caveats(v)
     for e in eps:
         layers = {n: L if n == visible else Layer(L.shape, L.lagrangian, e * L.tau) for n, L in net.layers.items()}
         full = Network(layers, list(net.synapses))

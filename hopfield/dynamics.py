@@ -222,7 +222,7 @@ def _odeint(func, y0, t, *, method, rtol, atol, options, adjoint, adjoint_option
 DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4}  # float32's: 6 digits of the energy, 1/6 the work
 
 
-def _check_tolerance(name: str, value) -> float:
+def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"simulate: {name} must be a finite number > 0, got {value!r}")
     return float(value)
@@ -259,8 +259,12 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
     names = list(net.layers)
     y0 = tuple(state[n] for n in names)
     dtype = y0[0].dtype if y0[0].is_floating_point() else torch.float64
-    rtol = _check_tolerance("rtol", DEFAULT_RTOL.get(dtype, 1e-7) if rtol is None else rtol)
-    atol = _check_tolerance("atol", rtol / 100 if atol is None else atol)
+    rtol = _check_positive("rtol", DEFAULT_RTOL.get(dtype, 1e-7) if rtol is None else rtol)
+    atol = _check_positive("atol", rtol / 100 if atol is None else atol)
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"simulate: options must be a dict of solver options, got {type(options).__name__}")
+    if (options or {}).get("step_size") is not None:
+        _check_positive("options['step_size']", options["step_size"])
     t = t.to(device=y0[0].device, dtype=dtype)
     for n, x in zip(names, y0):
         if not torch.isfinite(x).all():

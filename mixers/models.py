@@ -392,6 +392,9 @@ class PatchStem(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.proj.in_channels:
+            raise ValueError(f"input of shape {tuple(x.shape)}: the model takes (batch, {self.proj.in_channels}, "
+                             f"{self.img_size[0]}, {self.img_size[1]}) images (in_chans {self.proj.in_channels})")
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
         return self.proj(x).flatten(2).transpose(1, 2)

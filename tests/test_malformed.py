@@ -192,5 +192,35 @@ def test_malformed_networks_fail_with_an_error_naming_the_layer_or_synapse(case)
         assert math.isfinite(float(net.energy(net.init_state(2)).sum()))
 
 
+def test_wrong_inputs_to_simulate_derive_and_models_are_named_by_the_project():
+    """Inputs of the wrong shape or value reach no torch kernel: the error comes from the project and names the
+    layer, option or argument."""
+    import timm
+
+    import derive
+    import hopfield
+    from hopfield import presets
+
+    net = presets.imixer_chain(8, 16)
+    state = net.init_state(2)
+    t = torch.linspace(0, 1, 3)
+    cases = [
+        (lambda: hopfield.simulate(net, state, t, method="rk4", options={"step_size": -0.1}), "step_size'. must be"),
+        (lambda: hopfield.simulate(net, state, t, method="euler", options={"step_size": 0.0}), "step_size'. must be"),
+        (lambda: hopfield.simulate(net, state, t, options=[1]), "options must be a dict"),
+        (lambda: derive.adiabatic(net)(torch.randn(2, 3, 3)), r"'v' takes states of shape \(batch, \*\(8, 16\)\)"),
+        (lambda: derive.discretize(net, n_iter=2)(torch.randn(8, 16)), "visible layer 'v' takes states"),
+        (lambda: derive.verify(net, eps=[0.0]), "verify: eps must be"),
+        (lambda: derive.verify(net, eps=[]), "verify: eps must be"),
+        (lambda: derive.verify(net, v=torch.randn(2, 3, 3)), "visible layer 'v' takes states"),
+        (lambda: derive.verify(net, visible="q"), "unknown visible layer 'q'"),
+        (lambda: timm.create_model("derived_imixer_t4_28", num_classes=10)(torch.randn(2, 3, 28, 28)), "in_chans 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message) as info:
+            call()
+        assert raised_by_project(info.value), traceback.format_exception(info.value)
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
