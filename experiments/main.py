@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -46,7 +47,39 @@ def main(argv=None) -> dict:
     p.add_argument("--train-epochs", type=int, default=3, help="epochs of the Fashion-MNIST run (0: skip it)")
     p.add_argument("--train-subset", type=int, default=20000, help="training images of the Fashion-MNIST run")
     args = p.parse_args(argv)
+    _check_args(p, args)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as e:  # the project's errors name what was wrong (an unknown --method, no data)
+        p.error(str(e))
 
+
+TRAIN_BATCH = 64  # the Fashion-MNIST run's batch size
+
+
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    """An error naming the option for any value the job cannot run with."""
+    positive = {"--tokens": args.tokens, "--channels": args.channels, "--batch": args.batch,
+                "--points": args.points, "--internal": args.internal, "--hidden": args.hidden}
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            p.error(f"{name} {value}: must be at least 1")
+    reals = {"--t-end": args.t_end, "--rtol": args.rtol, "--atol": args.atol,
+             **{f"--taus[{k}]": tau for k, tau in enumerate(args.taus)}}
+    for name, value in reals.items():
+        if not (math.isfinite(value) and value > 0):
+            p.error(f"{name} {value}: must be a finite number > 0")
+    if args.train_epochs < 0:
+        p.error(f"--train-epochs {args.train_epochs}: must be 0 (no training) or more")
+    if args.train_epochs and args.train_subset < TRAIN_BATCH:
+        p.error(f"--train-subset {args.train_subset}: must be at least the run's batch size, {TRAIN_BATCH}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot create it ({e.strerror or e})")
+
+
+def _run(args) -> dict:
     torch.manual_seed(args.seed)
     internal = args.internal or max(1, args.tokens // 2)
     hidden = args.hidden or 2 * internal
@@ -83,8 +116,8 @@ def train_fashion(epochs: int, subset: int, out: Path, seed: int) -> dict:
     print(f"\n--- training a derived iMixer on Fashion-MNIST ({subset} images, {epochs} epochs, CPU) ---")
     cfg = load_config(str(Path(__file__).parent / "configs" / "fashion_small.yaml"), [
         "model=derived_imixer_t4_28", "model_kwargs={embed_dim: 64, num_blocks: 2, h_ratio: 2}",
-        f"epochs={epochs}", "warmup_epochs=0", "lr=2e-3", "batch_size=64", "smoothing=0.0", "data.crop_pad=0",
-        "data.hflip=0.0", "data.num_workers=0", f"data.train_subset={subset}", f"seed={seed}",
+        f"epochs={epochs}", "warmup_epochs=0", "lr=2e-3", f"batch_size={TRAIN_BATCH}", "smoothing=0.0",
+        "data.crop_pad=0", "data.hflip=0.0", "data.num_workers=0", f"data.train_subset={subset}", f"seed={seed}",
         f"out_dir={out}"])
     summary = train(cfg, overwrite=True)  # out is this job's own demo folder, remade each time
     print(f"\nFashion-MNIST test top-1 after {epochs} epochs: {summary['last_top1']:.2f}% "
