@@ -28,6 +28,14 @@ def main(argv=None) -> str:
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.2, 0.5], help="alpha' values (0 = standard)")
     args = p.parse_args(argv)
+    if args.seeds < 1 or not 2 <= args.images <= 10000:  # two images at least: a rank needs more than one token set
+        p.error(f"--seeds {args.seeds} --images {args.images}: at least 1 seed, and 2 to 10,000 test images")
+    if not all(0 <= a < 1 for a in args.alphas):
+        p.error(f"--alphas {args.alphas}: each alpha' must lie in [0, 1)")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot create it ({e.strerror or e})")
     _, test_ds, _ = build_datasets(DataConfig(name="fashion_mnist"), seed=0)
     images = torch.stack([test_ds[i][0] for i in range(args.images)])
     groups = {}
@@ -40,7 +48,6 @@ def main(argv=None) -> str:
                                                     embed_dim=192, depth=12, num_heads=3, skip=skip, alpha_h=alpha_h))
                 runs.append(rank_collapse(model, images))
             groups[f"skip={skip}, alpha'={alpha_h:g}"] = runs
-    args.out.mkdir(parents=True, exist_ok=True)
     md = rank_collapse_report(groups, path=args.out / "rank_collapse_init.png")
     (args.out / "rank_collapse_init.md").write_text(md + "\n")
     print(md)

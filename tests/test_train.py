@@ -909,7 +909,7 @@ def test_analyze_reports_broken_runs_by_name_and_finishes_the_rest(tmp_path, cap
     assert "not its final weights" in again["failed"][0]["error"]
 
 
-def test_rank_collapse_at_initialisation_script(tmp_path):
+def test_rank_collapse_at_initialisation_script(tmp_path, capsys):
     """Fresh ViT-Tiny on real Fashion-MNIST images: without skips the tokens collapse to rank 1 (down to float32
     round-off), with skips they stay far from it; the figure and table are written."""
     from experiments import rank_collapse_init
@@ -922,3 +922,7 @@ def test_rank_collapse_at_initialisation_script(tmp_path):
                          "skip=none, alpha'=0.5"}
     last_residual = {k: float(v[-1].split("±")[0]) for k, v in rows.items()}
     assert last_residual["skip=none, alpha'=0"] < 1e-5 < 0.5 < last_residual["skip=residual, alpha'=0"]
+    for argv, message in ((["--images", "1"], "2 to 10,000 test images"), (["--alphas", "1.5"], r"lie in \[0, 1\)")):
+        with pytest.raises(SystemExit):
+            rank_collapse_init.main(["--out", str(tmp_path / "no"), *argv])
+        assert re.search(message, capsys.readouterr().err) and not (tmp_path / "no").exists()
