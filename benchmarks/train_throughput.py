@@ -387,6 +387,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser().error(f"--{key} must be >= 1")
     args.modes = list(dict.fromkeys(args.modes))
     args.precision = list(dict.fromkeys(args.precision))
+    for spec in args.models:  # every model name and its keyword arguments, before any model is built
+        try:
+            parse_model(spec)
+        except ValueError as e:  # (json's decode error is a ValueError)
+            parser().error(f"--models {spec}: {e}")
     return args
 
 

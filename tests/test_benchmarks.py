@@ -58,6 +58,9 @@ def test_train_throughput_model_kwargs(tt):
         tt.parse_model("no_such_model_xyz")
     with pytest.raises(ValueError):
         tt.parse_model("imixer_s16_224:[2]")
+    for bad in ("no_such_model_xyz", "vmixer_t4_28:{bad"):  # named on the command line, before anything is built
+        with pytest.raises(SystemExit):
+            tt.parse_args(["--models", bad])
 
 
 def test_adiabatic_solve_benchmark_compares_both_solvers(capsys):
