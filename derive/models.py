@@ -26,7 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from hopfield import Network
-from mixers.models import PatchStem, TimmClassifierAPI, blocks_feature_info, check_sizes, ratio_pair, timm_data_cfg
+from mixers.models import (
+    PatchStem,
+    TimmClassifierAPI,
+    blocks_feature_info,
+    check_rates,
+    check_sizes,
+    ratio_pair,
+    timm_data_cfg,
+)
 
 from .discrete import DerivedBlock, DiscreteConfig
 from .spec import LayerSpec, NetworkSpec, SynapseSpec, load_spec
@@ -177,6 +185,7 @@ class DerivedMixerConfig:
         check_sizes(self, ("in_chans", "patch_size", "num_blocks", "embed_dim"),
                     {"mlp_ratio": self.mlp_ratio, **{f"block_kwargs.{k}": v for k, v in self.block_kwargs.items()
                                                      if k == "h_ratio"}})
+        check_rates(self)
         if self.img_size % self.patch_size:
             raise ValueError(f"DerivedMixerConfig: img_size {self.img_size} is not a multiple of patch_size "
                              f"{self.patch_size}")

@@ -13,6 +13,7 @@ Importing this module registers the model names of `MODEL_NAMES` with timm (``ti
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -317,6 +318,23 @@ def check_sizes(cfg, ints: tuple[str, ...], ratios: dict[str, Any]) -> None:
             raise ValueError(f"{where}.{name} must be > 0, got {v!r}")
 
 
+def check_rates(cfg) -> None:
+    """ValueError naming the config class and field unless every dropout rate lies in [0, 1), ``lam`` is a finite
+    number >= 0 and ``block_kwargs``' ``n_iter``, when given, an integer >= 0."""
+    where = type(cfg).__name__
+    for name in ("drop_rate", "proj_drop_rate", "drop_path_rate"):
+        v = getattr(cfg, name, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"{where}.{name} must be in [0, 1), got {v!r}")
+    lam = cfg.lam
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"{where}.lam (the weight of the symmetry-breaking penalty) must be a finite number >= 0, "
+                         f"got {lam!r}")
+    n_iter = cfg.block_kwargs.get("n_iter")
+    if n_iter is not None and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):
+        raise ValueError(f"{where}.block_kwargs.n_iter must be an integer >= 0, got {n_iter!r}")
+
+
 class ImageGrid:
     """The patch grid of a config with ``img_size`` (an int or (H, W)) and ``patch_size`` fields."""
 
@@ -375,6 +393,7 @@ class MixerConfig(ImageGrid):
         check_sizes(self, ("in_chans", "patch_size", "num_blocks", "embed_dim"),
                     {"mlp_ratio": self.mlp_ratio, **{f"block_kwargs.{k}": v for k, v in self.block_kwargs.items()
                                                      if k == "h_ratio"}})
+        check_rates(self)
         if self.global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {self.global_pool!r}")
         self.check_grid()

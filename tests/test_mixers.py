@@ -578,6 +578,19 @@ def test_model_configs_name_the_bad_field():
             cfg_cls(mlp_ratio=-1.0)
         cfg = cfg_cls(img_size=(28, 32), patch_size=4)
         assert cfg.image_hw == (28, 32) and cfg.num_patches == 7 * 8
+    # rates, the penalty and n_iter, for the hand-written and the derived models alike
+    import derive  # noqa: F401 -- registers derived_*
+
+    for name in ("imixer_t4_28", "derived_imixer_t4_28", "paramixer_t4_28", "derived_paramixer_t4_28"):
+        for kw, message in (({"drop_rate": 1.0}, r"drop_rate must be in \[0, 1\), got 1.0"),
+                            ({"drop_path_rate": -0.1}, r"drop_path_rate must be in \[0, 1\)"),
+                            ({"lam": -1e-3}, "lam .* must be a finite number >= 0, got -0.001"),
+                            ({"lam": float("nan")}, "lam .* must be a finite number >= 0, got nan"),
+                            ({"n_iter": "2"}, "block_kwargs.n_iter must be an integer >= 0, got '2'")):
+            if "n_iter" in kw and "paramixer" in name:
+                continue
+            with pytest.raises(ValueError, match=message):
+                timm.create_model(name, **kw)
 
 
 @pytest.mark.parametrize("name", ["vmixer_t4_28", "imixer_t4_28", "derived_imixer_t4_28", "derived_paramixer_t4_28",
