@@ -396,7 +396,7 @@ def main(argv=None) -> str:
         return run_sweep(load_sweep(args.sweep), args.only, args.table_only, args.seeds)
     except ConfigError as e:
         p.error(str(e))
-    except (CheckpointError, RunFileError, DatasetNotFoundError, CorruptDatasetError) as e:
+    except (CheckpointError, RunFileError, DatasetNotFoundError, CorruptDatasetError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -391,7 +391,8 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
                 nonfinite, stopping, due = flags.tolist()
                 if nonfinite:
                     raise FloatingPointError(f"loss is {loss.item()} (or non-finite on another process) at epoch "
-                                             f"{epoch} step {step}; last good checkpoint: {ckpt_path}")
+                                             f"{epoch} step {step}; last good checkpoint: {ckpt_path} (a lower lr, "
+                                             "clip_grad or amp=off may keep it finite)")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.clip_grad is not None:
@@ -578,7 +579,8 @@ def main(argv=None) -> dict:
         summary = train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     except ConfigError as e:
         p.error(str(e))
-    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError, RunFileError, RunWriteError) as e:
+    except (CheckpointError, DatasetNotFoundError, CorruptDatasetError, RunFileError, RunWriteError,
+            FloatingPointError) as e:
         sys.exit(f"error: {e}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))

@@ -197,6 +197,12 @@ def test_command_line_reports_model_and_checkpoint_errors_without_a_traceback(tm
     out = subprocess.run([*run, "--resume"], capture_output=True, text=True, env=env1(), cwd=ROOT)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"error: checkpoint '{tmp_path / 'checkpoint.pt'}' cannot be read" in out.stderr
+    # a loss that leaves the finite range stops the run with one line, not a FloatingPointError traceback
+    out = subprocess.run([*run[:-1], *TINY, "lr=1e6", "clip_grad=null", "epochs=1", "data.train_subset=256",
+                          "data.test_subset=64", "batch_size=64", f"out_dir={tmp_path / 'nan'}"],
+                         capture_output=True, text=True, env=env1(), cwd=ROOT)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.search(r"error: loss is (nan|inf) .* at epoch 0 step \d+; last good checkpoint: .*a lower lr", out.stderr)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
