@@ -2,6 +2,7 @@
 so a copy that drifts from them (a typo, an older analysis) fails here."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,17 @@ def test_claims_rows_equal_their_summary_and_analysis():
         assert row in DOC, f"docs/results.md should read\n{row}"
         listed += 1
     assert listed >= 5
+
+
+def test_spec_verification_table_equals_its_reports():
+    """The derive.verify row of each spec-built architecture: its errors, slope and block error as
+    experiments.verify_specs wrote them to docs/figures/specs/verify_specs.md."""
+    reports = (ROOT / "docs" / "figures" / "specs" / "verify_specs.md").read_text().split("### ")[1:]
+    assert len(reports) == 2
+    for report in reports:
+        name = report.split("`")[1]
+        errors = re.findall(r"^\| [0-9.e-]+ \| ([0-9.e+-]+) \|$", report, flags=re.M)
+        slope = re.search(r"smallest two eps: ([0-9.]+)", report).group(1)
+        block = re.search(r"reduced field: relative error ([0-9.e+-]+)", report).group(1)
+        row = f"| `{name}` | {', '.join(errors)} | {slope} | {block} |"
+        assert row in DOC, f"docs/results.md should read\n{row}"

@@ -177,23 +177,16 @@ def test_spec_models_register_train_resume_and_analyse_from_the_run_folder_alone
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["imixer_implicit_channels", "paramixer_memory_arm"])
-def test_the_new_architectures_are_limits_of_their_networks(name):
-    """The two architectures designed as specs alone (experiments/configs/specs): with random weights whose
-    hidden-hidden couplings contract, the full network's visible velocity approaches the reduced field in
-    proportion to eps, and the block with its fixed points converged is one split Euler step of it."""
-    spec = load_spec(str(ROOT / "experiments" / "configs" / "specs" / f"{name}.yaml"))
-    torch.manual_seed(0)
-    block = spec_block(spec, 6, 8, n_iter=40).double()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for pname, p in block.net.named_parameters():
-            noise = 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64)
-            p.copy_(1 + noise if pname.endswith("affine.weight") else noise)
-        for syn in block.net.synapses:
-            if block.visible not in syn.layers:  # hidden-hidden couplings at spectral norm 0.5: a contraction
-                for w in (syn.weight, getattr(syn, "weight_fb", None)):
-                    if w is not None:
-                        w.mul_(0.5 / torch.linalg.matrix_norm(w, ord=2))
-    report = derive.verify(block.net, block=block)
-    assert report.ok and 0.9 < report.slope < 1.1 and report.block_error < 1e-10, str(report)
+def test_the_new_architectures_are_limits_of_their_networks(tmp_path):
+    """The two architectures designed as specs alone (experiments/configs/specs), through the script that writes
+    their reports for docs/results.md: with random weights whose hidden-hidden couplings contract, the full
+    network's visible velocity approaches the reduced field in proportion to eps, and the block with its fixed
+    points converged is one split Euler step of it."""
+    from experiments import verify_specs
+
+    reports = verify_specs.main(["--out", str(tmp_path)])
+    assert set(reports) == {"imixer_implicit_channels", "paramixer_memory_arm"}
+    for name, report in reports.items():
+        assert report.ok and 0.9 < report.slope < 1.1 and report.block_error < 1e-10, str(report)
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert (tmp_path / "verify_specs.md").read_text().count("verdict: the reduced field is the network's") == 2
