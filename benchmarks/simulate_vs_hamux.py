@@ -156,7 +156,7 @@ def library_dopri5(net, state, t, rtol: float, atol: float) -> dict:
     batch = y0[0].shape[0]
 
     def torchode_solve():  # each sample its own steps, the GEMMs writing into torchode's flat layout
-        field = FlatField(net, names, {}, (), check_finite=False)
+        field = FlatField(net, names, {}, ())
 
         def split(flat):
             return [p.view(flat.shape[0], *s) for p, s in zip(flat.split(sizes, dim=1), shapes)]
@@ -322,7 +322,7 @@ def field_with_buffers(net, state):
 
     names = list(net.layers)
     y = [state[n] for n in names]
-    field = _Field(net, names, {}, (), check_finite=False)
+    field = _Field(net, names, {}, ())
     assert field.from_field, "the energy is read off dx/dt only for dense synapses"
     return field, y, [x.new_empty(x.shape) for x in y]
 

@@ -97,7 +97,7 @@ def integrate_dopri5(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, i
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     # trial stages may leave the finite range and be rejected: the field does not check them. A state that blows
     # up gives an infinite or NaN error norm: rejected steps until the step size underflows (torchdiffeq's way)
-    field = _Field(net, names, inputs, clamped, check_finite=False)
+    field = _Field(net, names, inputs, clamped)
     kk = like.new_empty((7, batch, sum(sizes)))  # the stages, one tensor: a stage's input is one baddbmm over it
     k = [_Flat(kk[i], shapes, sizes) for i in range(7)]
     y, y_new, trial = (_Flat(like.new_empty((batch, sum(sizes))), shapes, sizes) for _ in range(3))

@@ -201,7 +201,7 @@ class Network(nn.Module):
 
             names = list(self.layers)
             out = [torch.empty_like(state[n]) for n in names]
-            _Field(self, names, inputs, clamped, check_finite=False)([state[n] for n in names], out, 0.0)
+            _Field(self, names, inputs, clamped)([state[n] for n in names], out, 0.0)
             return dict(zip(names, out))
         cur = self.currents(state, inputs)
         return {n: (torch.zeros_like(state[n]) if n in clamped else (cur[n] - state[n]) / l.tau)

@@ -42,14 +42,13 @@ FIXED_METHODS = ("euler", "midpoint", "rk4")
 class _Field:
     """dx/dt of a network into buffers, and on request its energy at the same state; counts evaluations."""
 
-    def __init__(self, net, names: list[str], inputs: dict, clamped: tuple, check_finite: bool):
+    def __init__(self, net, names: list[str], inputs: dict, clamped: tuple):
         self.net, self.names = net, names
         self.index = {n: i for i, n in enumerate(names)}
         self.layers = [net.layers[n] for n in names]
         self.inv_tau = [1.0 / layer.tau for layer in self.layers]
         self.inputs = [inputs.get(n) for n in names]
         self.free = [n not in clamped for n in names]
-        self.check_finite = check_finite
         # the energy read off dx/dt itself (see energy_from_field) needs every current to be a dense synapse's,
         # tied ones without a LayerNorm affine, and no clamped layer (its dx/dt is 0, not its current)
         self.from_field = all(self.free) and all(
@@ -76,8 +75,6 @@ class _Field:
         """Write dx/dt at state ``y`` into ``out``; return the energy per sample when ``energy``."""
         self.nfe += 1
         self.t = t
-        if self.check_finite:
-            self.check(y, t)
         # what an activation leaves for the energy (aux) is asked for only when the energy is; none is left stale
         if not energy:
             for aux in self.aux:
@@ -210,6 +207,25 @@ class _Field:
         return total
 
 
+_CHECK_EVERY = 8  # steps between finiteness checks on the output grid (each reads every state once)
+
+
+def _finite(y: list[Tensor]) -> bool:
+    """Whether every entry of every state is finite: one sum per layer (a NaN or inf makes it non-finite)."""
+    return all(bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()) for x in y)
+
+
+def _raise_first_non_finite(names: list[str], sol: list[Tensor], times: list[float], last: int) -> None:
+    """Raise NonFiniteStateError for the earliest stored state (up to index ``last``) that is not finite."""
+    from .dynamics import NonFiniteStateError
+
+    for k in range(max(0, last - _CHECK_EVERY), last + 1):
+        for n, s in zip(names, sol):
+            if not torch.isfinite(s[k]).all():
+                raise NonFiniteStateError(n, times[k])
+    raise NonFiniteStateError(names[0], times[last])  # (not reached: the state at ``last`` is the non-finite one)
+
+
 def _as_batches(*ts: Tensor) -> tuple[Tensor, ...] | None:
     """Each tensor as (batches, rows, cols) views over its last two axes, or None if one cannot be viewed so
     (a rank > 3 state that is a strided slice of a larger tensor)."""
@@ -236,7 +252,9 @@ def integrate_fixed(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, me
     or None) and the number of vector-field evaluations. Without autograd (callers hold ``torch.no_grad``)."""
     if method not in FIXED_METHODS:
         raise ValueError(f"integrate_fixed: method must be one of {FIXED_METHODS}, got {method!r}")
-    field = _Field(net, names, inputs, clamped, check_finite)
+    # finiteness is checked per step, not per stage, and on the output grid only every _CHECK_EVERY steps: a NaN
+    # or inf spreads to the states that follow, each state is stored, and the first non-finite one is found there
+    field = _Field(net, names, inputs, clamped)
     grid = _grid(t, step_size)
     on_grid = step_size is None  # every output time is a grid point: its energy comes with the next step
     sol = [x.new_empty((len(t), *x.shape)) for x in y0]
@@ -288,6 +306,8 @@ def integrate_fixed(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, me
                 b.add_(c).mul_(3.0).add_(a).add_(d).mul_(dt * 0.125)
                 torch.add(x, b, out=o)
         y = nxt
+        if check_finite and (not on_grid or (step + 1) % _CHECK_EVERY == 0) and not _finite(y):
+            _raise_first_non_finite(names, sol, times, step + 1) if on_grid else field.check(y, t1)
         while j < len(out_times) and t1 >= out_times[j]:
             if not on_grid:  # (on the grid the step wrote it)
                 if out_times[j] == t1:
@@ -298,8 +318,8 @@ def integrate_fixed(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, me
                     for s, p, x in zip(sol, y_prev, y):
                         s[j] = p + slope * (x - p)
             j += 1
-    if field.check_finite:
-        field.check(y, times[-1])
+    if check_finite and not _finite(y):
+        _raise_first_non_finite(names, sol, times, len(times) - 1) if on_grid else field.check(y, times[-1])
     if track_energy:
         if on_grid:
             energy[-1] = field(y, k1, times[-1], energy=True)

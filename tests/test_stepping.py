@@ -84,7 +84,7 @@ def test_both_energy_routes_equal_network_energy():
             p.add_(0.2 * torch.randn_like(p))
     for net, route in ((dense, True), (mixed, False)):
         names = list(net.layers)
-        field = StepField(net, names, {}, (), check_finite=True)
+        field = StepField(net, names, {}, ())
         assert field.from_field is route
         state = net.init_state(3, dtype=torch.float64, scale=1.3)
         out = [torch.empty_like(state[n]) for n in names]
@@ -199,6 +199,38 @@ def test_dopri5_step_underflow_names_the_layer():
     with pytest.raises(StepUnderflowError) as e:
         net.simulate(state, torch.tensor([0.0, 1e4], dtype=torch.float64), method="dopri5")
     assert e.value.layer in ("a", "b")
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+@pytest.mark.parametrize("grid", ["outputs", "step_size"])
+def test_fixed_step_divergence_names_the_first_non_finite_state(method, grid):
+    """The fixed-step loop checks finiteness per step (on the output grid every few steps, then finds the first
+    non-finite stored state): the error names the layer and the first output time whose state is not finite, as
+    a scan of the same run without the check finds it; a finite run raises nothing."""
+    from hopfield import NonFiniteStateError
+
+    net = Network({"a": Layer((3,), lag.identity(), 1.0), "b": Layer((3,), lag.identity(), 1.0)},
+                  [DenseSynapse("a", "b", form="tied")])
+    with torch.no_grad():
+        net.synapses[0].weight.copy_(40.0 * torch.eye(3))  # dx/dt grows ~39x per unit time: overflows float32
+    state = {n: torch.ones(2, 3) for n in net.layers}
+    t = torch.linspace(0, 40, 41) if grid == "outputs" else torch.linspace(0, 40, 11)
+    options = None if grid == "outputs" else {"step_size": 0.5}
+    with torch.no_grad():
+        free = net.simulate(state, t, method=method, options=options, check_finite=False, track_energy=False)
+        with pytest.raises(NonFiniteStateError) as e:
+            net.simulate(state, t, method=method, options=options)
+    if grid == "outputs":  # every step is stored: the time is exact
+        first = min(k for k in range(len(t)) if not all(torch.isfinite(s[k]).all() for s in free.states.values()))
+        assert e.value.time == pytest.approx(float(t[first]))
+        assert not torch.isfinite(free.states[e.value.layer][first]).all()
+    else:  # the step's end time, at or before the first non-finite output
+        first = min(k for k in range(len(t)) if not torch.isfinite(free.states["a"][k]).all())
+        assert 0 < e.value.time <= float(t[first])
+    assert "diverged" in str(e.value) and f"layer {e.value.layer!r}" in str(e.value)
+    with torch.no_grad():
+        net.synapses[0].weight.copy_(0.5 * torch.eye(3))
+        assert torch.isfinite(net.simulate(state, t, method=method, options=options).energy).all()
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 50), (2, 4000), (5, 3, 16), (6, 40, 5), (20, 300)], ids=str)
