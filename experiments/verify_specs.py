@@ -42,12 +42,17 @@ def prepared_block(spec_path, seq_len: int = 6, dim: int = 8, seed: int = 0) -> 
 
 def main(argv=None) -> dict[str, derive.VerifyReport]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--specs", type=Path, default=SPECS, help="a folder of network spec YAML files")
+    p.add_argument("--specs", type=Path, default=SPECS, help="a network spec YAML file, or a folder of them")
     p.add_argument("--out", type=Path, default=Path("outputs/verify_specs"))
     args = p.parse_args(argv)
-    paths = sorted(args.specs.glob("*.yaml")) if args.specs.is_dir() else []
+    paths = sorted(args.specs.glob("*.yaml")) if args.specs.is_dir() else [args.specs] if args.specs.is_file() else []
     if not paths:
         p.error(f"--specs {args.specs}: no network spec (*.yaml) there")
+    for path in paths:  # every spec is read before any is verified: a bad one is named before anything is written
+        try:
+            derive.spec_block(derive.load_spec(str(path)), 6, 8)
+        except derive.SpecError as e:
+            p.error(f"--specs: {e}" if str(path) in str(e) else f"--specs: {path}: {e}")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -190,3 +190,20 @@ def test_the_new_architectures_are_limits_of_their_networks(tmp_path):
         assert report.ok and 0.9 < report.slope < 1.1 and report.block_error < 1e-10, str(report)
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert (tmp_path / "verify_specs.md").read_text().count("verdict: the reduced field is the network's") == 2
+
+
+def test_verify_specs_takes_one_file_and_names_a_bad_spec_before_writing(tmp_path, capsys):
+    """--specs may name one file; a spec that does not build stops the script with its file and entry named
+    (argparse's error, exit 2) before any report is written."""
+    from experiments import verify_specs
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("visible: v\nsizes: {T: C / 0}\nlayers:\n"
+                   "  v: {shape: [S, C], lagrangian: {name: layernorm, axis: -1}, tau: 1.0}\n"
+                   "  x: {shape: [T, C], lagrangian: gelu, tau: 0.1}\nsynapses:\n  - {layers: [v, x], axis: -2}\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        verify_specs.main(["--specs", str(bad), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(bad) in err and "sizes.T: division by zero" in err and "Traceback" not in err
+    assert not out.exists()
