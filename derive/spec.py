@@ -125,6 +125,19 @@ def _eval_size(expr: Size, env: Mapping[str, int], where: str) -> int:
     return value
 
 
+def _size_names(expr: Size) -> set[str]:
+    """The names an expression refers to (none for an int or an expression that does not parse: _eval_size says
+    what is wrong with it)."""
+    if not isinstance(expr, str):
+        return set()
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError:
+        return set()
+    calls = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in calls}
+
+
 # ---------------------------------------------------------------------------------------------- the spec
 @dataclass
 class NetworkSpec:
@@ -207,10 +220,18 @@ class NetworkSpec:
                         raise SpecError(f"groups: {n!r} is not a hidden layer of this spec")
 
     def resolve_sizes(self, seq_len: int, dim: int) -> dict[str, int]:
-        """``S``, ``C`` and every named size, evaluated in order."""
+        """``S``, ``C`` and every named size, each once the sizes it names are known: the order they are written
+        in does not matter (a stored config.yaml lists them sorted by name), a cycle is an error."""
         env = {"S": int(seq_len), "C": int(dim)}
-        for name, expr in self.sizes.items():
-            env[name] = _eval_size(expr, env, f"sizes.{name}")
+        pending = dict(self.sizes)
+        while pending:
+            ready = [n for n, e in pending.items() if _size_names(e) <= env.keys() or not _size_names(e) <= (
+                env.keys() | pending.keys())]  # (a name known nowhere: _eval_size names it)
+            if not ready:
+                raise SpecError(f"sizes: {sorted(pending)} refer to each other in a cycle: "
+                                + ", ".join(f"{n}: {e!r}" for n, e in pending.items()))
+            for name in ready:
+                env[name] = _eval_size(pending.pop(name), env, f"sizes.{name}")
         return env
 
     # ------------------------------------------------------------------ build
