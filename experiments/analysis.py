@@ -75,22 +75,13 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 # ---------------------------------------------------------------------------------------------- fixed points
-def _first_hidden(block: DerivedBlock) -> str | None:
-    """The first hidden layer with an implicit solve (the iMLP's x, or x1 of the L-layer chain)."""
-    for br in block.branches:
-        if br.implicit:
-            return br.node
-    return None
-
-
 def _recorders(model: nn.Module) -> list[tuple[int, nn.Module, str]]:
-    """(block index, module whose ``record``/``trace`` to use, layer name) for every iMLP layer."""
+    """(block index, module whose ``record``/``trace`` to use, layer name) for every iMLP layer: for a derived
+    block each outermost implicit solve (the iMLP's x, x1 of the L-layer chain; a spec may have one per arm)."""
     out = []
     for i, blk in enumerate(getattr(model, "blocks", [])):
         if isinstance(blk, DerivedBlock):
-            name = _first_hidden(blk)
-            if name is not None:
-                out.append((i, blk, name))
+            out += [(i, blk, br.node) for br in blk.branches if br.implicit]
         elif isinstance(getattr(blk, "mlp_tokens", None), (iMlp, LiMlp)):
             out.append((i, blk.mlp_tokens, "mlp_tokens"))
     if not out:
@@ -144,8 +135,8 @@ def fixed_point_convergence(model: nn.Module, images: Tensor, *, path=None,
     ``record`` flags are restored afterwards). Per step a = 0..n-1:
     Norm_a = ||x^(a+1) - x^a||_2 / sqrt(N_x C) (``_step_stats``) and Cos_a = cos(x^(a+1), x^a), each sample's
     iterate flattened, mean and population std over the images. Only the outermost solve of each block counts (the
-    hand-written ``trace``; for a derived block the first recorded solve of its first hidden layer, i.e. the first
-    Euler step).
+    hand-written ``trace``; for a derived block the first recorded solve of each hidden layer whose solve is not
+    nested in another, i.e. of the first Euler step: the iMLP's x, or one per arm of a spec with two implicit arms).
 
     For a derived block also its ``certificate``: the bound Lip(F) <= ... of ``DerivedBlock.certificate`` and the
     residual ratios ||x^(a+1) - x^a|| / ||x^a - x^(a-1)|| (all images at once) of ``probe_iter`` iterations
@@ -189,11 +180,13 @@ def plot_fixed_point(result: dict, path, plot_blocks: Sequence[int] | None = Non
     """The PNG of a ``fixed_point_convergence`` result (also one read back from JSON)."""
     plt = _pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
+    blocks = [row["block"] for row in result["layers"]]
+    multi = len(set(blocks)) < len(blocks)  # a block with several solves: name the layer too
     for row in result["layers"]:
         if plot_blocks is not None and row["block"] not in plot_blocks:
             continue
         a = list(range(len(row["norm"])))
-        label = f"iMLP-{row['block']}"
+        label = f"iMLP-{row['block']}" + (f" ({row['layer']})" if multi else "")
         ax0.errorbar(a, row["norm"], yerr=row["norm_std"], marker="o", ms=3, capsize=2, label=label)
         ax1.errorbar(a, row["cos"], yerr=row["cos_std"], marker="o", ms=3, capsize=2, label=label)
     ax0.set_yscale("log", nonpositive="mask")
@@ -343,7 +336,8 @@ def symmetry_index(model: nn.Module) -> list[dict]:
     parallelized Mixer); SymMlp has one matrix W, reported as W1 = W, W2 = W^T (corr 1, antisym 0 by
     construction); AsymMlp compares W1^T with the effective feedback W1^T + W2; a derived block's
     visible-layer synapses give W1 = ``weight`` (n_b, n_a) and W2 = ``feedback_weight()`` (n_a, n_b).
-    Returns one dict per MLP: {"block", "mlp" ("tokens" | "channels"), "corr", "antisym", "module"}.
+    Returns one dict per MLP: {"block", "mlp" ("tokens" | "channels"), "corr", "antisym", "module"[, "synapse"
+    (derived blocks: the synapse's name, which tells apart two arms along one axis)]}.
     """
     rows = []
     for i, blk in enumerate(getattr(model, "blocks", [])):
@@ -354,7 +348,7 @@ def symmetry_index(model: nn.Module) -> list[dict]:
                 mlp = "tokens" if syn.axis % rank == rank - 2 else "channels"  # (S, C) states: S is the token axis
                 corr, anti = _pair_index(syn.weight, syn.feedback_weight())
                 rows.append({"block": i, "mlp": mlp, "corr": corr, "antisym": anti,
-                             "module": f"DenseSynapse({syn.form})"})
+                             "module": f"DenseSynapse({syn.form})", "synapse": syn.name})
             continue
         for attr, mlp in (("mlp_tokens", "tokens"), ("mlp_channels", "channels")):
             pair = _mlp_pair(getattr(blk, attr, None))
@@ -379,8 +373,27 @@ def symmetry_scalars(model: nn.Module) -> dict[str, float]:
         values = [r["corr"] for r in rows if r["mlp"] == mlp]
         if values:
             out[f"sym_corr_{mlp}"] = statistics.fmean(values)
-    out.update({f"sym_corr_b{r['block']}_{r['mlp']}": r["corr"] for r in rows})
+    label = mlp_label(rows)
+    out.update({f"sym_corr_b{r['block']}_{label(r, '_')}": r["corr"] for r in rows})
     return out
+
+
+def mlp_label(rows: Sequence[Mapping]):
+    """label(row, sep): the row's MLP kind ("tokens" / "channels"), followed by its synapse's name where a block has
+    two synapses of one kind (a network spec with two arms along the tokens, say), so that no two rows of a block
+    share a label: ``tokens_v-m`` with sep "_", ``tokens (v-m)`` with sep " (" (closed)."""
+    seen: set = set()
+    shared: set = set()
+    for r in rows:
+        key = (r["block"], r["mlp"])
+        (shared if key in seen else seen).add(key)
+    kinds = {r["mlp"] for r in rows if (r["block"], r["mlp"]) in shared}
+
+    def label(r: Mapping, sep: str = " (") -> str:
+        if r["mlp"] not in kinds or "synapse" not in r:
+            return r["mlp"]
+        return f"{r['mlp']}{sep}{r['synapse']}" + (")" if sep == " (" else "")
+    return label
 
 
 def symmetry_table(rows: Sequence[Mapping]) -> str:
@@ -389,8 +402,9 @@ def symmetry_table(rows: Sequence[Mapping]) -> str:
     lines = [("| run " if run else "") + "| block | mlp | corr | antisym | module |",
              ("|:---" if run else "") + "|---:|:---|---:|---:|:---|"]
     for r in rows:
+        label = mlp_label([q for q in rows if q.get("run") == r.get("run")])
         lines.append((f"| {r.get('run', '')} " if run else "") +
-                     f"| {r['block']} | {r['mlp']} | {r['corr']:.4f} | {r['antisym']:.4f} | {r.get('module', '')} |")
+                     f"| {r['block']} | {label(r)} | {r['corr']:.4f} | {r['antisym']:.4f} | {r.get('module', '')} |")
     return "\n".join(lines)
 
 
@@ -403,11 +417,13 @@ def symmetry_report(groups: Mapping[str, Sequence[Sequence[Mapping]]]) -> str:
         seeds = [rows for rows in seeds if rows]
         if not seeds:
             continue
-        layouts = {tuple((r["block"], r["mlp"]) for r in rows) for rows in seeds}
+        label = mlp_label(seeds[0])
+        layouts = {tuple((r["block"], label(r)) for r in rows) for rows in seeds}
         if len(layouts) != 1:
             raise ValueError(f"symmetry_report: the seeds of {name!r} have different blocks or MLPs")
-        for mlp in ("tokens", "channels"):
-            per_seed = [[r for r in rows if r["mlp"] == mlp] for rows in seeds]
+        kinds = [k for k in ("tokens", "channels") if any(r["mlp"] == k for r in seeds[0])]
+        for mlp in dict.fromkeys(label(r) for k in kinds for r in seeds[0] if r["mlp"] == k):
+            per_seed = [[r for r in rows if label(r) == mlp] for rows in seeds]
             if not per_seed[0]:
                 continue
             corr = [mean_std_cell([rows[i]["corr"] for rows in per_seed], "+.3f", ".3f")

@@ -103,6 +103,8 @@ def certificate_report(groups: Mapping[str, Sequence[Mapping]]) -> str:
         results = [r for r in results if r and all("certificate" in row for row in r["layers"])]
         if not results:
             continue
+        blocks = [row["block"] for row in results[0]["layers"]]
+        multi = len(set(blocks)) < len(blocks)  # a block with several solves (a spec's arms): name the layer
         for k, row in enumerate(results[0]["layers"]):
             rows = [r["layers"][k] for r in results]
             certs = [r["certificate"] for r in rows]
@@ -111,6 +113,7 @@ def certificate_report(groups: Mapping[str, Sequence[Mapping]]) -> str:
             rate = mean_std_cell(rates, ".3g", ".2g") if rates else "–"
             norm = mean_std_cell([r["norm"][-1] for r in rows], ".3g", ".2g") if rows[0]["norm"] else "–"
             certified = sum(bool(c["certified"]) for c in certs)
-            lines.append(f"| {name} | {len(rows)} | {row['block']} | {bound} | {certified} of {len(rows)} | "
+            block = f"{row['block']} ({row['layer']})" if multi else row["block"]
+            lines.append(f"| {name} | {len(rows)} | {block} | {bound} | {certified} of {len(rows)} | "
                          f"{rate} | {norm} |")
     return "\n".join(lines)

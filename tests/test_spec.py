@@ -207,3 +207,48 @@ def test_verify_specs_takes_one_file_and_names_a_bad_spec_before_writing(tmp_pat
     err = capsys.readouterr().err
     assert e.value.code == 2 and str(bad) in err and "sizes.T: division by zero" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_sizes_resolve_in_any_order_and_a_cycle_is_named():
+    """A stored config.yaml lists a spec's sizes sorted by name (H before T here): each size is evaluated once the
+    sizes it names are known, so the resumed or analysed run builds the model it trained; a cycle is an error."""
+    spec = load_spec(ROOT / "experiments" / "configs" / "specs" / "imixer_implicit_channels.yaml")
+    stored = yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=True))
+    assert list(stored["sizes"]) == ["D", "E", "H", "T"]
+    again = NetworkSpec.from_dict(stored)
+    assert again.resolve_sizes(S, C) == spec.resolve_sizes(S, C) == {"S": S, "C": C, "T": 4, "H": 8, "D": 32, "E": 8}
+    assert again.build(S, C).layers["h"].shape == (8, C)
+    cyclic = dict(stored, sizes={"T": "H // 2", "H": "2 * T"})
+    with pytest.raises(SpecError, match=r"sizes: \['H', 'T'\] refer to each other in a cycle"):
+        NetworkSpec.from_dict(cyclic).resolve_sizes(S, C)
+    with pytest.raises(SpecError, match=r"sizes\.T: unknown size 'Q'"):
+        NetworkSpec.from_dict(dict(stored, sizes={"T": "Q + 1"})).resolve_sizes(S, C)
+
+
+def test_analysis_reports_every_arm_of_a_spec_model():
+    """The analysis of a spec model with two implicit arms (tokens and channels) reports both solves of each block;
+    one with two arms along the tokens tells their symmetry indices apart, in the tables and in the per-epoch
+    metrics (no key shared by two synapses)."""
+    from experiments import analysis, reports
+
+    specs = ROOT / "experiments" / "configs" / "specs"
+    torch.manual_seed(0)
+    implicit = timm.create_model("derived_spec_t4_28", spec=str(specs / "imixer_implicit_channels.yaml"),
+                                 embed_dim=16, num_blocks=2, n_iter=2)
+    perturb(implicit, 0.05)
+    result = analysis.fixed_point_convergence(implicit, torch.randn(3, 1, 28, 28))
+    assert [(r["block"], r["layer"]) for r in result["layers"]] == [(0, "x"), (0, "c"), (1, "x"), (1, "c")]
+    assert all(len(r["norm"]) == 2 and "certificate" in r for r in result["layers"])
+    assert "| 0 (c) |" in reports.certificate_report({"spec": [result]})
+
+    memory = timm.create_model("derived_spec_t4_28", spec=str(specs / "paramixer_memory_arm.yaml"),
+                               embed_dim=16, num_blocks=2)
+    rows = analysis.symmetry_index(memory)
+    label = analysis.mlp_label(rows)
+    assert [label(r) for r in rows[:3]] == ["tokens (v-s)", "channels", "tokens (v-m)"]
+    scalars = analysis.symmetry_scalars(memory)
+    assert {"sym_corr_b0_tokens_v-s", "sym_corr_b0_tokens_v-m", "sym_corr_b0_channels"} <= scalars.keys()
+    assert len([k for k in scalars if k.startswith("sym_corr_b")]) == len(rows)
+    assert "| tokens (v-m) |" in analysis.symmetry_report({"memory": [rows]})
+    # a model with one synapse per kind keeps its plain labels and keys
+    assert "sym_corr_b1_tokens" in analysis.symmetry_scalars(implicit)
