@@ -224,9 +224,10 @@ class NetworkSpec:
         in does not matter (a stored config.yaml lists them sorted by name), a cycle is an error."""
         env = {"S": int(seq_len), "C": int(dim)}
         pending = dict(self.sizes)
+        needs = {n: _size_names(e) for n, e in pending.items()}
         while pending:
-            ready = [n for n, e in pending.items() if _size_names(e) <= env.keys() or not _size_names(e) <= (
-                env.keys() | pending.keys())]  # (a name known nowhere: _eval_size names it)
+            # ready: every name it needs is known, or one is defined nowhere (then _eval_size names it)
+            ready = [n for n in pending if needs[n] <= env.keys() or not needs[n] <= env.keys() | pending.keys()]
             if not ready:
                 raise SpecError(f"sizes: {sorted(pending)} refer to each other in a cycle: "
                                 + ", ".join(f"{n}: {e!r}" for n, e in pending.items()))

@@ -401,8 +401,9 @@ def symmetry_table(rows: Sequence[Mapping]) -> str:
     run = any("run" in r for r in rows)
     lines = [("| run " if run else "") + "| block | mlp | corr | antisym | module |",
              ("|:---" if run else "") + "|---:|:---|---:|---:|:---|"]
+    labels = {run: mlp_label([q for q in rows if q.get("run") == run]) for run in {r.get("run") for r in rows}}
     for r in rows:
-        label = mlp_label([q for q in rows if q.get("run") == r.get("run")])
+        label = labels[r.get("run")]
         lines.append((f"| {r.get('run', '')} " if run else "") +
                      f"| {r['block']} | {label(r)} | {r['corr']:.4f} | {r['antisym']:.4f} | {r.get('module', '')} |")
     return "\n".join(lines)

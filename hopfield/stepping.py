@@ -56,7 +56,6 @@ class _Field:
         self.gbuf: list[Tensor | None] = [None] * len(names)  # activations, written in place where possible
         self.aux: list[dict] = [{} for _ in names]  # what each activation left for the energy (LayerNorm's 1/s)
         self.nfe = 0
-        self.t = 0.0  # time of the latest evaluation, for error messages
 
     def _gbuf(self, i: int, x: Tensor) -> Tensor:
         b = self.gbuf[i]
@@ -64,17 +63,9 @@ class _Field:
             b = self.gbuf[i] = x.new_empty(x.shape)
         return b
 
-    def check(self, y, t: float) -> None:
-        from .dynamics import NonFiniteStateError
-
-        for n, x in zip(self.names, y):
-            if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-                raise NonFiniteStateError(n, t)
-
     def __call__(self, y: list[Tensor], out: list[Tensor], t: float, energy: bool = False) -> Tensor | None:
         """Write dx/dt at state ``y`` into ``out``; return the energy per sample when ``energy``."""
         self.nfe += 1
-        self.t = t
         # what an activation leaves for the energy (aux) is asked for only when the energy is; none is left stale
         if not energy:
             for aux in self.aux:
@@ -210,20 +201,30 @@ class _Field:
 _CHECK_EVERY = 8  # steps between finiteness checks on the output grid (each reads every state once)
 
 
-def _finite(y: list[Tensor]) -> bool:
-    """Whether every entry of every state is finite: one sum per layer (a NaN or inf makes it non-finite)."""
-    return all(bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all()) for x in y)
+def _non_finite_layer(names: list[str], y) -> str | None:
+    """The first layer whose state holds a NaN or inf (one sum per layer: either makes it non-finite), or None."""
+    for n, x in zip(names, y):
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+            return n
+    return None
 
 
-def _raise_first_non_finite(names: list[str], sol: list[Tensor], times: list[float], last: int) -> None:
-    """Raise NonFiniteStateError for the earliest stored state (up to index ``last``) that is not finite."""
+def _check(names: list[str], y: list[Tensor], time: float, sol: list[Tensor] | None, times: list[float],
+           last: int) -> None:
+    """NonFiniteStateError if the state ``y`` at ``time`` is not finite. With the stored solution ``sol`` (the
+    output grid, ``y`` = its state ``last``), the error names the earliest non-finite state since the previous
+    check, ``_CHECK_EVERY`` steps back."""
     from .dynamics import NonFiniteStateError
 
-    for k in range(max(0, last - _CHECK_EVERY), last + 1):
-        for n, s in zip(names, sol):
-            if not torch.isfinite(s[k]).all():
-                raise NonFiniteStateError(n, times[k])
-    raise NonFiniteStateError(names[0], times[last])  # (not reached: the state at ``last`` is the non-finite one)
+    layer = _non_finite_layer(names, y)
+    if layer is None:
+        return
+    if sol is not None:
+        for k in range(max(0, last - _CHECK_EVERY), last):
+            layer_k = _non_finite_layer(names, [s[k] for s in sol])
+            if layer_k is not None:
+                raise NonFiniteStateError(layer_k, times[k])
+    raise NonFiniteStateError(layer, time)
 
 
 def _as_batches(*ts: Tensor) -> tuple[Tensor, ...] | None:
@@ -306,8 +307,8 @@ def integrate_fixed(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, me
                 b.add_(c).mul_(3.0).add_(a).add_(d).mul_(dt * 0.125)
                 torch.add(x, b, out=o)
         y = nxt
-        if check_finite and (not on_grid or (step + 1) % _CHECK_EVERY == 0) and not _finite(y):
-            _raise_first_non_finite(names, sol, times, step + 1) if on_grid else field.check(y, t1)
+        if check_finite and (not on_grid or (step + 1) % _CHECK_EVERY == 0):
+            _check(names, y, t1, sol if on_grid else None, times, step + 1)
         while j < len(out_times) and t1 >= out_times[j]:
             if not on_grid:  # (on the grid the step wrote it)
                 if out_times[j] == t1:
@@ -318,8 +319,8 @@ def integrate_fixed(net, names: list[str], y0: tuple[Tensor, ...], t: Tensor, me
                     for s, p, x in zip(sol, y_prev, y):
                         s[j] = p + slope * (x - p)
             j += 1
-    if check_finite and not _finite(y):
-        _raise_first_non_finite(names, sol, times, len(times) - 1) if on_grid else field.check(y, times[-1])
+    if check_finite:
+        _check(names, y, times[-1], sol if on_grid else None, times, len(times) - 1)
     if track_energy:
         if on_grid:
             energy[-1] = field(y, k1, times[-1], energy=True)
