@@ -26,15 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from hopfield import Network
-from mixers.models import (
-    PatchStem,
-    TimmClassifierAPI,
-    blocks_feature_info,
-    check_rates,
-    check_sizes,
-    ratio_pair,
-    timm_data_cfg,
-)
+from mixers.backbone import PatchStem, TimmClassifierAPI, blocks_feature_info, check_sizes, timm_data_cfg
+from mixers.models import check_rates, ratio_pair
 
 from .discrete import DerivedBlock, DiscreteConfig
 from .spec import LayerSpec, NetworkSpec, SynapseSpec, load_spec

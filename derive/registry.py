@@ -17,7 +17,8 @@ from typing import Any
 from timm.models import model_entrypoint
 
 import mixers
-from mixers.models import SIZES, create_registered, register_entrypoints, split_kwargs
+from mixers.backbone import create_registered, register_entrypoints, split_kwargs
+from mixers.models import SIZES
 
 from .models import DerivedMixer, DerivedMixerConfig, from_reference, spec_block
 from .spec import load_spec

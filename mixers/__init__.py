@@ -10,6 +10,7 @@ Appendix B), `SymMlp`, `AsymMlp` (parallelized Mixer). Models (`mixers.models`):
 `ViTConfig`, `VisionTransformer` with standard or modern Hopfield attention (registered as hvit_*, mhavit_*).
 """
 
+from .backbone import PatchStem
 from .layers import INNER_NORMS, AsymMlp, LiMlp, LinearBatchNorm, Mlp, SpectralNormLinear, SymMlp, iMlp
 from .models import (
     BLOCK_TYPES,
@@ -20,7 +21,6 @@ from .models import (
     MixerConfig,
     MlpMixer,
     ParaMixerBlock,
-    PatchStem,
     build_token_mixer,
 )
 from .vit import SKIP_MODES, VIT_MODEL_NAMES, Attention, Block, VisionTransformer, ViTConfig

@@ -31,8 +31,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Mlp
-from .models import (
+from .backbone import (
     ImageGrid,
     PatchStem,
     blocks_feature_info,
@@ -44,6 +43,7 @@ from .models import (
     timm_data_cfg,
     token_maps,
 )
+from .layers import Mlp
 
 __all__ = ["SKIP_MODES", "VIT_MODEL_NAMES", "Attention", "Block", "ViTConfig", "VisionTransformer"]
 
