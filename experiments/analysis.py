@@ -1,14 +1,10 @@
-"""Analyses of trained (or any) Mixer-family models: plain data out, optionally a PNG.
+"""Analyses of trained (or any) Mixer-family models: plain data out, optionally a PNG. The weight-symmetry index
+is in `experiments.symmetry`.
 
 - `fixed_point_convergence`: Norm_a and Cos_a of the fixed-point iterates of every iMLP layer
   (iMixer paper, Sec. 5 Fig. 3 and Appendix C.3 Figs. 5-6).
 - `energy_along_flow`: the energy of a block's symmetric (tied) network along its continuous flow from a real
   image's embedding, and the reduced flow's Lyapunov function (Krotov 2021 Eq. 17-18; iMixer paper Eqs. 12-13).
-- `symmetry_index`, `symmetry_table`, `symmetry_report`, `xavier_reference`: how close W2 is to W1^T in every
-  two-matrix MLP (Karakida, Ota & Taki 2024: tied / untied / symmetry-broken MLPs), per model and as mean +- std
-  over the seeds of several runs.
-- `symmetry_breaking`: test top-1 and weight symmetry of the parallelized Mixer against the symmetry-breaking
-  weight lambda, with the symmetric, untied and serial Mixers as references (Karakida, Ota & Taki 2024).
 - `read_metrics`, `training_curves`: metrics.jsonl files of training runs, plotted against the epoch (the seeds
   of a run as mean +- std).
 - `rank_collapse`, `rank_collapse_report`: token uniformity per layer of ViTs (Dong et al. 2021; MHA paper), for
@@ -29,8 +25,9 @@ from torch import Tensor, nn
 
 import derive
 from derive import DerivedBlock, DerivedMixer
-from mixers import AsymMlp, LiMlp, SymMlp, iMlp
+from mixers import LiMlp, iMlp
 
+from .figures import mean_std, mean_std_cell, pyplot, save_figure
 from .runs import read_jsonl as read_metrics  # one reader of metrics.jsonl: the training loop's
 
 __all__ = [
@@ -41,32 +38,8 @@ __all__ = [
     "rank_collapse",
     "rank_collapse_report",
     "read_metrics",
-    "symmetry_breaking",
-    "symmetry_index",
-    "symmetry_report",
-    "symmetry_scalars",
-    "symmetry_table",
     "training_curves",
-    "xavier_reference",
 ]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps a legend placed beside the axes
-    _pyplot().close(fig)
-    return path
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -178,7 +151,7 @@ def fixed_point_convergence(model: nn.Module, images: Tensor, *, path=None,
 
 def plot_fixed_point(result: dict, path, plot_blocks: Sequence[int] | None = None) -> Path:
     """The PNG of a ``fixed_point_convergence`` result (also one read back from JSON)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
     blocks = [row["block"] for row in result["layers"]]
     multi = len(set(blocks)) < len(blocks)  # a block with several solves: name the layer too
@@ -199,7 +172,7 @@ def plot_fixed_point(result: dict, path, plot_blocks: Sequence[int] | None = Non
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.suptitle(f"fixed-point iteration in the iMLP layers, {result['n_images']} images")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- energy
@@ -275,7 +248,7 @@ def energy_along_flow(model: nn.Module, image: Tensor, *, block: int = 0, t_end:
 
 def plot_energy(result: dict, path, block: int = 0) -> Path:
     """The PNG of an ``energy_along_flow`` result (also one read back from JSON)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
     t, e, r = result["t"], result["energy"], result["reduced_energy"]
     ax0.plot(t, e, lw=1.5, label="full network E(t)")
@@ -291,164 +264,7 @@ def plot_energy(result: dict, path, block: int = 0) -> Path:
              transform=ax1.transAxes, fontsize=8)
     if ax1.lines:
         ax1.legend(fontsize=8)
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------- symmetry
-def _pair_index(w1: Tensor, w2: Tensor) -> tuple[float, float]:
-    """corr = <W1^T, W2>_F of the Frobenius-normalised matrices, antisym = ||A|| / (||S|| + ||A||) with
-    S, A = (W2 +- W1^T) / 2 of the normalised matrices; NaN when a matrix is zero."""
-    w1, w2 = w1.detach().double(), w2.detach().double()
-    if w2.shape != w1.T.shape:
-        raise ValueError(f"symmetry index: W2 {tuple(w2.shape)} does not match W1^T {tuple(w1.T.shape)}")
-    n1, n2 = w1.norm(), w2.norm()
-    if n1 == 0 or n2 == 0:
-        return math.nan, math.nan
-    a, b = w1.T / n1, w2 / n2
-    corr = float((a * b).sum())
-    s, d = float(((b + a) / 2).norm()), float(((b - a) / 2).norm())
-    return corr, d / (s + d)
-
-
-def _mlp_pair(m: nn.Module) -> tuple[Tensor, Tensor, str] | None:
-    """(W1 (H, in), W2 (in, H), description) of a hand-written / timm MLP, or None when it has no such pair."""
-    if isinstance(m, SymMlp):  # one matrix W: W2 = W^T by construction
-        w = m.fc2.weight
-        return w, w.T, "SymMlp (tied)"
-    if isinstance(m, AsymMlp):  # effective feedback W1^T + W2
-        w1 = m.fc1.weight
-        return w1, w1.T + m.fc2.weight, "AsymMlp (W1^T + W2)"
-    fc1, fc2 = getattr(m, "fc1", None), getattr(m, "fc2", None)
-    if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and fc2.weight.shape == fc1.weight.T.shape:
-        return fc1.weight, fc2.weight, type(m).__name__
-    return None
-
-
-def symmetry_index(model: nn.Module) -> list[dict]:
-    """Weight-symmetry index of every two-matrix MLP of a Mixer (Karakida, Ota & Taki 2024, tied vs untied).
-
-    For W1 (H, in) and W2 (in, H), each divided by its Frobenius norm: corr = <W1^T, W2>_F in [-1, 1]
-    (1: perfectly tied) and antisym = ||A|| / (||S|| + ||A||) in [0, 1] with S, A = (W2 +- W1^T) / 2 (0: tied).
-    Both depend on corr only (||S||^2 = (1 + corr) / 2, ||A||^2 = (1 - corr) / 2), so independent draws give
-    corr ~ 0 and antisym ~ 0.5 (see ``xavier_reference``). Raw weights: LayerNorm gains are not folded in.
-
-    Which pair: fc1 / fc2 (timm's and the hand-written Mlp, the outer pair of iMlp / LiMlp, the untied
-    parallelized Mixer); SymMlp has one matrix W, reported as W1 = W, W2 = W^T (corr 1, antisym 0 by
-    construction); AsymMlp compares W1^T with the effective feedback W1^T + W2; a derived block's
-    visible-layer synapses give W1 = ``weight`` (n_b, n_a) and W2 = ``feedback_weight()`` (n_a, n_b).
-    Returns one dict per MLP: {"block", "mlp" ("tokens" | "channels"), "corr", "antisym", "module"[, "synapse"
-    (derived blocks: the synapse's name, which tells apart two arms along one axis)]}.
-    """
-    rows = []
-    for i, blk in enumerate(getattr(model, "blocks", [])):
-        if isinstance(blk, DerivedBlock):
-            rank = len(blk.net.layers[blk.visible].shape)
-            for br in blk.branches:
-                syn = br.synapse
-                mlp = "tokens" if syn.axis % rank == rank - 2 else "channels"  # (S, C) states: S is the token axis
-                corr, anti = _pair_index(syn.weight, syn.feedback_weight())
-                rows.append({"block": i, "mlp": mlp, "corr": corr, "antisym": anti,
-                             "module": f"DenseSynapse({syn.form})", "synapse": syn.name})
-            continue
-        for attr, mlp in (("mlp_tokens", "tokens"), ("mlp_channels", "channels")):
-            pair = _mlp_pair(getattr(blk, attr, None))
-            if pair is not None:
-                corr, anti = _pair_index(pair[0], pair[1])
-                rows.append({"block": i, "mlp": mlp, "corr": corr, "antisym": anti, "module": pair[2]})
-    if not rows:
-        raise ValueError(f"symmetry_index: found no two-matrix MLP in {type(model).__name__}")
-    return rows
-
-
-def symmetry_scalars(model: nn.Module) -> dict[str, float]:
-    """`symmetry_index`'s corr as flat metrics, for logging every epoch: ``sym_corr_tokens`` and
-    ``sym_corr_channels`` (means over the blocks) and ``sym_corr_b<i>_<mlp>`` per MLP; {} for a model without
-    two-matrix MLPs (a ViT)."""
-    try:
-        rows = symmetry_index(model)
-    except ValueError:
-        return {}
-    out = {}
-    for mlp in ("tokens", "channels"):
-        values = [r["corr"] for r in rows if r["mlp"] == mlp]
-        if values:
-            out[f"sym_corr_{mlp}"] = statistics.fmean(values)
-    label = mlp_label(rows)
-    out.update({f"sym_corr_b{r['block']}_{label(r, '_')}": r["corr"] for r in rows})
-    return out
-
-
-def mlp_label(rows: Sequence[Mapping]):
-    """label(row, sep): the row's MLP kind ("tokens" / "channels"), followed by its synapse's name where a block has
-    two synapses of one kind (a network spec with two arms along the tokens, say), so that no two rows of a block
-    share a label: ``tokens_v-m`` with sep "_", ``tokens (v-m)`` with sep " (" (closed)."""
-    seen: set = set()
-    shared: set = set()
-    for r in rows:
-        key = (r["block"], r["mlp"])
-        (shared if key in seen else seen).add(key)
-    kinds = {r["mlp"] for r in rows if (r["block"], r["mlp"]) in shared}
-
-    def label(r: Mapping, sep: str = " (") -> str:
-        if r["mlp"] not in kinds or "synapse" not in r:
-            return r["mlp"]
-        return f"{r['mlp']}{sep}{r['synapse']}" + (")" if sep == " (" else "")
-    return label
-
-
-def symmetry_table(rows: Sequence[Mapping]) -> str:
-    """A markdown table of ``symmetry_index`` rows (with a run column when the rows carry one)."""
-    run = any("run" in r for r in rows)
-    lines = [("| run " if run else "") + "| block | mlp | corr | antisym | module |",
-             ("|:---" if run else "") + "|---:|:---|---:|---:|:---|"]
-    labels = {run: mlp_label([q for q in rows if q.get("run") == run]) for run in {r.get("run") for r in rows}}
-    for r in rows:
-        label = labels[r.get("run")]
-        lines.append((f"| {r.get('run', '')} " if run else "") +
-                     f"| {r['block']} | {label(r)} | {r['corr']:.4f} | {r['antisym']:.4f} | {r.get('module', '')} |")
-    return "\n".join(lines)
-
-
-def symmetry_report(groups: Mapping[str, Sequence[Sequence[Mapping]]]) -> str:
-    """Mean +- std over seeds of `symmetry_index` rows, grouped by run (``{"mixer": [seed0 rows, seed1 rows]}``):
-    a markdown table with one line per run and MLP kind (tokens, channels), corr block by block and antisym
-    averaged over the blocks. Runs without rows are left out."""
-    lines = ["| run | seeds | mlp | corr, block 0 → last | antisym, mean over blocks |", "|---|---|---|---|---|"]
-    for name, seeds in groups.items():
-        seeds = [rows for rows in seeds if rows]
-        if not seeds:
-            continue
-        label = mlp_label(seeds[0])
-        layouts = {tuple((r["block"], label(r)) for r in rows) for rows in seeds}
-        if len(layouts) != 1:
-            raise ValueError(f"symmetry_report: the seeds of {name!r} have different blocks or MLPs")
-        kinds = [k for k in ("tokens", "channels") if any(r["mlp"] == k for r in seeds[0])]
-        for mlp in dict.fromkeys(label(r) for k in kinds for r in seeds[0] if r["mlp"] == k):
-            per_seed = [[r for r in rows if label(r) == mlp] for rows in seeds]
-            if not per_seed[0]:
-                continue
-            corr = [mean_std_cell([rows[i]["corr"] for rows in per_seed], "+.3f", ".3f")
-                    for i in range(len(per_seed[0]))]
-            anti = mean_std_cell([statistics.mean(r["antisym"] for r in rows) for rows in per_seed], ".3f")
-            lines.append(f"| {name} | {len(seeds)} | {mlp} | {' → '.join(corr)} | {anti} |")
-    return "\n".join(lines)
-
-
-def xavier_reference(n_out: int, n_in: int, *, trials: int = 256, seed: int = 0) -> dict:
-    """The symmetry index of independent xavier-uniform W1 (n_out, n_in) and W2 (n_in, n_out): corr has mean 0
-    and std ~ 1 / sqrt(n_out n_in) (``corr_std_theory``), antisym ~ 0.5. The untrained reference point."""
-    g = torch.Generator().manual_seed(seed)
-    bound = math.sqrt(6.0 / (n_in + n_out))
-    corr, anti = [], []
-    for _ in range(trials):
-        w1 = (torch.rand(n_out, n_in, generator=g, dtype=torch.float64) * 2 - 1) * bound
-        w2 = (torch.rand(n_in, n_out, generator=g, dtype=torch.float64) * 2 - 1) * bound
-        c, a = _pair_index(w1, w2)
-        corr.append(c)
-        anti.append(a)
-    c, a = torch.tensor(corr), torch.tensor(anti)
-    return {"corr_mean": float(c.mean()), "corr_std": float(c.std()), "antisym_mean": float(a.mean()),
-            "corr_std_theory": 1.0 / math.sqrt(n_out * n_in)}
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- training curves
@@ -470,7 +286,7 @@ def training_curves(runs: Mapping[str, str | Path | Sequence[str | Path]], path)
     one line per run (label: the dict key; one legend beside the panels, distinct colours up to 20 runs), as a PNG.
     A run given as a list of metrics files (its seeds) is drawn as their mean per epoch with a +- std band (over
     the seeds that logged that epoch). Records missing a value (absent, None, NaN) are skipped in that curve."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     panels = (("train_loss", "train loss"), ("test_loss", "test loss"), ("test_top1", "test top-1 (%)"))
     palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
@@ -486,7 +302,7 @@ def training_curves(runs: Mapping[str, str | Path | Sequence[str | Path]], path)
             if not by_epoch:
                 continue
             xs = sorted(by_epoch)
-            stats = [_mean_std(by_epoch[x]) for x in xs]
+            stats = [mean_std(by_epoch[x]) for x in xs]
             (line,) = ax.plot(xs, [v[0] for v in stats], marker="o", ms=2, lw=1.2, color=color,
                               label=label if len(seeds) == 1 else f"{label} ({len(seeds)} seeds)")
             if len(seeds) > 1:
@@ -499,62 +315,7 @@ def training_curves(runs: Mapping[str, str | Path | Sequence[str | Path]], path)
             ax.set_yscale("log")
     if handles:
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-    _save(fig, path)
-
-
-def symmetry_breaking(runs: Mapping[str, Sequence[Mapping]], *, path=None) -> str:
-    """Last test top-1 and weight symmetry against the symmetry-breaking weight lambda (Karakida, Ota & Taki 2024:
-    loss + lambda sum ||W2||^2 with the feedback W1^T + W2, so lambda -> infinity is the tied network).
-
-    ``runs`` maps a run name to its seeds' {"form", "lam", "top1", "corr"}: the parallelized Mixer's form
-    ("broken", "symmetric", "untied"; None for a serial Mixer), lambda, the last test top-1 and the mean of
-    `symmetry_index`'s corr over the model's MLPs. The "broken" runs are the curve over lambda (evenly spaced in
-    increasing order, so lambda = 0 has a place); every other run is a reference line (mean) with a +- std band.
-    Returns a markdown table, one line per run (curve first); with ``path`` also a PNG of both against lambda.
-    """
-    rows = []
-    for name, seeds in runs.items():
-        if not seeds:
-            continue
-        kinds = {(s["form"], s["lam"]) for s in seeds}
-        if len(kinds) != 1:
-            raise ValueError(f"symmetry_breaking: the seeds of {name!r} differ in (form, lam): "
-                             f"{sorted(kinds, key=str)}")
-        form, lam = kinds.pop()
-        if form == "broken" and lam is None:
-            raise ValueError(f"symmetry_breaking: run {name!r} has form 'broken' but no lam")
-        rows.append((name, form, lam, [s["top1"] for s in seeds], [s["corr"] for s in seeds]))
-    curve = sorted((r for r in rows if r[1] == "broken"), key=lambda r: r[2])
-    refs = [r for r in rows if r[1] != "broken"]
-    lines = ["| run | form | λ | seeds | last top-1 (%) | corr(W1ᵀ, feedback), mean over MLPs |",
-             "|---|---|---|---|---|---|"]
-    for name, form, lam, top1, corr in curve + refs:
-        lam_cell = f"{lam:g}" if form == "broken" else ("∞" if form in ("symmetric", "tied") else "–")
-        lines.append(f"| {name} | {form or 'serial Mixer'} | {lam_cell} | {len(top1)} | {mean_std_cell(top1)} | "
-                     f"{mean_std_cell(corr, '+.3f', '.3f')} |")
-    if path is not None and rows:
-        plt = _pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        xs = list(range(len(curve)))
-        for ax, k, ylabel in ((axes[0], 3, "last test top-1 (%)"), (axes[1], 4, "corr(W1ᵀ, feedback)")):
-            if curve:
-                stats = [_mean_std(r[k]) for r in curve]
-                ax.errorbar(xs, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3,
-                            color="black", label="broken (λ on the axis)")
-            for j, r in enumerate(refs):
-                mean, sd = _mean_std(r[k])
-                color = plt.get_cmap("tab10").colors[j % 10]
-                ax.axhline(mean, color=color, ls="--", lw=1.2, label=r[0])
-                if sd:
-                    ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.15)
-            ax.set_xticks(xs, [f"{r[2]:g}" for r in curve])
-            ax.set(xlabel="λ (symmetry-breaking penalty)", ylabel=ylabel)
-        axes[0].set_title("accuracy")
-        axes[1].set_title("weight symmetry (1: tied)")
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-        _save(fig, path)
-    return "\n".join(lines)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- rank collapse
@@ -587,7 +348,7 @@ def rank_collapse(model: nn.Module, images: Tensor, *, path=None, label: str | N
         res.append((centred.norm(dim=(1, 2)) / x.norm(dim=(1, 2)).clamp_min(1e-30)).mean().item())
     result = {"layer": list(range(len(states))), "cosine": cos, "residual": res}
     if path is not None:
-        plt = _pyplot()
+        plt = pyplot()
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
         a.plot(result["layer"], cos, marker="o", label=label)
         b.semilogy(result["layer"], res, marker="o", label=label)
@@ -595,19 +356,8 @@ def rank_collapse(model: nn.Module, images: Tensor, *, path=None, label: str | N
         b.set(xlabel="layer", ylabel="||X - 1 x^T|| / ||X||", title="distance from rank 1")
         if label:
             a.legend()
-        _save(fig, path)
+        save_figure(fig, path)
     return result
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def mean_std_cell(values: Sequence[float], fmt: str = ".2f", std_fmt: str | None = None) -> str:
-    """A table cell ``mean ± std`` over seeds; one seed has no spread, so its cell is the value alone (a
-    "± 0" would read as a measured zero spread)."""
-    mean, std = _mean_std(values)
-    return f"{mean:{fmt}}" + (f" ± {std:{std_fmt or fmt}}" if len(values) > 1 else "")
 
 
 def rank_collapse_report(groups: Mapping[str, Sequence[Mapping]], *, path=None) -> str:
@@ -627,12 +377,12 @@ def rank_collapse_report(groups: Mapping[str, Sequence[Mapping]], *, path=None) 
             raise ValueError(f"rank_collapse_report: the seeds of {name!r} have different depths {sorted(depths)}")
         n = depths.pop()
         values = {key: [[r[key][i] for r in results] for i in range(n)] for key in ("cosine", "residual")}
-        curves[name] = {key: [_mean_std(v) for v in vs] for key, vs in values.items()}
+        curves[name] = {key: [mean_std(v) for v in vs] for key, vs in values.items()}
         picks = (0, (n - 1) // 2, n - 1)
         cells = [mean_std_cell(values[k][i], ".3g", ".2g") for k in ("cosine", "residual") for i in picks]
         lines.append(f"| {name} | {len(results)} | {n - 1} | " + " | ".join(cells) + " |")
     if path is not None and curves:
-        plt = _pyplot()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for name, stats in curves.items():
             for ax, key in zip(axes, ("cosine", "residual")):
@@ -645,5 +395,5 @@ def rank_collapse_report(groups: Mapping[str, Sequence[Mapping]], *, path=None) 
         axes[1].set(xlabel="layer (0 = embedding)", ylabel="||X - 1 x^T|| / ||X||", title="distance from rank 1")
         axes[1].set_yscale("log")
         axes[0].legend(fontsize=8)
-        _save(fig, path)
+        save_figure(fig, path)
     return "\n".join(lines)

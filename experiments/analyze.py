@@ -40,7 +40,7 @@ import torch
 from derive import DerivedMixer
 from mixers import VisionTransformer
 
-from . import analysis, reports
+from . import analysis, reports, symmetry
 from .config import ConfigError, add_import_argument, import_modules, load_config
 from .data import CorruptDatasetError, DatasetNotFoundError, build_datasets
 from .runs import CheckpointError, atomic_write, load_checkpoint
@@ -117,7 +117,7 @@ def analyse_run(run: Path, images: int) -> dict:
     if kind == "paramixer" and form in ("symmetric", "tied"):
         record["energy"] = analysis.energy_along_flow(model, x[:1])
     try:
-        record["symmetry"] = analysis.symmetry_index(model)
+        record["symmetry"] = symmetry.symmetry_index(model)
     except (ValueError, TypeError):
         record["symmetry"] = []
     return record
@@ -221,10 +221,10 @@ def main(argv=None) -> dict:
             corr = statistics.mean(r["corr"] for r in record["symmetry"])
             report["symmetry_breaking"].setdefault(group, []).append(
                 {"form": model["form"], "lam": model["lam"], "top1": top1, "corr": corr})
-    (args.out / "symmetry.md").write_text(analysis.symmetry_table(report["symmetry"]) + "\n")
-    (args.out / "symmetry_by_run.md").write_text(analysis.symmetry_report(by_run) + "\n")
+    (args.out / "symmetry.md").write_text(symmetry.symmetry_table(report["symmetry"]) + "\n")
+    (args.out / "symmetry_by_run.md").write_text(symmetry.symmetry_report(by_run) + "\n")
     if any(s["form"] == "broken" for seeds in report["symmetry_breaking"].values() for s in seeds):
-        md = analysis.symmetry_breaking(report["symmetry_breaking"], path=args.out / "symmetry_breaking.png")
+        md = symmetry.symmetry_breaking(report["symmetry_breaking"], path=args.out / "symmetry_breaking.png")
         (args.out / "symmetry_breaking.md").write_text(md + "\n")
     md = reports.symmetry_trajectories({g: [m.parent for m in ms] for g, ms in curves.items()},
                                        path=args.out / "symmetry_trajectory.png")

@@ -15,7 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .analysis import _mean_std, _pyplot, _save, mean_std_cell, read_metrics
+from .analysis import read_metrics
+from .figures import mean_std, mean_std_cell, pyplot, save_figure
 
 __all__ = ["certificate_report", "symmetry_trajectories", "symmetry_trajectory"]
 
@@ -63,13 +64,13 @@ def symmetry_trajectories(groups: Mapping[str, Sequence[Path]], *, path=None,
                         by_epoch.setdefault(e, []).append(v)
             if not by_epoch:
                 continue
-            curves[(name, m)] = {e: _mean_std(v) for e, v in sorted(by_epoch.items())}
+            curves[(name, m)] = {e: mean_std(v) for e, v in sorted(by_epoch.items())}
             last = [t[m][-1] for t in seeds]
             cells = [mean_std_cell(by_epoch[e], "+.3f", ".3f") if e in by_epoch else "–" for e in epochs]
             lines.append(f"| {name} | {len(seeds)} | {m} | " + " | ".join(cells) +
                          f" | {mean_std_cell(last, '+.3f', '.3f')} |")
     if path is not None and curves:
-        plt = _pyplot()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         colours = {}
         for (name, m), stats in curves.items():
@@ -87,7 +88,7 @@ def symmetry_trajectories(groups: Mapping[str, Sequence[Path]], *, path=None,
             ax.set(xlabel="epoch (0 = initialisation)", title=f"{m} MLPs: corr(W1ᵀ, W2), mean over blocks")
         axes[0].set_ylabel("corr (1 = tied, 0 = independent)")
         axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-        _save(fig, path)
+        save_figure(fig, path)
     return "\n".join(lines)
 
 

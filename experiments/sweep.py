@@ -44,7 +44,6 @@ import numpy as np
 import scipy.stats
 import yaml
 
-from .analysis import mean_std_cell
 from .analyze import IMAGES, run_record
 from .config import (
     OPERATIONAL_KEYS,
@@ -56,6 +55,7 @@ from .config import (
     read_yaml_mapping,
 )
 from .data import CorruptDatasetError, DatasetNotFoundError
+from .figures import mean_std_cell
 from .runs import CheckpointError, RunFileError, hold_out_dir, median_images_per_s, read_jsonl
 from .train import check_model, train
 

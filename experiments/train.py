@@ -44,7 +44,6 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .analysis import symmetry_scalars
 from .config import (
     RESUME_IGNORED,
     ConfigError,
@@ -75,6 +74,7 @@ from .runs import (
     save_checkpoint,
     set_rng_state,
 )
+from .symmetry import symmetry_scalars
 
 __all__ = ["CheckpointError", "ConfigError", "RunBusyError", "RunFileError", "RunWriteError", "TrainConfig",
            "atomic_write", "build_model", "check_model", "check_run", "config_diff", "cpu_name", "environment",

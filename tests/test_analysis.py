@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import derive
 import mixers
 from experiments import analysis as A
+from experiments import symmetry as S
+from experiments.figures import pyplot
 
 
 def tiny(block, dtype=torch.float32, **block_kwargs):
@@ -142,7 +144,7 @@ def test_energy_along_flow_needs_leaf_branches():
 # ------------------------------------------------------------------------------------------ symmetry
 def test_symmetry_index_tied_is_one(tied_paramixer):
     for model in (tied_paramixer, derive.from_reference(tied_paramixer)):
-        rows = A.symmetry_index(model)
+        rows = S.symmetry_index(model)
         assert [(r["block"], r["mlp"]) for r in rows] == [(0, "tokens"), (0, "channels"), (1, "tokens"),
                                                            (1, "channels")]
         for r in rows:
@@ -150,13 +152,13 @@ def test_symmetry_index_tied_is_one(tied_paramixer):
 
 
 def test_symmetry_index_untied_is_near_zero_and_matches_xavier():
-    rows = A.symmetry_index(tiny("paramixer", form="untied"))
+    rows = S.symmetry_index(tiny("paramixer", form="untied"))
     for r in rows:
         n = 8 * 16 if r["mlp"] == "tokens" else 16 * 64  # W1 (H, in): tokens 8 x 16, channels 64 x 16
         assert abs(r["corr"]) < 4 / math.sqrt(n), r
         c = r["corr"]
         assert abs(r["antisym"] - math.sqrt(1 - c) / (math.sqrt(1 + c) + math.sqrt(1 - c))) < 1e-9
-    ref = A.xavier_reference(8, 16, trials=200)
+    ref = S.xavier_reference(8, 16, trials=200)
     assert abs(ref["corr_mean"]) < 4 * ref["corr_std_theory"] / math.sqrt(200)
     assert abs(ref["corr_std"] / ref["corr_std_theory"] - 1) < 0.25
     assert abs(ref["antisym_mean"] - 0.5) < 0.02
@@ -164,12 +166,12 @@ def test_symmetry_index_untied_is_near_zero_and_matches_xavier():
 
 def test_symmetry_index_broken_and_imixer_match_their_twins():
     for model in (trained("paramixer", steps=2, form="broken"), trained("imixer", steps=2)):
-        ref, got = A.symmetry_index(model), A.symmetry_index(derive.from_reference(model))
+        ref, got = S.symmetry_index(model), S.symmetry_index(derive.from_reference(model))
         assert len(ref) == len(got) == 4
         for a, b in zip(ref, got):
             assert (a["block"], a["mlp"]) == (b["block"], b["mlp"])
             assert abs(a["corr"] - b["corr"]) < 1e-6 and abs(a["antisym"] - b["antisym"]) < 1e-6
-    broken = A.symmetry_index(trained("paramixer", steps=2, form="broken"))
+    broken = S.symmetry_index(trained("paramixer", steps=2, form="broken"))
     assert all(0 < r["corr"] < 1 for r in broken)  # W1^T + W2 with W2 != 0: partly tied
 
 
@@ -178,11 +180,11 @@ def test_symmetry_index_timm_mixer():
 
     torch.manual_seed(0)
     model = MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=2, embed_dim=16)
-    rows = A.symmetry_index(model)
+    rows = S.symmetry_index(model)
     assert len(rows) == 4 and all(abs(r["corr"]) < 0.5 and 0 < r["antisym"] < 1 for r in rows)
-    twin = A.symmetry_index(derive.from_timm(model))
+    twin = S.symmetry_index(derive.from_timm(model))
     assert [round(r["corr"], 9) for r in rows] == [round(r["corr"], 9) for r in twin]
-    table = A.symmetry_table(rows)
+    table = S.symmetry_table(rows)
     lines = table.splitlines()
     assert lines[0].startswith("| block | mlp | corr | antisym") and len(lines) == 2 + 4
     assert "| 1 | channels |" in table
@@ -198,7 +200,7 @@ def test_symmetry_report_averages_seeds_per_run():
         return out
 
     seed0, seed1 = rows([0.1, -0.2], [0.0, 0.0]), rows([0.3, -0.2], [0.0, 0.0])
-    md = A.symmetry_report({"mixer": [seed0, seed1], "sym": [rows([1.0, 1.0], [1.0, 1.0])], "vit": [[], []]})
+    md = S.symmetry_report({"mixer": [seed0, seed1], "sym": [rows([1.0, 1.0], [1.0, 1.0])], "vit": [[], []]})
     lines = md.splitlines()
     assert lines[0] == "| run | seeds | mlp | corr, block 0 → last | antisym, mean over blocks |"
     # tokens, block 0: 0.2 +- 0.141; block 1: -0.2 +- 0; channels: corr 0 everywhere, so antisym 0.5
@@ -206,7 +208,7 @@ def test_symmetry_report_averages_seeds_per_run():
     assert "| mixer | 2 | channels | +0.000 ± 0.000 → +0.000 ± 0.000 | 0.500 ± 0.000 |" in md
     assert "| sym | 1 | tokens | +1.000 → +1.000 | 0.000 |" in md and "vit" not in md and len(lines) == 6
     with pytest.raises(ValueError, match="seeds of 'mixer' have different blocks"):
-        A.symmetry_report({"mixer": [seed0, seed1[:2]]})
+        S.symmetry_report({"mixer": [seed0, seed1[:2]]})
 
 
 def test_symmetry_breaking_orders_lambda_and_draws_references(tmp_path, monkeypatch):
@@ -219,7 +221,7 @@ def test_symmetry_breaking_orders_lambda_and_draws_references(tmp_path, monkeypa
             "sym": seeds("symmetric", 0.0, [89.8], [1.0]),
             "mixer": seeds(None, 0.0, [91.0, 91.2], [-0.1, 0.1]),
             "empty": []}
-    md = A.symmetry_breaking(runs)
+    md = S.symmetry_breaking(runs)
     lines = md.splitlines()
     assert lines[0] == "| run | form | λ | seeds | last top-1 (%) | corr(W1ᵀ, feedback), mean over MLPs |"
     # the lambda curve first, in increasing lambda, then the references in the given order; no line for no seeds
@@ -229,22 +231,22 @@ def test_symmetry_breaking_orders_lambda_and_draws_references(tmp_path, monkeypa
     assert lines[5] == "| sym | symmetric | ∞ | 1 | 89.80 | +1.000 |"
     assert lines[6] == "| mixer | serial Mixer | – | 2 | 91.10 ± 0.14 | +0.000 ± 0.141 |"
     shown = {}
-    monkeypatch.setattr(A, "_save", lambda fig, path: shown.update(fig=fig))
-    A.symmetry_breaking(runs, path=tmp_path / "sb.png")
+    monkeypatch.setattr(S, "save_figure", lambda fig, path: shown.update(fig=fig))
+    S.symmetry_breaking(runs, path=tmp_path / "sb.png")
     acc, sym = shown["fig"].axes
     assert [t.get_text() for t in acc.get_xticklabels()] == ["0", "0.1"]
     assert list(acc.lines[0].get_ydata()) == pytest.approx([91.2, 90.0])  # the errorbar's mean line
     refs = {ln.get_label(): ln for ln in sym.lines if not ln.get_label().startswith("_")}
     assert list(refs) == ["untied", "sym", "mixer"]
     assert list(refs["sym"].get_ydata()) == [1.0, 1.0]  # symmetric: corr 1 as a horizontal line
-    A._pyplot().close(shown["fig"])
+    pyplot().close(shown["fig"])
     monkeypatch.undo()
-    assert A.symmetry_breaking(runs, path=tmp_path / "sb.png") == md
+    assert S.symmetry_breaking(runs, path=tmp_path / "sb.png") == md
     assert_png(tmp_path / "sb.png")
     with pytest.raises(ValueError, match=r"seeds of 'bad' differ in \(form, lam\)"):
-        A.symmetry_breaking({"bad": seeds("broken", 0.1, [1.0], [0.0]) + seeds("broken", 0.2, [1.0], [0.0])})
+        S.symmetry_breaking({"bad": seeds("broken", 0.1, [1.0], [0.0]) + seeds("broken", 0.2, [1.0], [0.0])})
     with pytest.raises(ValueError, match="run 'nolam' has form 'broken' but no lam"):
-        A.symmetry_breaking({"nolam": seeds("broken", None, [1.0], [0.0])})
+        S.symmetry_breaking({"nolam": seeds("broken", None, [1.0], [0.0])})
 
 
 # ------------------------------------------------------------------------------------------ training curves
@@ -270,7 +272,7 @@ def test_training_curves(tmp_path, monkeypatch):
     assert_png(out)
     # the seeds of a run as one mean line with a +- std band (over the seeds that logged the epoch)
     shown = {}
-    monkeypatch.setattr(A, "_save", lambda fig, path: shown.update(fig=fig))
+    monkeypatch.setattr(A, "save_figure", lambda fig, path: shown.update(fig=fig))
     A.training_curves({"both": [runs["mixer"], runs["imixer"]], "one": runs["mixer"]}, out)
     train_loss, top1 = shown["fig"].axes[0], shown["fig"].axes[2]
     both, one = top1.lines
@@ -278,7 +280,7 @@ def test_training_curves(tmp_path, monkeypatch):
     assert list(both.get_xdata()) == [1, 2, 4, 5]  # neither seed has a test top-1 at epoch 3
     assert both.get_ydata()[0] == pytest.approx((30.0 + 29.7) / 2)
     assert train_loss.lines[0].get_ydata()[1] == pytest.approx((2.3 / 2 + 2.3 / 2 + 0.3) / 2)
-    A._pyplot().close(shown["fig"])
+    pyplot().close(shown["fig"])
 
 
 def test_rank_collapse_measures_token_uniformity(tmp_path):

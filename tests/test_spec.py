@@ -229,7 +229,7 @@ def test_analysis_reports_every_arm_of_a_spec_model():
     """The analysis of a spec model with two implicit arms (tokens and channels) reports both solves of each block;
     one with two arms along the tokens tells their symmetry indices apart, in the tables and in the per-epoch
     metrics (no key shared by two synapses)."""
-    from experiments import analysis, reports
+    from experiments import analysis, reports, symmetry
 
     specs = ROOT / "experiments" / "configs" / "specs"
     torch.manual_seed(0)
@@ -243,12 +243,12 @@ def test_analysis_reports_every_arm_of_a_spec_model():
 
     memory = timm.create_model("derived_spec_t4_28", spec=str(specs / "paramixer_memory_arm.yaml"),
                                embed_dim=16, num_blocks=2)
-    rows = analysis.symmetry_index(memory)
-    label = analysis.mlp_label(rows)
+    rows = symmetry.symmetry_index(memory)
+    label = symmetry.mlp_label(rows)
     assert [label(r) for r in rows[:3]] == ["tokens (v-s)", "channels", "tokens (v-m)"]
-    scalars = analysis.symmetry_scalars(memory)
+    scalars = symmetry.symmetry_scalars(memory)
     assert {"sym_corr_b0_tokens_v-s", "sym_corr_b0_tokens_v-m", "sym_corr_b0_channels"} <= scalars.keys()
     assert len([k for k in scalars if k.startswith("sym_corr_b")]) == len(rows)
-    assert "| tokens (v-m) |" in analysis.symmetry_report({"memory": [rows]})
+    assert "| tokens (v-m) |" in symmetry.symmetry_report({"memory": [rows]})
     # a model with one synapse per kind keeps its plain labels and keys
-    assert "sym_corr_b1_tokens" in analysis.symmetry_scalars(implicit)
+    assert "sym_corr_b1_tokens" in symmetry.symmetry_scalars(implicit)
