@@ -42,7 +42,8 @@ from mixers import VisionTransformer
 
 from . import analysis, reports, symmetry
 from .config import ConfigError, add_import_argument, import_modules, load_config
-from .data import CorruptDatasetError, DatasetNotFoundError, build_datasets
+from .data import build_datasets
+from .datafiles import CorruptDatasetError, DatasetNotFoundError
 from .runs import CheckpointError, atomic_write, load_checkpoint
 from .train import build_model
 

@@ -54,7 +54,7 @@ from .config import (
     load_config,
     read_yaml_mapping,
 )
-from .data import CorruptDatasetError, DatasetNotFoundError
+from .datafiles import CorruptDatasetError, DatasetNotFoundError
 from .figures import mean_std_cell
 from .runs import CheckpointError, RunFileError, hold_out_dir, median_images_per_s, read_jsonl
 from .train import check_model, train

@@ -54,7 +54,8 @@ from .config import (
     load_config,
     plain_config,
 )
-from .data import CorruptDatasetError, DatasetNotFoundError, build_datasets, build_loaders, dataset_info, split_size
+from .data import build_datasets, build_loaders, dataset_info, split_size
+from .datafiles import CorruptDatasetError, DatasetNotFoundError
 from .runs import (
     CheckpointError,
     RunBusyError,

@@ -15,8 +15,9 @@ from torch.utils.data import TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets
 
-from experiments import data
-from experiments.data import CorruptDatasetError, DataConfig, DatasetNotFoundError, build_datasets, build_loaders
+from experiments import data, datafiles
+from experiments.data import DataConfig, build_datasets, build_loaders
+from experiments.datafiles import CorruptDatasetError, DatasetNotFoundError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
@@ -54,7 +55,7 @@ def fmnist_source(tmp_path, monkeypatch):
         write_gzipped(source / f"{split}-images-idx3-ubyte.gz", idx_bytes(images, 2051))
         write_gzipped(source / f"{split}-labels-idx1-ubyte.gz", idx_bytes(labels, 2049))
         arrays[split] = (images, labels)
-    monkeypatch.setenv(data.FASHION_MNIST_DIR_ENV, str(source))
+    monkeypatch.setenv(datafiles.FASHION_MNIST_DIR_ENV, str(source))
     return source, arrays
 
 
@@ -63,7 +64,7 @@ def test_fashion_mnist_extracts_debian_files_and_loads_them(fmnist_source, tmp_p
     root = tmp_path / "cache"
     train, test, info = build_datasets(DataConfig(root=str(root)))
     raw = root / "FashionMNIST" / "raw"
-    assert sorted(p.name for p in raw.iterdir()) == sorted(data.FASHION_MNIST_FILES)  # no temporary files left
+    assert sorted(p.name for p in raw.iterdir()) == sorted(datafiles.FASHION_MNIST_FILES)  # no temporary files left
     assert (info.num_classes, info.in_chans, info.img_size) == (10, 1, 28)
     assert (info.train_size, info.test_size) == (len(train), len(test)) == (20, 10)
     assert isinstance(train, datasets.FashionMNIST)
@@ -109,17 +110,17 @@ def test_corrupt_extracted_file_is_named_or_replaced(fmnist_source, tmp_path, mo
     build_datasets(DataConfig(root=str(root)))
     extracted = root / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
     extracted.write_bytes(extracted.read_bytes()[:-1])
-    monkeypatch.setenv(data.FASHION_MNIST_DIR_ENV, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(datafiles.FASHION_MNIST_DIR_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(CorruptDatasetError, match="IDX header") as err:
         build_datasets(DataConfig(root=str(root)))
     assert str(extracted) in str(err.value)
-    monkeypatch.setenv(data.FASHION_MNIST_DIR_ENV, str(fmnist_source[0]))  # with the source back, it is re-extracted
+    monkeypatch.setenv(datafiles.FASHION_MNIST_DIR_ENV, str(fmnist_source[0]))  # source back: re-extracted
     train, _, _ = build_datasets(DataConfig(root=str(root)))
     np.testing.assert_array_equal(train.targets.numpy(), fmnist_source[1]["train"][1])
 
 
 def test_missing_fashion_mnist_falls_back_to_download_and_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.FASHION_MNIST_DIR_ENV, str(tmp_path / "no-debian-copy"))
+    monkeypatch.setenv(datafiles.FASHION_MNIST_DIR_ENV, str(tmp_path / "no-debian-copy"))
     empty_mirror = tmp_path / "mirror"
     empty_mirror.mkdir()
     monkeypatch.setattr(datasets.FashionMNIST, "mirrors", [empty_mirror.as_uri() + "/"])  # fails without network
@@ -141,7 +142,7 @@ def test_where_fashion_mnist_came_from_is_said(fmnist_source, tmp_path, monkeypa
     """A root that does not exist yet is prepared from the Debian copy, and the run says so (and where it reads
     the data from), once per process."""
     source, _ = fmnist_source
-    monkeypatch.setattr(data, "_NOTED", set())
+    monkeypatch.setattr(datafiles, "_NOTED", set())
     build_datasets(DataConfig(root=str(tmp_path / "new")))
     err = capsys.readouterr().err
     assert f"Fashion-MNIST from {tmp_path / 'new' / 'FashionMNIST' / 'raw'} (prepared now from {source})" in err
@@ -445,9 +446,9 @@ def test_distributed_loaders_shard_both_splits():
 
 
 def test_real_debian_fashion_mnist_test_split(tmp_path, monkeypatch):
-    if not all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in data.FASHION_MNIST_FILES):
+    if not all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in datafiles.FASHION_MNIST_FILES):
         pytest.fail(f"Debian's Fashion-MNIST is not in {DEBIAN_FASHION_MNIST}; `bash scripts/setup.sh` installs it")
-    monkeypatch.delenv(data.FASHION_MNIST_DIR_ENV, raising=False)
+    monkeypatch.delenv(datafiles.FASHION_MNIST_DIR_ENV, raising=False)
     train, test, info = build_datasets(DataConfig(root=str(tmp_path)))
     assert (len(train), len(test), info.num_classes) == (60000, 10000, 10)
     assert torch.bincount(test.targets).tolist() == [1000] * 10
