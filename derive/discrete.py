@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hopfield import Network
 
-from .reduced import Branch, ReducedField
+from .reduced import Branch, ReducedField, count, number
 from .spectral import SoftSpectralNorm
 
 __all__ = ["INNER_NORMS", "AxisBatchNorm", "DerivedBlock", "DiscreteConfig", "SolveCertificate", "discretize"]
@@ -52,18 +52,20 @@ class DiscreteConfig:
     steps: int = 1  # Euler steps per block, same weights (the parallelized Mixer's n_iter)
 
     def __post_init__(self):
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise ValueError(f"DiscreteConfig.steps must be an int >= 1, got {self.steps!r}")
-        if self.inner_norm not in INNER_NORMS:
-            raise ValueError(f"DiscreteConfig.inner_norm must be one of {INNER_NORMS}, got {self.inner_norm!r}")
-        if self.splitting not in ("parallel", "sequential"):
-            raise ValueError(f"DiscreteConfig.splitting must be 'parallel' or 'sequential', got {self.splitting!r}")
-        if not (isinstance(self.n_iter, int) and self.n_iter >= 0):
-            raise ValueError(f"DiscreteConfig.n_iter must be an int >= 0, got {self.n_iter!r}")
-        if self.dt is not None and not self.dt > 0:
-            raise ValueError(f"DiscreteConfig.dt must be > 0, got {self.dt!r}")
-        if not 0 <= self.drop_path < 1:
-            raise ValueError(f"DiscreteConfig.drop_path must be in [0, 1), got {self.drop_path!r}")
+        checks = (
+            ("n_iter", count(self.n_iter, 0), "an int >= 0"),
+            ("dt", self.dt is None or (number(self.dt) and self.dt > 0), "None (dt = tau_v) or a number > 0"),
+            ("alpha", number(self.alpha), "a finite number"),
+            ("splitting", self.splitting in ("parallel", "sequential"), "'parallel' or 'sequential'"),
+            ("inner_norm", self.inner_norm in INNER_NORMS, f"one of {INNER_NORMS}"),
+            ("coeff", number(self.coeff) and self.coeff > 0, "a number > 0 (the spectral-norm bound)"),
+            ("n_power", count(self.n_power, 1), "an int >= 1 (power iterations)"),
+            ("drop_path", number(self.drop_path) and 0 <= self.drop_path < 1, "in [0, 1)"),
+            ("steps", count(self.steps, 1), "an int >= 1"),
+        )
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"DiscreteConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
 
 @dataclass

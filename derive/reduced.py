@@ -25,6 +25,7 @@ connection (v <- F^v(v)). Leaves make the 2-layer Mixer step, a chain makes the 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -123,6 +124,30 @@ def _tree(net: Network, visible: str, fast: Iterable[str] | None) -> list[Branch
     return branches
 
 
+def number(v) -> bool:
+    """Whether ``v`` is a finite real number (not a bool): what a numeric option must be."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def count(v, low: int) -> bool:
+    """Whether ``v`` is an integer (not a bool) >= ``low``."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+
+
+def _check_options(*, alpha, n_iter, tol, max_iter, m, beta) -> None:
+    """ValueError naming the `ReducedField` option that is not of its kind: alpha a finite number, n_iter an int
+    >= 0, tol None or a number > 0, max_iter None or an int >= 1, m an int >= 1, beta a number in (0, 1]."""
+    checks = (("alpha", number(alpha), "a finite number"), ("n_iter", count(n_iter, 0), "an int >= 0"),
+              ("tol", tol is None or (number(tol) and tol > 0), "None (dtype-aware) or a number > 0"),
+              ("max_iter", max_iter is None or count(max_iter, 1), "None or an int >= 1"),
+              ("m", count(m, 1), "an int >= 1 (the Anderson memory)"),
+              ("beta", number(beta) and 0 < beta <= 1, "in (0, 1] (the mixing; < 1 damps)"))
+    for name, ok, want in checks:
+        if not ok:
+            value = {"alpha": alpha, "n_iter": n_iter, "tol": tol, "max_iter": max_iter, "m": m, "beta": beta}[name]
+            raise ValueError(f"ReducedField: {name} must be {want}, got {value!r}")
+
+
 def _check_order(branches: list[Branch], order: Iterable[str] | None) -> list[str]:
     """The elimination order, slowest fast layer first (tau_1 >> tau_2 >> ...; Appendix B). The nested solve
     eliminates each layer's subtree before the layer itself, so every layer must come after its parent."""
@@ -167,8 +192,7 @@ class ReducedField:
                  beta: float = 1.0):
         if solver not in SOLVERS:
             raise ValueError(f"ReducedField: solver must be one of {SOLVERS}, got {solver!r}")
-        if not 0 < beta <= 1:
-            raise ValueError(f"ReducedField: beta (mixing) must be in (0, 1], got {beta!r}")
+        _check_options(alpha=alpha, n_iter=n_iter, tol=tol, max_iter=max_iter, m=m, beta=beta)
         self.net, self.visible = net, visible
         self.branches = _tree(net, visible, fast)
         self.order = _check_order(self.branches, order)

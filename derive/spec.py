@@ -41,6 +41,8 @@ import yaml
 from hopfield import Affine, DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
 
+from . import yamlio
+
 __all__ = ["LayerSpec", "NetworkSpec", "SpecError", "SynapseSpec", "load_spec", "register_spec", "registered_specs"]
 
 SPLITTINGS = ("parallel", "sequential")
@@ -394,7 +396,7 @@ def load_spec(spec) -> NetworkSpec:
             raise SpecError(f"network spec {str(p)!r} is neither a file nor a registered name (register_spec, "
                             f"loaded with --import){known}")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yamlio.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise SpecError(f"network spec file {str(p)!r} is not valid YAML: {e}") from None
         return NetworkSpec.from_dict(data, where=f"network spec file {str(p)!r}")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from derive import yamlio
+
 from .data import DataConfig, validate_config
 
 __all__ = ["AMP_MODES", "OPERATIONAL_KEYS", "RESUME_IGNORED", "SCHEDULERS", "ConfigError", "TrainConfig",
@@ -142,7 +144,7 @@ def read_yaml_mapping(path: str, what: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yamlio.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -161,7 +163,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
             raise ConfigError(f"override {item!r}: {key.strip()!r} is not a config key (dotted names, e.g. "
                               "model_kwargs.n_iter)")
         try:
-            value = yaml.safe_load(text)
+            value = yamlio.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: the value of config key {key.strip()!r} is not valid YAML: "
                               f"{e}") from e

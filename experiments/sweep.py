@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import scipy.stats
-import yaml
+
+from derive import yamlio
 
 from .analyze import IMAGES, run_record
 from .config import (
@@ -149,7 +150,7 @@ def _check_finished(spec: dict, out: Path, runs: dict, seeds: list[int]) -> None
             if not (run_dir / "summary.json").exists() or not (run_dir / "config.yaml").exists():
                 continue
             cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides + [f"seed={seed}"])
-            diff = config_diff(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg,
+            diff = config_diff(yamlio.safe_load((run_dir / "config.yaml").read_text()) or {}, cfg,
                                ignore=OPERATIONAL_KEYS)
             if diff:
                 stale.append(f"{run_dir}: " + "; ".join(diff))

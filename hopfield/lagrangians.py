@@ -12,6 +12,7 @@ energy-descent theorem needs (Krotov 2021, Eq. 18); when it is not, ``caveat`` s
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import sympy
@@ -85,6 +86,35 @@ def _batched_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"repeated axis in {axis}")
     return tuple(sorted(out))
+
+
+def _real(where: str, value, *, low: float = 0.0, strict: bool = True) -> float:
+    """``value`` as a float: ValueError naming ``where`` (``"softmax(beta)"``) unless it is a finite real number
+    (not a bool) > ``low`` (>= ``low`` when not ``strict``). A one-element tensor counts as its number."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value > low if strict else value >= low)):
+        bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{where} must be a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def _check_axis(where: str, axis) -> None:
+    """ValueError naming ``where`` unless ``axis`` is an int or a non-empty tuple / list of ints (the range is
+    checked against the layer's rank when a state arrives)."""
+    axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise ValueError(f"{where} must be an int or a non-empty tuple of ints (axes of the layer shape), "
+                         f"got {axis!r}")
+
+
+def _check_delta(where: str, delta) -> None:
+    """ValueError naming ``where`` unless ``delta`` is a real number or a tensor."""
+    if isinstance(delta, Tensor):
+        return
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not math.isfinite(delta):
+        raise ValueError(f"{where} must be a finite number or a tensor (a bias per unit), got {delta!r}")
 
 
 class Lagrangian:
@@ -191,6 +221,7 @@ class _RePU(_Separable):
     Hessian of Eq. 18 does not exist at 0 and the vector field is not Lipschitz there."""
 
     def __init__(self, n: float):
+        n = _real("repu(n)", n, low=-math.inf)
         if not n >= 2:
             raise ValueError(
                 f"repu(n) needs n >= 2, got n={n}: for 1 < n < 2 the curvature (n-1) x^(n-2) is unbounded as "
@@ -224,9 +255,7 @@ class _RePU(_Separable):
 
 class _Exp(_Separable):
     def __init__(self, beta: float):
-        if not beta > 0:
-            raise ValueError(f"exp(beta) needs beta > 0, got {beta}")
-        self.beta = float(beta)
+        self.beta = beta = _real("exp(beta)", beta)
         self.name = f"exp(beta={beta:g})"
         self.symbol = "exp"
 
@@ -242,9 +271,7 @@ class _Exp(_Separable):
 
 class _Tanh(_Separable):
     def __init__(self, beta: float):
-        if not beta > 0:
-            raise ValueError(f"tanh(beta) needs beta > 0, got {beta}")
-        self.beta = float(beta)
+        self.beta = beta = _real("tanh(beta)", beta)
         self.name = "tanh()" if beta == 1 else f"tanh(beta={beta:g})"
         self.symbol, self.lipschitz = "tanh", float(beta)
 
@@ -262,9 +289,7 @@ class _Tanh(_Separable):
 
 class _Sigmoid(_Separable):
     def __init__(self, beta: float):
-        if not beta > 0:
-            raise ValueError(f"sigmoid(beta) needs beta > 0, got {beta}")
-        self.beta = float(beta)
+        self.beta = beta = _real("sigmoid(beta)", beta)
         self.name = "sigmoid()" if beta == 1 else f"sigmoid(beta={beta:g})"
         self.symbol, self.lipschitz = "sigmoid", float(beta) / 4
 
@@ -317,9 +342,8 @@ class _Softmax(Lagrangian):
     """L = (1/beta) sum logsumexp(beta x, axis): activation softmax(beta x, axis)."""
 
     def __init__(self, beta: float, axis: Axis):
-        if not beta > 0:
-            raise ValueError(f"softmax(beta, axis) needs beta > 0, got {beta}")
-        self.beta, self.axis = float(beta), axis
+        _check_axis("softmax(axis)", axis)
+        self.beta, self.axis = _real("softmax(beta)", beta), axis
         self.name = f"softmax(beta={beta:g}, axis={axis})"
         self.symbol, self.lipschitz = "softmax", float(beta)
 
@@ -384,11 +408,10 @@ class _LayerNorm(Lagrangian):
                 "layernorm(gamma=...) must be a scalar: a per-unit gain is not the gradient of any "
                 "Lagrangian of this form; fold it into the adjacent synapse instead"
             )
-        gamma = float(gamma)
-        if not gamma >= 0:
-            raise ValueError(f"layernorm(gamma) needs gamma >= 0 for a convex Lagrangian, got {gamma}")
-        if not eps > 0:
-            raise ValueError(f"layernorm(eps) needs eps > 0, got {eps}")
+        gamma = _real("layernorm(gamma)", gamma, strict=False)
+        eps = _real("layernorm(eps)", eps)
+        _check_axis("layernorm(axis)", axis)
+        _check_delta("layernorm(delta)", delta)
         self.gamma, self.delta, self.axis, self.eps = gamma, delta, axis, float(eps)
         self.name = f"layernorm(gamma={gamma:g}, axis={axis}, eps={eps:g})"
         self.symbol = "LN"
@@ -484,11 +507,10 @@ class _Spherical(Lagrangian):
     """L = gamma sqrt(sum x^2 + eps) + sum delta x over each group: activation gamma x / ||x||_eps + delta."""
 
     def __init__(self, gamma: float, delta, axis: Axis, eps: float):
-        gamma = float(gamma)
-        if not gamma >= 0:
-            raise ValueError(f"spherical(gamma) needs gamma >= 0 for a convex Lagrangian, got {gamma}")
-        if not eps > 0:
-            raise ValueError(f"spherical(eps) needs eps > 0, got {eps}")
+        gamma = _real("spherical(gamma)", gamma, strict=False)
+        eps = _real("spherical(eps)", eps)
+        _check_axis("spherical(axis)", axis)
+        _check_delta("spherical(delta)", delta)
         self.gamma, self.delta, self.axis, self.eps = gamma, delta, axis, float(eps)
         self.name = f"spherical(gamma={gamma:g}, axis={axis}, eps={eps:g})"
         self.symbol = "Sph"

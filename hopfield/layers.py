@@ -54,6 +54,10 @@ class Layer:
     def init(self, batch: int, *, scale: float = 1.0, generator: torch.Generator | None = None,
              dtype: torch.dtype | None = None, device=None) -> Tensor:
         """A state of shape (batch, *shape): ``scale`` * N(0, 1) draws (zeros when scale == 0)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
         shape = (batch, *self.shape)
         if scale == 0:
             return torch.zeros(shape, dtype=dtype, device=device)

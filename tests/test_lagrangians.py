@@ -1,5 +1,8 @@
 """Every Lagrangian: closed-form activation = autograd gradient, Hessian products, convexity claims."""
 
+import re
+
+import numpy as np
 import pytest
 import sympy
 import torch
@@ -206,6 +209,33 @@ def test_bad_lagrangian_arguments_are_named():
         lag.symbolic("x*y")
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         lag.softmax(axis=2).activation(torch.zeros(3, 4, 5))
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda v: lag.softmax(beta=v), "softmax(beta)"), (lambda v: lag.exp(beta=v), "exp(beta)"),
+    (lambda v: lag.tanh(beta=v), "tanh(beta)"), (lambda v: lag.sigmoid(beta=v), "sigmoid(beta)"),
+    (lambda v: lag.repu(v), "repu(n)"), (lambda v: lag.layernorm(eps=v), "layernorm(eps)"),
+    (lambda v: lag.layernorm(gamma=v), "layernorm(gamma)"), (lambda v: lag.spherical(eps=v), "spherical(eps)"),
+    (lambda v: lag.spherical(gamma=v), "spherical(gamma)"),
+])
+def test_a_parameter_that_is_not_a_finite_number_is_named(make, where):
+    """A string, None, a bool, NaN or infinity as a Lagrangian's parameter is a ValueError naming the parameter
+    (where it was a TypeError from a comparison inside, or, for infinity, a Lagrangian with an infinite slope)."""
+    for bad in ("x", None, True, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=re.escape(where) + " must be a finite number"):
+            make(bad)
+    assert make(np.float32(2.0)) is not None  # numpy scalars are numbers
+
+
+def test_axis_and_delta_of_the_wrong_type_are_named():
+    for make, where in ((lambda: lag.softmax(axis="a"), "softmax(axis)"),
+                        (lambda: lag.layernorm(axis=()), "layernorm(axis)"),
+                        (lambda: lag.spherical(axis=[0, 1.5]), "spherical(axis)"),
+                        (lambda: lag.layernorm(delta="x"), "layernorm(delta)"),
+                        (lambda: lag.spherical(delta=float("nan")), "spherical(delta)")):
+        with pytest.raises(ValueError, match=re.escape(where)):
+            make()
+    assert lag.layernorm(axis=[-2, -1], delta=torch.zeros(3)).axis == [-2, -1]
 
 
 def test_symbolic_lagrangians_need_two_derivatives_take_real_symbols_and_state_periodic_caveats():

@@ -215,6 +215,17 @@ def test_wrong_inputs_to_simulate_derive_and_models_are_named_by_the_project():
         (lambda: derive.verify(net, v=torch.randn(2, 3, 3)), "visible layer 'v' takes states"),
         (lambda: derive.verify(net, visible="q"), "unknown visible layer 'q'"),
         (lambda: timm.create_model("derived_imixer_t4_28", num_classes=10)(torch.randn(2, 3, 28, 28)), "in_chans 1"),
+        (lambda: derive.adiabatic(net, tol="1e-6"), "ReducedField: tol must be None"),
+        (lambda: derive.adiabatic(net, alpha=None), "ReducedField: alpha must be a finite number"),
+        (lambda: derive.adiabatic(net, m=0), "ReducedField: m must be an int >= 1"),
+        (lambda: derive.adiabatic(net, beta="x"), r"ReducedField: beta must be in \(0, 1\]"),
+        (lambda: derive.discretize(net, alpha="x"), "DiscreteConfig.alpha must be a finite number"),
+        (lambda: derive.discretize(net, dt="0.1"), "DiscreteConfig.dt must be None"),
+        (lambda: derive.discretize(net, coeff=float("nan")), "DiscreteConfig.coeff must be a number > 0"),
+        (lambda: derive.discretize(net, n_power=0), "DiscreteConfig.n_power must be an int >= 1"),
+        (lambda: derive.discretize(net, drop_path="0.1"), r"DiscreteConfig.drop_path must be in \[0, 1\)"),
+        (lambda: hopfield.lagrangians.softmax(beta="2"), r"softmax\(beta\) must be a finite number > 0"),
+        (lambda: net.init_state(-1), "batch must be a positive integer"),
     ]
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message) as info:

@@ -60,6 +60,17 @@ def test_api_contract_shapes():
     assert traj.nfe > 0 and traj.descent.ok and traj.descent.guaranteed
 
 
+
+def test_init_state_names_a_bad_batch_or_scale():
+    net = contract_network()
+    for bad in (0, -1, "2", 2.0, True):
+        with pytest.raises(ValueError, match=r"batch must be a positive integer"):
+            net.init_state(batch=bad)
+    with pytest.raises(ValueError, match=r"scale must be a finite number"):
+        net.init_state(batch=2, scale=float("nan"))
+    assert all(x.abs().max() == 0 for x in net.init_state(batch=2, scale=0).values())
+
+
 def test_network_is_an_nn_module():
     net = contract_network().double()
     assert all(p.dtype == torch.float64 for p in net.parameters())

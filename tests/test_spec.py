@@ -252,3 +252,16 @@ def test_analysis_reports_every_arm_of_a_spec_model():
     assert "| tokens (v-m) |" in symmetry.symmetry_report({"memory": [rows]})
     # a model with one synapse per kind keeps its plain labels and keys
     assert "sym_corr_b1_tokens" in symmetry.symmetry_scalars(implicit)
+
+
+def test_yaml_reads_exponent_numbers_without_a_dot(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-6`` as a string; specs, configs and overrides read it as the float (YAML 1.2),
+    so an untyped value (a Lagrangian's eps, a model_kwargs entry) reaches the code as a number."""
+    text = (Path(__file__).parent.parent / "experiments/configs/specs/paramixer_memory_arm.yaml").read_text()
+    assert "eps: 1.0e-6" in text
+    path = tmp_path / "net.yaml"
+    path.write_text(text.replace("eps: 1.0e-6", "eps: 1e-6"))
+    assert load_spec(path).layers["v"].lagrangian["eps"] == 1e-6
+    assert yaml.safe_load("eps: 1e-6") == {"eps": "1e-6"}  # what plain PyYAML gives
+    cfg = load_config(None, ["model_kwargs.lam=1e-3", "model_kwargs.tag='1e-3'", "model_kwargs.shift=-2E+4"])
+    assert cfg.model_kwargs == {"lam": 0.001, "tag": "1e-3", "shift": -2e4}
