@@ -30,7 +30,11 @@ def _entrypoint(name: str, source: str):
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> DerivedMixer:
         if pretrained:
             raise RuntimeError(f"no pretrained weights exist for {name!r}; create it with pretrained=False")
-        return from_reference(model_entrypoint(source)(pretrained=False, **kwargs))
+        try:
+            reference = model_entrypoint(source)(pretrained=False, **kwargs)
+        except (TypeError, ValueError) as e:  # the reference's own message, said of this name
+            raise type(e)(f"{name} (the derived twin of {source}): {e}") from None
+        return from_reference(reference)
 
     entrypoint.__doc__ = f"{name}: the derived twin of {source} (same arguments, same initialisation)."
     return entrypoint
