@@ -237,11 +237,15 @@ class ReducedField:
                            "(forcing, slow_manifold)")
 
     def check_visible(self, v: Tensor) -> None:
-        """ValueError naming the visible layer unless ``v`` is a (batch, *its shape) tensor."""
+        """ValueError naming the visible layer unless ``v`` is a (batch, *its shape) tensor, floating-point on the
+        network's dtype and device (outside autocast)."""
         shape = tuple(self.net.layers[self.visible].shape)
         if not isinstance(v, Tensor) or tuple(v.shape[1:]) != shape or v.ndim != len(shape) + 1:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
             raise ValueError(f"the visible layer {self.visible!r} takes states of shape (batch, *{shape}), got {got}")
+        if not (torch.compiler.is_compiling() or torch.is_autocast_enabled(v.device.type)):
+            # under autocast the input may be bf16 with float32 weights, by design
+            self.net.check_tensor(v, f"the state of the visible layer {self.visible!r}")
 
     def forcing(self, v: Tensor) -> Tensor:
         """F^v(v): the total current into the visible layer on the slow manifold."""

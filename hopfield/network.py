@@ -105,6 +105,13 @@ class Network(nn.Module):
         for n in self.layers:
             self._check_like(state[n], ref, f"state of layer {n!r}")
 
+    def check_tensor(self, x: Tensor, what: str) -> None:
+        """``x`` is floating-point, on the network's dtype and device (those of its parameters; anything if it has
+        none): otherwise an error naming ``what`` and the conversion to make."""
+        ref = self._reference()
+        if ref is not None:
+            self._check_like(x, ref, what)
+
     @staticmethod
     def _check_like(x: Tensor, ref: Tensor, what: str) -> None:
         """``x`` (a state or an input) is floating-point, with the dtype and device of ``ref``."""
