@@ -86,6 +86,12 @@ class PatchStem(nn.Module):
                              f"{self.img_size[0]}, {self.img_size[1]}) images (in_chans {self.proj.in_channels})")
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input size {tuple(x.shape[-2:])} does not match the model's img_size {self.img_size}")
+        w = self.proj.weight
+        if (x.dtype != w.dtype or x.device != w.device) and not (
+                torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"input images are {x.dtype} on {x.device}, but the model computes in {w.dtype} on "
+                             f"{w.device}: convert them with .to(dtype={w.dtype}, device={str(w.device)!r}) or the "
+                             "model with model.to(...)")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
