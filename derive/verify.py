@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -72,11 +73,10 @@ class VerifyReport:
         out += [f"caveat: {c}" for c in self.caveats]
         return "\n".join(out)
 
-    def plot(self, path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def plot(self, path) -> Path:
+        """The velocity error against eps on log-log axes, beside the line proportional to eps; a PNG at ``path``
+        (returned)."""
+        from hopfield.plot import plt, save_figure  # pyplot on the Agg backend
 
         fig, ax = plt.subplots(figsize=(5, 4))
         done = [(e, r) for e, r in zip(self.eps, self.velocity_error) if math.isfinite(r)]
@@ -88,8 +88,7 @@ class VerifyReport:
                title="verified" if self.ok else "NOT verified")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        return save_figure(fig, path, dpi=120)
 
 
 def _slope(eps: list[float], err: list[float]) -> float | None:

@@ -12,22 +12,18 @@ __all__ = ["mean_std", "mean_std_cell", "pyplot", "save_figure"]
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hopfield.plot import plt
 
     return plt
 
 
 def save_figure(fig, path) -> Path:
-    """Write ``fig`` to ``path`` (a PNG; parent folders made), close it and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``fig`` to ``path`` (`hopfield.plot.save_figure`: a PNG unless the suffix says otherwise, parent
+    folders made, whole or not at all), close it and return the path."""
+    from hopfield import plot
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps a legend placed beside the axes
-    pyplot().close(fig)
-    return path
+    return plot.save_figure(fig, path, dpi=110, bbox_inches="tight")  # keeps a legend beside the axes
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

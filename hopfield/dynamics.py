@@ -222,9 +222,9 @@ def _odeint(func, y0, t, *, method, rtol, atol, options, adjoint, adjoint_option
 DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4}  # float32's: 6 digits of the energy, 1/6 the work
 
 
-def _check_positive(name: str, value) -> float:
+def _check_positive(name: str, value, where: str = "simulate") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"simulate: {name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{where}: {name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
@@ -377,10 +377,9 @@ def relax(net: Network, state: Mapping[str, Tensor], tol: float = 1e-6, *, t_max
     net.check_state(state)
     inputs, clamped = net._check_inputs(inputs, clamped, state)
     _check_method(method)
-    if not tol > 0:
-        raise ValueError(f"relax: tol must be > 0, got {tol}")
-    if max_nfe is not None and not max_nfe >= 1:
-        raise ValueError(f"relax: max_nfe must be >= 1 or None, got {max_nfe}")
+    _check_positive("tol", tol, "relax")
+    if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
+        raise ValueError(f"relax: max_nfe must be an int >= 1 or None, got {max_nfe!r}")
     names = list(net.layers)
     y = tuple(state[n].detach() for n in names)
     eps = max(torch.finfo(x.dtype).eps for x in y)

@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+__all__ = ["plot_energy", "save_figure"]
+
+
+def save_figure(fig, path, **savefig_kwargs) -> Path:
+    """Write ``fig`` to ``path`` and close it; returns the path written. The format is the suffix's (a path
+    without one gets ``.png``); parent folders are made; the file appears whole or not at all (written beside it,
+    then renamed). A path that is a folder, or one that cannot be written, is an error naming it."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ValueError(f"cannot save a figure as {str(path)!r}: it is a folder; give a file name (.png)")
+        if not path.suffix:
+            path = path.with_suffix(".png")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        except OSError as e:
+            raise OSError(f"cannot write the figure {str(path)!r}: {e.strerror or e}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, format=path.suffix[1:].lower(), **savefig_kwargs)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OSError(f"cannot write the figure {str(path)!r}: {e.strerror or e}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_energy(traj, path, title: str | None = None, max_samples: int = 16) -> Path:
@@ -28,8 +60,4 @@ def plot_energy(traj, path, title: str | None = None, max_samples: int = 16) -> 
         ax1.text(0.02, 0.02, f"max relative rise {traj.descent.max_rise_rel:.2g}", transform=ax1.transAxes)
     fig.suptitle(title or f"{traj.method}, {e.shape[1]} samples, {traj.nfe} evaluations")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -189,8 +189,12 @@ def test_relax_stops_at_its_evaluation_budget_with_the_state_reached():
     with pytest.raises(NotConvergedError, match=r"used up max_nfe = 300 evaluations.*fastest tau 0.01") as e:
         net.relax(state, tol=1e-9, max_nfe=300)
     assert set(e.value.state) == set(net.layers) and e.value.residual > 1e-9
-    with pytest.raises(ValueError, match="max_nfe must be >= 1 or None"):
-        net.relax(state, max_nfe=0)
+    for bad in (0, 2.5, "300"):
+        with pytest.raises(ValueError, match="max_nfe must be an int >= 1 or None"):
+            net.relax(state, max_nfe=bad)
+    for bad in (0.0, "1e-3", float("nan")):
+        with pytest.raises(ValueError, match="relax: tol must be a finite number > 0"):
+            net.relax(state, tol=bad)
 
 
 def test_clamped_layer_is_held_and_inputs_enter_the_energy():
@@ -361,3 +365,21 @@ def test_float32_simulation_and_energy_plot(tmp_path):
     table = traj.table(rows=5)
     assert len(table.splitlines()) == 6 and "E mean" in table
     assert math.isclose(float(table.splitlines()[1].split()[1]), float(traj.energy[0].mean()), rel_tol=1e-6)
+
+
+def test_figures_are_written_whole_where_asked_or_the_path_is_named(tmp_path):
+    """A path without a suffix gets .png (matplotlib appended it silently and the returned path was wrong); a
+    folder or an unwritable place is an error naming the path; no temporary file is left behind."""
+    from hopfield import presets
+
+    net = presets.imixer_chain(4, 6)
+    traj = net.simulate(net.init_state(2), t=torch.linspace(0, 0.1, 3))
+    assert traj.plot(tmp_path / "energy") == tmp_path / "energy.png"
+    assert (tmp_path / "energy.png").read_bytes()[:4] == b"\x89PNG"
+    assert traj.plot(tmp_path / "sub" / "e.svg").read_text().lstrip().startswith("<?xml")
+    with pytest.raises(ValueError, match="it is a folder"):
+        traj.plot(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=r"cannot write the figure .*file/e\.png"):
+        traj.plot(tmp_path / "file" / "e.png")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["e.svg", "energy.png", "file", "sub"]
