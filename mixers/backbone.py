@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ImageGrid", "PatchStem", "TimmClassifierAPI", "blocks_feature_info", "check_sizes", "create_registered",
-           "prune_blocks", "register_entrypoints", "run_block", "run_blocks", "split_kwargs", "take_blocks",
-           "timm_data_cfg", "token_maps"]
+           "new_head", "prune_blocks", "register_entrypoints", "run_block", "run_blocks", "split_kwargs",
+           "take_blocks", "timm_data_cfg", "token_maps"]
 
 _IGNORED_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
@@ -174,6 +174,14 @@ def prune_blocks(model: nn.Module, indices: int | list[int]) -> list[int]:
     return take
 
 
+def new_head(embed_dim: int, num_classes: int, like: torch.Tensor, training: bool) -> nn.Module:
+    """A classifier head for ``reset_classifier``: ``nn.Linear`` with its own init (as timm's) on ``like``'s device
+    and dtype, in train mode if ``training``; ``nn.Identity`` for 0 classes."""
+    head = nn.Linear(embed_dim, num_classes, device=like.device, dtype=like.dtype) if num_classes > 0 \
+        else nn.Identity()
+    return head.train(training)
+
+
 class TimmClassifierAPI:
     """timm's model API shared by ``MlpMixer`` and ``derive.DerivedMixer``: both have ``cfg`` (with
     ``num_classes``, ``global_pool``), a ``PatchStem`` ``stem``, ``blocks`` (run with ``run_blocks``), ``norm``,
@@ -192,13 +200,7 @@ class TimmClassifierAPI:
         pool = self.global_pool if global_pool is None else global_pool
         self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=pool)  # validates global_pool
         self.num_classes, self.global_pool = num_classes, pool
-        ref = self.stem.proj.weight  # norm and head may be pruned away
-        self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-            if num_classes > 0
-            else nn.Identity()
-        )
-        self.head.train(self.training)
+        self.head = new_head(self.embed_dim, num_classes, self.stem.proj.weight, self.training)  # norm may be pruned
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(run_blocks(self.blocks, self.stem(x), self.grad_checkpointing))

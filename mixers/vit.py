@@ -37,6 +37,7 @@ from .backbone import (
     blocks_feature_info,
     check_sizes,
     create_registered,
+    new_head,
     prune_blocks,
     register_entrypoints,
     take_blocks,
@@ -307,13 +308,7 @@ class VisionTransformer(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=self.global_pool)
-        ref = self.pos_embed
-        self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-            if num_classes > 0
-            else nn.Identity()
-        )
-        self.head.train(self.training)
+        self.head = new_head(self.embed_dim, num_classes, self.pos_embed, self.training)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The block input ``x_0 = [cls; patch_embed(img)] + pos_embed``, shape (B, prefix + N, D)."""
