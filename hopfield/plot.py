@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -24,19 +24,16 @@ def save_figure(fig, path, **savefig_kwargs) -> Path:
             raise ValueError(f"cannot save a figure as {str(path)!r}: it is a folder; give a file name (.png)")
         if not path.suffix:
             path = path.with_suffix(".png")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # beside it: the rename stays on one file system
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-        except OSError as e:
-            raise OSError(f"cannot write the figure {str(path)!r}: {e.strerror or e}") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format=path.suffix[1:].lower(), **savefig_kwargs)
+            fig.savefig(tmp, format=path.suffix[1:].lower(), **savefig_kwargs)
             os.replace(tmp, path)
         except OSError as e:
             raise OSError(f"cannot write the figure {str(path)!r}: {e.strerror or e}") from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (no folder to hold it: nothing to remove)
+                tmp.unlink(missing_ok=True)
     finally:
         plt.close(fig)
     return path
