@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,10 @@ class Layer:
             raise TypeError(
                 f"Layer lagrangian must be a hopfield.lagrangians.Lagrangian, got {type(self.lagrangian).__name__}"
             )
-        tau = float(self.tau)
-        if not (math.isfinite(tau) and tau > 0):
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"Layer tau must be finite and > 0, got {self.tau!r}")
+        tau = float(tau)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "tau", tau)
 

@@ -135,6 +135,9 @@ class DenseSynapse(Synapse):
             raise ValueError(f"{where}: a synapse must couple two different layers")
         if not isinstance(axis, int):
             raise TypeError(f"{where}: axis must be an int, got {axis!r}")
+        for name, flag in (("bias", bias), ("symmetric", symmetric), ("bias_fb", bias_fb)):
+            if not (isinstance(flag, bool) or (name == "bias_fb" and flag is None)):
+                raise TypeError(f"{where}: {name} must be True or False, got {flag!r}")
         form = form if form is not None else ("tied" if symmetric else "untied")
         if form not in FORMS:
             raise ValueError(f"{where}: form must be one of {FORMS}, got {form!r}")

@@ -226,6 +226,8 @@ def test_wrong_inputs_to_simulate_derive_and_models_are_named_by_the_project():
         (lambda: derive.discretize(net, drop_path="0.1"), r"DiscreteConfig.drop_path must be in \[0, 1\)"),
         (lambda: hopfield.lagrangians.softmax(beta="2"), r"softmax\(beta\) must be a finite number > 0"),
         (lambda: net.init_state(-1), "batch must be a positive integer"),
+        (lambda: hopfield.Layer((4, 8), hopfield.lagrangians.relu(), tau="fast"), "Layer tau must be finite and > 0"),
+        (lambda: hopfield.DenseSynapse("v", "x", bias="yes"), r"DenseSynapse\('v', 'x'\): bias must be True or False"),
         (lambda: timm.create_model("imixer_t4_28")(torch.randn(2, 1, 28, 28, dtype=torch.float64)),
          r"input images are torch.float64 on cpu, but the model computes in torch.float32"),
         (lambda: derive.discretize(net)(torch.randn(2, 8, 16, dtype=torch.float64)),
