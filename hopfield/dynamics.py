@@ -253,6 +253,10 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
     net.check_state(state)
     inputs, clamped = net._check_inputs(inputs, clamped, state)
     _check_method(method)
+    for name, flag in (("adjoint", adjoint), ("track_energy", track_energy), ("check_finite", check_finite),
+                       ("grad", grad)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"simulate: {name} must be True or False, got {flag!r}")
     t = torch.as_tensor(t)
     if t.ndim != 1 or len(t) < 1 or (len(t) > 1 and not bool((t[1:] > t[:-1]).all())):
         raise ValueError("t must be a 1-D tensor of strictly increasing output times")

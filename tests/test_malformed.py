@@ -208,6 +208,7 @@ def test_wrong_inputs_to_simulate_derive_and_models_are_named_by_the_project():
         (lambda: hopfield.simulate(net, state, t, method="rk4", options={"step_size": -0.1}), "step_size'. must be"),
         (lambda: hopfield.simulate(net, state, t, method="euler", options={"step_size": 0.0}), "step_size'. must be"),
         (lambda: hopfield.simulate(net, state, t, options=[1]), "options must be a dict"),
+        (lambda: hopfield.simulate(net, state, t, grad="yes"), "simulate: grad must be True or False"),
         (lambda: derive.adiabatic(net)(torch.randn(2, 3, 3)), r"'v' takes states of shape \(batch, \*\(8, 16\)\)"),
         (lambda: derive.discretize(net, n_iter=2)(torch.randn(8, 16)), "visible layer 'v' takes states"),
         (lambda: derive.verify(net, eps=[0.0]), "verify: eps must be"),
