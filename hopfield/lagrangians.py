@@ -559,7 +559,8 @@ class _Symbolic(_Separable):
         try:
             expr = sympy.sympify(expr)
         except (sympy.SympifyError, SyntaxError, TypeError) as e:
-            raise ValueError(f"symbolic({expr!r}): not an expression sympy can read: {e}") from None
+            why = str(e).strip().splitlines()[-1]  # sympy's last line says what failed: "SyntaxError: ..."
+            raise ValueError(f"symbolic({expr!r}): not an expression sympy can read ({why})") from None
         free = sorted(expr.free_symbols, key=str)
         if symbol is None:
             if len(free) != 1:
