@@ -8,6 +8,7 @@ Layers (`mixers.layers`): `Mlp`, `SpectralNormLinear`, `LinearBatchNorm`, `iMlp`
 Appendix B), `SymMlp`, `AsymMlp` (parallelized Mixer). Models (`mixers.models`): `MixerBlock`, `IMixerBlock`,
 `LiMixerBlock`, `ParaMixerBlock`, `MixerConfig`, `MlpMixer`. Vision Transformer (`mixers.vit`): `Attention`, `Block`,
 `ViTConfig`, `VisionTransformer` with standard or modern Hopfield attention (registered as hvit_*, mhavit_*).
+What the models share (`mixers.backbone`): `PatchStem`, checkpointed blocks, timm's classifier and feature API.
 """
 
 from .backbone import PatchStem
