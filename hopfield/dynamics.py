@@ -18,6 +18,7 @@ import torchdiffeq
 from torch import Tensor, nn
 
 from .adaptive import ADAPTIVE_OWN, integrate_dopri5
+from .lagrangians import _real
 from .network import Network, State
 from .stepping import FIXED_METHODS, integrate_fixed
 
@@ -223,9 +224,7 @@ DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4}  # float32's: 6 digits
 
 
 def _check_positive(name: str, value, where: str = "simulate") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{where}: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return _real(f"{where}: {name}", value)  # "simulate: rtol must be a finite number > 0, got ..."
 
 
 def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: str = "dopri5",
