@@ -43,9 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from derived_vs_handwritten import write_docs  # noqa: E402
+
 from hopfield import DenseSynapse, Layer, Network  # noqa: E402
 from hopfield import lagrangians as lag  # noqa: E402
 
+DOCS = ROOT / "docs" / "benchmarks.md"
 B, S, C, X, H = 8, 196, 512, 256, 512
 TAUS = (1.0, 0.5, 0.25)
 GFLOP_PER_EVAL = 2 * 2 * B * C * (S * X + X * H) / 1e9  # two GEMMs (forward and feedback) per synapse
@@ -235,8 +238,7 @@ def main(argv=None) -> dict:
         report = scale_table(args.rounds, torch.device(args.device), args.tiny)
         print(report)
         if args.write_docs:
-            with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-                f.write("\n" + report)
+            write_docs(DOCS, report, *markers("scale" if args.device == "cpu" else f"scale, {args.device}"))
         return {}
     net, state = build()
     t = torch.linspace(0, 10, 101)
@@ -289,28 +291,52 @@ def main(argv=None) -> dict:
     report = render(res)
     print(report)
     if args.write_docs:
-        with open(ROOT / "docs" / "benchmarks.md", "a") as f:
-            f.write("\n" + report)
+        write_docs(DOCS, report, *markers("side by side"))
     return res
+
+
+def markers(table: str) -> tuple[str, str]:
+    """The comments around one of this script's sections of docs/benchmarks.md (replaced by each --write-docs)."""
+    return (f"<!-- begin: benchmarks/simulate_vs_hamux.py, {table} (generated; rerun with --write-docs to replace) -->",
+            f"<!-- end: benchmarks/simulate_vs_hamux.py, {table} -->")
+
+
+def gemm_rate(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of one n^3 float32 matmul on ``device``, the median of ``reps`` calls: the machine's own yardstick,
+    taken in the same run as the steps it is set against."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    timed(lambda: a @ b, False, device)  # warm-up
+    return 2 * n**3 / statistics.median(timed(lambda: a @ b, False, device) for _ in range(reps)) / 1e9
 
 
 def scale_table(rounds: int, device: torch.device | None = None, tiny: bool = False) -> str:
     """Time per Euler step (10 steps, the median over rounds) with and without the energy, and the GFLOP/s of the
-    step without it, at batch 1, 8, 32 and 49, 196, 784 visible tokens (the hidden layers as above)."""
+    step without it, at batch 1, 8, 32 and 49, 196, 784 visible tokens (the hidden layers as above). On a GPU the
+    table gives the times; on a CPU only ratios measured in the run (the energy's share, the share of a 2048^3
+    matmul's rate), and the terminal prints the times."""
     device = torch.device("cpu") if device is None else device
+    gpu = device.type == "cuda"
     flags = f" --device {device.type}" if device.type != "cpu" else ""
+    gemm = gemm_rate(device, 256 if tiny else 2048)
+    cols = ["batch", "tokens", "GFLOP / step"]
+    cols += ["ms / step, no energy", "GFLOP/s"] if gpu else []
+    cols += ["share of the GEMM rate"]
+    cols += ["ms / step, energy every step", "energy cost, ms"] if gpu else []
+    cols += ["energy share", "share from the difference"]
     lines = [f"## Simulation at scale ({datetime.date.today().isoformat()})", "",
              f"Command: `.venv/bin/python benchmarks/simulate_vs_hamux.py --scale{flags} --rounds {rounds} "
              f"--write-docs`; machine: {machine(device)}, torch {torch.__version__}; float32; Euler, 10 steps, the "
-             f"network above with v of N tokens; median of {rounds} interleaved rounds. Energy share: the energy's "
+             f"network above with v of N tokens; median of {rounds} interleaved rounds. Share of the GEMM rate: the "
+             f"step's GFLOP/s (without the energy) over a {256 if tiny else 2048}^3 float32 matmul's, measured at the "
+             f"start of the run{f' ({gemm:.0f} GFLOP/s)' if gpu else ''}. Energy share: the energy's "
              f"cost in one evaluation of the vector field (the fastest of {5 * rounds} evaluations with it minus "
              "the fastest of as many without, taken in turn at one state: its dot products and what the activations "
              "keep for it) over the time of a step without it; the difference of the two runs' times, (with - 1.1 x "
              "without) / "
              "without (the 0.1: the extra evaluation for the energy at the last output), is given beside it, but "
              "on a shared 2-core VM it moves by more than the energy costs.", "",
-             "| batch | tokens | GFLOP / step | ms / step, no energy | GFLOP/s | ms / step, energy every step | "
-             "energy cost, ms | energy share | share from the difference |", "|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for batch in (1, 2) if tiny else (1, 8, 32):
         for tokens in (49,) if tiny else (49, 196, 784):
             net, state = build(batch=batch, tokens=tokens)
@@ -337,9 +363,15 @@ def scale_table(rounds: int, device: torch.device | None = None, tiny: bool = Fa
             # the energy at the 11th output needs one more evaluation after the last step (about an Euler step):
             # the share is the energy's cost per step without it
             share = (times[True] - times[False] * 1.1) / times[False]
-            lines.append(f"| {batch} | {tokens} | {gflop:.2f} | {1e3 * times[False]:.1f} | "
-                         f"{gflop / times[False]:.0f} | {1e3 * times[True]:.1f} | {1e3 * times['energy']:.2f} | "
-                         f"{100 * times['energy'] / times[False]:.1f} % | {100 * share:.0f} % |")
+            rate = gflop / times[False]
+            print(f"batch {batch}, {tokens} tokens: {1e3 * times[False]:.1f} ms a step without the energy "
+                  f"({rate:.0f} GFLOP/s; the matmul: {gemm:.0f}), {1e3 * times[True]:.1f} ms with it", flush=True)
+            cells = [f"{batch}", f"{tokens}", f"{gflop:.2f}"]
+            cells += [f"{1e3 * times[False]:.1f}", f"{rate:.0f}"] if gpu else []
+            cells += [f"{100 * rate / gemm:.0f} %"]
+            cells += [f"{1e3 * times[True]:.1f}", f"{1e3 * times['energy']:.2f}"] if gpu else []
+            cells += [f"{100 * times['energy'] / times[False]:.1f} %", f"{100 * share:.0f} %"]
+            lines.append("| " + " | ".join(cells) + " |")
             del net, state
     return "\n".join(lines) + "\n"
 
@@ -381,9 +413,10 @@ def render(r: dict) -> str:
         f"Command: `.venv/bin/python benchmarks/simulate_vs_hamux.py --rounds {r['rounds']} --write-docs`; "
         f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {r.get('versions', 'no JAX side')}; float32, batch 8, CPU. "
-        f"Medians over {r['rounds']} interleaved rounds (range in brackets), seconds.", "",
-        "| measure | hopfield | HAMUX / diffrax (JAX, jitted) | speed-up (their time / ours) |",
-        "|---|---|---|---|",
+        f"Ratios of the two sides' times in each of {r['rounds']} interleaved rounds: median [range] (absolute CPU "
+        "times do not carry to another machine; the terminal prints them).", "",
+        "| measure | speed-up (HAMUX's time / ours) |",
+        "|---|---|",
     ]
     names = {"vf": "one vector-field evaluation", "rk4_energy": "RK4, 100 steps, energy at every step",
              "rk4_plain": "RK4, 100 steps, no energy", "euler_energy": "Euler, 100 steps, energy at every step",
@@ -393,19 +426,15 @@ def render(r: dict) -> str:
                                   "diffrax vmapped over the samples)")
     for k, name in names.items():
         mine = "dopri5" if k == "dopri5_per_sample" else k  # ours controls each sample on its own anyway
-        ours = f"{med('ours:' + mine):.3g} [{span('ours:' + mine)}]"
+        print(f"{name}: ours {med('ours:' + mine):.3g} s [{span('ours:' + mine)}]"
+              + (f", theirs {med('theirs:' + k):.3g} s [{span('theirs:' + k)}]" if f"theirs:{k}" in T else ""))
+        ratio = ""
         if f"theirs:{k}" in T:
-            theirs = f"{med('theirs:' + k):.3g} [{span('theirs:' + k)}]"
             ratios = [b / a for a, b in zip(T["ours:" + mine], T["theirs:" + k])]
             ratio = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
-        else:
-            theirs = ratio = ""
-        lines.append(f"| {name} | {ours} | {theirs} | {ratio} |")
-    vf = med("ours:vf")
+        lines.append(f"| {name} | {ratio} |")
     lines += [
         "",
-        f"- one evaluation is {GFLOP_PER_EVAL:.2f} GFLOP: ours runs at {GFLOP_PER_EVAL / vf:.0f} GFLOP/s; "
-        f"RK4 with energy at {4 * 100 * GFLOP_PER_EVAL / med('ours:rk4_energy'):.0f} GFLOP/s end to end",
         f"- energy tracking, share of the time: RK4 "
         f"{100 * (med('ours:rk4_energy') / med('ours:rk4_plain') - 1):.1f} %, Euler "
         f"{100 * (med('ours:euler_energy') / med('ours:euler_plain') - 1):.1f} %",
@@ -422,13 +451,12 @@ def render(r: dict) -> str:
     libs = [k for k in ("dopri5_torchdiffeq", "dopri5_torchode") if f"ours:{k}" in T]
     if libs:
         lines += ["", "dopri5 without energies, the same solve by the torch libraries on our vector field against "
-                  "`hopfield.adaptive` (seconds; ratio = their time / ours, per round):", "",
-                  "| solver | seconds | ratio to hopfield.adaptive |", "|---|---|---|",
-                  f"| hopfield.adaptive | {med('ours:dopri5_plain'):.3g} [{span('ours:dopri5_plain')}] | 1 |"]
+                  "`hopfield.adaptive` (ratio = their time / ours, per round; median [range]):", "",
+                  "| solver | ratio to hopfield.adaptive |", "|---|---|", "| hopfield.adaptive | 1 |"]
         for k in libs:
             ratios = [b / a for a, b in zip(T["ours:dopri5_plain"], T["ours:" + k])]
-            lines.append(f"| {k.split('_')[1]} | {med('ours:' + k):.3g} [{span('ours:' + k)}] | "
-                         f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] |")
+            spread = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+            lines.append(f"| {k.split('_')[1]} | {spread} |")
     return "\n".join(lines) + "\n"
 
 

@@ -295,17 +295,23 @@ def gflop(flops: int) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
+    """The docs' table. On a GPU: times, images/s, TFLOP/s, MFU and memory beside the ratios; on a CPU the ratios
+    alone (absolute CPU times are not comparable across machines; the terminal prints them)."""
     first = rows[0]["model"]
-    lines = [f"| model | mode | precision | ms / step (median) | ms / step (best) | images / s | "
-             f"images / s vs {first} | compiled speed-up | bf16 speed-up | GFLOP / step | TFLOP/s | MFU | "
-             "peak memory GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    gpu = rows[0]["device"] == "cuda"
+    cols = ["model", "mode", "precision"]
+    cols += ["ms / step (median)", "ms / step (best)", "images / s"] if gpu else []
+    cols += [f"images / s vs {first}", "compiled speed-up", "bf16 speed-up", "GFLOP / step"]
+    cols += ["TFLOP/s", "MFU", "peak memory GiB"] if gpu else []
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
-        lines.append(f"| `{r['model']}` | {r['mode']} | {r['precision']} | {r['ms_per_step']:.2f} "
-                     f"| {r['ms_best']:.2f} | {r['images_per_s']:.1f} | {r['vs_first']:.3f} "
-                     f"| {fmt(r['compile_speedup'], '.2f')} | {fmt(r['bf16_speedup'], '.2f')} "
-                     f"| {gflop(r['flops_per_step'])} | {r['tflops']:.2f} | {fmt(r['mfu'], '.1%')} "
-                     f"| {fmt(mem, '.2f')} |")
+        cells = [f"`{r['model']}`", r["mode"], r["precision"]]
+        cells += [f"{r['ms_per_step']:.2f}", f"{r['ms_best']:.2f}", f"{r['images_per_s']:.1f}"] if gpu else []
+        cells += [f"{r['vs_first']:.3f}", fmt(r["compile_speedup"], ".2f"), fmt(r["bf16_speedup"], ".2f"),
+                  gflop(r["flops_per_step"])]
+        cells += [f"{r['tflops']:.2f}", fmt(r["mfu"], ".1%"), fmt(mem, ".2f")] if gpu else []
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -333,11 +339,15 @@ def render(rows: list[dict], args, command: str, device: torch.device, peak: flo
         *table(rows),
         "",
         "(One step = forward + cross-entropy + backward + AdamW step + zero_grad, train mode, synthetic data. "
-        "ms / step: median (and best) over the rounds; images / s from the median. GFLOP / step: "
-        "`FlopCounterMode` on one eager forward + backward (matmuls and convolutions); TFLOP/s = that / median "
-        f"time; {peak_note}. Compiled speed-up = eager time / `torch.compile` time of the same model. Peak memory "
-        "(GPU): the step's peak allocation above the resident set, plus the model's own weights, optimizer state "
-        "and the batch.)",
+        + ("ms / step: median (and best) over the rounds; images / s from the median. " if device.type == "cuda"
+           else "Ratios of the median times over the rounds; absolute CPU times are left out, as they do not carry "
+                "to another machine. ")
+        + "GFLOP / step: `FlopCounterMode` on one eager forward + backward (matmuls and convolutions)"
+        + (f"; TFLOP/s = that / median time; {peak_note}" if device.type == "cuda" else "")
+        + ". Compiled speed-up = eager time / `torch.compile` time of the same model"
+        + ("; bf16 speed-up = float32 time / bf16 time. Peak memory: the step's peak allocation above the resident "
+           "set, plus the model's own weights, optimizer state and the batch.)" if device.type == "cuda"
+           else "; bf16 speed-up = float32 time / bf16 time.)"),
     ]
     return "\n".join(lines) + "\n"
 

@@ -47,7 +47,24 @@ def test_train_throughput_cpu(tt):
     assert imixer["vs_first"] == pytest.approx(imixer["images_per_s"] / mixer["images_per_s"])
     assert imixer_bf16["bf16_speedup"] == pytest.approx(imixer["ms_per_step"] / imixer_bf16["ms_per_step"])
     assert mixer["bf16_speedup"] is None
-    assert "| `imixer_t4_28` | eager | bf16 |" in "\n".join(tt.table(rows))
+    text = "\n".join(tt.table(rows))
+    assert "| `imixer_t4_28` | eager | bf16 |" in text
+    assert "ms / step" not in text and "TFLOP/s" not in text  # CPU: ratios only, no absolute times
+    assert f"| {imixer_bf16['vs_first']:.3f} | – | {imixer_bf16['bf16_speedup']:.2f} |" in text
+
+
+def test_simulate_report_gives_ratios_per_round():
+    """The side-by-side table is the per-round ratio HAMUX / ours (median [range]), without the CPU seconds."""
+    sim = load("simulate_vs_hamux")
+    keys = ["vf", "rk4_energy", "rk4_plain", "euler_energy", "euler_plain", "dopri5", "dopri5_plain",
+            "dopri5_torchdiffeq"]
+    times = {f"ours:{k}": [1.0, 2.0, 4.0] for k in keys}
+    times |= {f"theirs:{k}": [3.0, 4.0, 4.0] for k in [*keys[:6], "dopri5_per_sample"]}
+    times["ours:dopri5_torchdiffeq"] = [2.5, 5.0, 12.0]
+    text = sim.render({"times": times, "rounds": 3, "dopri5_nfe": 512, "dopri5_descent": "energy never rose"})
+    assert "| RK4, 100 steps, energy at every step | 2.00 [1.00-3.00] |" in text  # 3/1, 4/2, 4/4
+    assert "| torchdiffeq | 2.50 [2.50-3.00] |" in text
+    assert "seconds" not in text and "GFLOP/s" not in text
 
 
 def test_train_throughput_model_kwargs(tt):
