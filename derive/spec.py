@@ -244,7 +244,10 @@ class NetworkSpec:
         layers = {}
         for name, ls in self.layers.items():
             shape = tuple(_eval_size(s, env, f"layers.{name}.shape[{i}]") for i, s in enumerate(ls.shape))
-            layers[name] = Layer(shape, lag.from_spec(ls.lagrangian), float(ls.tau))
+            try:
+                layers[name] = Layer(shape, lag.from_spec(ls.lagrangian), float(ls.tau))
+            except ValueError as e:
+                raise SpecError(f"layers.{name}: {e}") from None
         if layers[self.visible].shape != (int(seq_len), int(dim)):
             raise SpecError(f"layers.{self.visible}.shape: the visible layer is the model's token x channel state "
                             f"(S, C) = {(int(seq_len), int(dim))}, got {layers[self.visible].shape}")
@@ -308,7 +311,9 @@ class NetworkSpec:
             shape = body["shape"]
             if not isinstance(shape, (list, tuple)):
                 raise SpecError(f"{lw}.shape: a list of sizes, got {shape!r}")
-            layers[name] = LayerSpec(tuple(shape), dict(lagr), body.get("tau", 1.0))
+            # data read by plain yaml.safe_load keeps YAML 1.1's '1e-6' a string: read it as the number it spells
+            lagr = {k: yamlio.number(v) for k, v in lagr.items()}
+            layers[name] = LayerSpec(tuple(shape), lagr, yamlio.number(body.get("tau", 1.0)))
         syns_in = data.get("synapses")
         if not isinstance(syns_in, list) or not syns_in:
             raise SpecError(f"{where}: 'synapses' must be a list of synapses")
@@ -396,7 +401,7 @@ def load_spec(spec) -> NetworkSpec:
             raise SpecError(f"network spec {str(p)!r} is neither a file nor a registered name (register_spec, "
                             f"loaded with --import){known}")
         try:
-            data = yamlio.safe_load(p.read_text())
+            data = yamlio.load_file(p)
         except yaml.YAMLError as e:
             raise SpecError(f"network spec file {str(p)!r} is not valid YAML: {e}") from None
         return NetworkSpec.from_dict(data, where=f"network spec file {str(p)!r}")

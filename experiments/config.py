@@ -144,7 +144,7 @@ def read_yaml_mapping(path: str, what: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:
-        raw = yamlio.safe_load(p.read_text()) or {}
+        raw = yamlio.load_file(p) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -172,6 +172,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         raw["amp"] = "auto" if raw["amp"] else "off"
     cfg = _merge(TrainConfig(), raw, "")
     cfg.model_kwargs = _resolve_spec(cfg.model_kwargs)
+    if not (isinstance(cfg.out_dir, str) and cfg.out_dir.strip()):
+        raise ConfigError(f"config key 'out_dir' must be a folder's path, got {cfg.out_dir!r}")
+    cfg.out_dir = os.path.expanduser(cfg.out_dir)  # '~/runs/x' in a YAML file, which no shell expands
     for key in ("epochs", "batch_size", "lr_base_size"):
         if not (isinstance(getattr(cfg, key), int) and getattr(cfg, key) > 0):
             raise ConfigError(f"config key {key!r} must be a positive integer, got {getattr(cfg, key)!r}")
@@ -225,6 +228,9 @@ def import_modules(names: list[str]) -> None:
     if names and "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for name in names:
+        if name.endswith(".py") or os.sep in name:
+            raise ConfigError(f"--import {name}: give a module's name, not a file's path (--import my_module for "
+                              "my_module.py in the current folder, or a package's dotted name)")
         try:
             importlib.import_module(name)
         except Exception as e:  # any failure of a user's module: name it, keep its message
