@@ -44,7 +44,7 @@ from . import analysis, reports, symmetry
 from .config import ConfigError, add_import_argument, import_modules, load_config
 from .data import build_datasets
 from .datafiles import CorruptDatasetError, DatasetNotFoundError
-from .runs import CheckpointError, atomic_write, load_checkpoint
+from .runs import CheckpointError, RunFileError, atomic_write, load_checkpoint, read_summary
 from .train import build_model
 
 __all__ = ["IMAGES", "analyse_run", "find_runs", "load_run", "main", "run_record"]
@@ -69,7 +69,7 @@ def load_run(run: Path):
     ckpt = load_checkpoint(run / "checkpoint.pt")
     final = cfg.epochs
     if (run / "summary.json").exists():
-        final = json.loads((run / "summary.json").read_text()).get("epochs", final)
+        final = read_summary(run).get("epochs", final)
     if (ckpt["epoch"], ckpt.get("step", 0)) != (final, 0):
         raise StaleCheckpointError(
             f"run {str(run)!r}: its checkpoint.pt holds the weights of epoch {ckpt['epoch']}"
@@ -168,6 +168,18 @@ def main(argv=None) -> dict:
     runs = find_runs(args.runs)
     if not runs:
         p.error(f"no finished runs (summary.json) below {args.runs}")
+    unread = {}
+    for r in runs:
+        try:
+            read_summary(r)
+        except (OSError, RunFileError) as e:  # the other runs still tell their story
+            print(f"warning: {r}: left out, {e}", file=sys.stderr)
+            unread[r] = str(e)
+    runs = [r for r in runs if r not in unread]
+    if not runs:
+        p.error(f"no run below {args.runs} has a readable summary.json")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out}: a file, not a folder")
     args.out.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[Path]] = {}
     for r in runs:
@@ -186,7 +198,8 @@ def main(argv=None) -> dict:
     by_run: dict[str, list[list[dict]]] = {}
     fixed_points: dict[str, list[dict]] = {}
     report: dict = {"runs": [str(r) for r in runs], "symmetry": [], "fixed_point": {}, "energy": {},
-                    "rank_collapse": {}, "symmetry_breaking": {}, "not_analysed": [], "failed": []}
+                    "rank_collapse": {}, "symmetry_breaking": {}, "not_analysed": [],
+                    "failed": [{"run": str(r), "error": e} for r, e in unread.items()]}
     for run in runs:
         label, group = _label(run, args.runs), _group(run, args.runs)
         if not (run / "checkpoint.pt").exists() and not (run / "analysis.json").exists():
@@ -218,7 +231,7 @@ def main(argv=None) -> dict:
         by_run.setdefault(group, []).append(record["symmetry"])
         model = record["model"]
         if model["block"] in ("mixer", "paramixer") and record["symmetry"]:
-            top1 = json.loads((run / "summary.json").read_text())["last_top1"]
+            top1 = read_summary(run)["last_top1"]
             corr = statistics.mean(r["corr"] for r in record["symmetry"])
             report["symmetry_breaking"].setdefault(group, []).append(
                 {"form": model["form"], "lam": model["lam"], "top1": top1, "corr": corr})

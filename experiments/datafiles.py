@@ -276,6 +276,17 @@ def cifar_splits(name: str, root: Path, train_tf, test_tf, num_classes: int):
 # ---------------------------------------------------------------------------------------------------- ImageFolder
 
 
+def load_image(path: str):
+    """torchvision's ``default_loader`` (an RGB PIL image), with an error naming the file it cannot read."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return datasets.folder.default_loader(path)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise CorruptDatasetError(f"image {path} cannot be read ({type(e).__name__}: {e}); remove or replace "
+                                  "it") from None
+
+
 def imagefolder_splits(root: Path, train_tf, test_tf):
     """``root/train`` and ``root/val`` (or ``root/test``) as ImageFolder datasets with the same classes."""
     hint = ("expected root/train/<class>/<image> and root/val/<class>/<image> (or root/test/...); the archives of "
@@ -294,7 +305,7 @@ def imagefolder_splits(root: Path, train_tf, test_tf):
     splits = []
     for split_dir, tf in ((train_dir, train_tf), (eval_dir, test_tf)):
         try:
-            splits.append(datasets.ImageFolder(str(split_dir), transform=tf))
+            splits.append(datasets.ImageFolder(str(split_dir), transform=tf, loader=load_image))
         except FileNotFoundError as err:
             raise DatasetNotFoundError(f"imagefolder split {split_dir}: {err}; {hint}") from err
     train, test = splits

@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .analysis import read_metrics
 from .figures import mean_std, mean_std_cell, pyplot, save_figure
+from .runs import read_summary
 
 __all__ = ["certificate_report", "symmetry_trajectories", "symmetry_trajectory"]
 
@@ -31,7 +31,7 @@ def symmetry_trajectory(run: Path) -> dict[str, list[float]] | None:
         return None
     init = {}
     if (run / "summary.json").exists():
-        init = json.loads((run / "summary.json").read_text()).get("symmetry_init") or {}
+        init = read_summary(run).get("symmetry_init") or {}
     out: dict[str, list[float]] = {"epoch": [], **{m: [] for m in MLPS}}
     if init:
         out["epoch"].append(0)

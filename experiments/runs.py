@@ -24,7 +24,8 @@ from .config import ConfigError
 
 __all__ = ["CHECKPOINT_KEYS", "CheckpointError", "RunBusyError", "RunFileError", "RunWriteError", "atomic_write",
            "cpu_has_bf16_kernels", "cpu_name", "environment", "hold_out_dir", "load_checkpoint", "log_metrics",
-           "median_images_per_s", "read_jsonl", "rewrite_logs", "rng_state", "save_checkpoint", "set_rng_state"]
+           "median_images_per_s", "read_jsonl", "read_summary", "rewrite_logs", "rng_state", "save_checkpoint",
+           "set_rng_state"]
 
 
 class RunBusyError(ConfigError):
@@ -193,6 +194,18 @@ def read_jsonl(path) -> list[dict]:
             raise RunFileError(f"{path}:{k}: expected a JSON object per line, got {type(rec).__name__}")
         out.append(rec)
     return out
+
+
+def read_summary(run: Path) -> dict:
+    """A run folder's summary.json as a dict; RunFileError naming the file when it is not a JSON object."""
+    path = Path(run) / "summary.json"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{path}: not a JSON object ({e})") from None
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path}: not a JSON object (it holds a {type(data).__name__})")
+    return data
 
 
 def rewrite_logs(out: Path, history: list[dict]) -> None:

@@ -35,6 +35,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -57,12 +58,14 @@ from .config import (
 )
 from .datafiles import CorruptDatasetError, DatasetNotFoundError
 from .figures import mean_std_cell
-from .runs import CheckpointError, RunFileError, hold_out_dir, median_images_per_s, read_jsonl
+from .runs import CheckpointError, RunFileError, hold_out_dir, median_images_per_s, read_jsonl, read_summary
 from .train import check_model, train
 
 __all__ = ["check_spec", "comparison", "expand", "load_sweep", "machine", "run_sweep", "status", "table", "tost"]
 
 SWEEP_KEYS = ("base", "out_dir", "seeds", "overrides", "runs", "compare", "equivalence_margin")
+SWEEP_OWNED = ("seed", "out_dir")  # config keys the sweep sets for each (run, seed)
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 EQUIVALENCE_MARGIN = 0.5  # points of test top-1: paired differences within it count as no practical difference
 
 
@@ -86,21 +89,33 @@ def check_spec(spec: dict) -> None:
     def is_list(v, typ):
         return isinstance(v, list) and all(isinstance(x, typ) and not isinstance(x, bool) for x in v)
 
-    if not is_list(spec.get("seeds", [0]), int):
-        raise ConfigError(f"key 'seeds' must be a list of integers, got {spec['seeds']!r}")
+    seeds = spec.get("seeds", [0])
+    if not is_list(seeds, int) or not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"key 'seeds' must be a non-empty list of distinct integers, got {spec['seeds']!r}")
     if not is_list(spec.get("overrides", []), str):
         raise ConfigError(f"key 'overrides' must be a list of key=value strings, got {spec['overrides']!r}")
+    owned = [o for o in spec.get("overrides", []) if o.split("=", 1)[0].strip() in SWEEP_OWNED]
+    if owned:
+        raise ConfigError(f"key 'overrides': {owned} set what the sweep sets itself (seed from 'seeds', out_dir "
+                          "from 'out_dir' and the run's name)")
     for key in ("base", "out_dir"):
         if not isinstance(spec.get(key, ""), str):
             raise ConfigError(f"key {key!r} must be a path, got {spec[key]!r}")
     if not isinstance(spec.get("runs"), dict):
         raise ConfigError(f"key 'runs' must map run names to config keys, got {spec.get('runs')!r}")
     for name, body in spec["runs"].items():
+        if not (isinstance(name, str) and RUN_NAME.fullmatch(name)):
+            raise ConfigError(f"run {name!r}: a run's name is its folder's: letters, digits, '_', '-' and '.', not "
+                              "starting with '.'")
         if not isinstance(body, dict | None):
             raise ConfigError(f"run {name!r} must be a mapping of config keys, got {body!r}")
         grid = (body or {}).get("grid") or {}
         if not isinstance(grid, dict):
             raise ConfigError(f"run {name!r}: 'grid' must map config keys to lists of values, got {grid!r}")
+        owned = [k for k in [*(body or {}), *grid] if k in SWEEP_OWNED]
+        if owned:
+            raise ConfigError(f"run {name!r}: {owned} are set by the sweep itself (seed from 'seeds', out_dir from "
+                              "'out_dir' and the run's name)")
         for key, values in grid.items():
             if not (isinstance(values, list) and values):
                 raise ConfigError(f"run {name!r}: grid key {key!r} must be a non-empty list of values, got {values!r}")
@@ -166,10 +181,7 @@ def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]
         for seed in seeds:
             d = _run_dir(out, name, seed)
             if (d / "summary.json").exists():
-                try:
-                    row = {**json.loads((d / "summary.json").read_text()), "seed": seed}
-                except (json.JSONDecodeError, TypeError) as e:
-                    raise RunFileError(f"{d / 'summary.json'}: not a JSON object ({e})") from None
+                row = {**read_summary(d), "seed": seed}
                 if (d / "metrics.jsonl").exists():  # the same median for summaries written when it was the mean
                     row["images_per_s"] = median_images_per_s(read_jsonl(d / "metrics.jsonl"))
                 rows.append(row)
@@ -278,7 +290,7 @@ def status(spec: dict) -> str:
     seeds has logged one. For unfinished runs, how long ago their checkpoint was written: a run in training
     writes one every epoch (and every ``checkpoint_minutes``), so a recent one marks a run in progress. Ends with
     the sum."""
-    out = Path(spec.get("out_dir", "runs/sweep"))
+    out = Path(spec.get("out_dir", "runs/sweep")).expanduser()
     seeds = list(spec.get("seeds", [0]))
     lines = ["| run | seed | epochs | last test top-1 (%) | hours left | checkpoint written |",
              "|---|---|---|---|---|---|"]
@@ -317,7 +329,9 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
     """Train every (run, seed) not finished yet, seed-major; ``only``/``seeds`` restrict what is trained (the
     tables always cover all the sweep's seeds), so ``seeds=[0]`` gives a first full row of results early."""
     check_spec(spec)
-    out = Path(spec.get("out_dir", "runs/sweep"))
+    out = Path(spec.get("out_dir", "runs/sweep")).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"sweep key 'out_dir': {str(out)!r} is a file, not a folder")
     all_seeds = list(spec.get("seeds", [0]))
     runs = expand(spec)
     unknown = [o for o in (only or []) if o not in runs]

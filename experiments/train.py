@@ -120,6 +120,12 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int
 
     if not timm.is_model(cfg.model):
         raise ConfigError(f"config key 'model': unknown model {cfg.model!r}")
+    owned = {"num_classes": "the dataset", "in_chans": "the dataset", "img_size": "the dataset (data.img_size)",
+             "drop_path_rate": "config key 'drop_path'"}
+    clash = [k for k in cfg.model_kwargs if k in owned]
+    if clash:
+        raise ConfigError("; ".join(f"config key 'model_kwargs.{k}': set by {owned[k]}, not in model_kwargs"
+                                    for k in clash))
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **cfg.model_kwargs)
     if cfg.drop_path:
         kwargs["drop_path_rate"] = cfg.drop_path
@@ -205,9 +211,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     that run's outputs). A signal that arrives after the last training step (during the last evaluation) is
     delivered again once the summary is written, so a sweep stops instead of starting a new run."""
     check_run(cfg)  # a wrong model, device or batch size fails now, before any data is read or folder made
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config key 'out_dir': {str(out)!r} is a file, not a folder")
+    if resume and not overwrite and (out / "summary.json").exists() and not (out / "checkpoint.pt").exists():
+        raise ConfigError(f"config key 'out_dir': {str(out)!r} holds a finished run (summary.json) and no checkpoint "
+                          "to resume from; train it again with --overwrite, or choose another out_dir")
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process holds the lock for all
         return _train(cfg, resume, overwrite)
-    out = Path(cfg.out_dir)
     created = not out.exists()
     try:
         with hold_out_dir(out) as mine:

@@ -318,6 +318,16 @@ def test_imagefolder_missing_paths_are_named(tmp_path):
         build_datasets(DataConfig(name="imagefolder", root=str(tmp_path)))
 
 
+def test_an_unreadable_image_is_named(tmp_path):
+    write_image_tree(tmp_path)
+    (tmp_path / "train" / "dog" / "2.png").write_text("not an image")
+    train, _, _ = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path)))
+    bad = next(i for i, (path, _) in enumerate(train.samples) if path.endswith("2.png"))
+    assert train[bad - 1][0].shape == (3, 224, 224)
+    with pytest.raises(CorruptDatasetError, match=rf"image {tmp_path / 'train' / 'dog' / '2.png'} cannot be read"):
+        train[bad]
+
+
 # ------------------------------------------------------------------------------------------------------- transforms
 
 

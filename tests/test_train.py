@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from experiments import analyze, runs, sweep, train
+from experiments.config import import_modules
 from experiments.runs import load_checkpoint
 from experiments.train import CheckpointError, ConfigError, RunFileError, load_config
 
@@ -86,13 +87,27 @@ def test_errors_before_the_run_come_before_its_folder(tmp_path):
     cases = [("device=tpu", "'device': 'tpu' is not a device"),
              ("data.train_subset=100", "'batch_size': 128 exceeds the 100 training images"),
              ("data.train_subset=70000", "train_subset=70000 exceeds the 60000 images of fashion_mnist's train"),
-             ("data.test_subset=20000", "test_subset=20000 exceeds the 10000 images")]
+             ("data.test_subset=20000", "test_subset=20000 exceeds the 10000 images"),
+             ("model_kwargs.img_size=32", "config key 'model_kwargs.img_size': set by the dataset (data.img_size)"),
+             ("model_kwargs.drop_path_rate=0.1", "'model_kwargs.drop_path_rate': set by config key 'drop_path'")]
     if not torch.cuda.is_available():
         cases.append(("device=cuda", "'device': 'cuda', but this machine has no CUDA GPU"))
     for override, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             train.train(load_config(CONFIG, [*TINY, override, f"out_dir={out}"]))
         assert not out.exists(), override
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match=f"config key 'out_dir': '{a_file}' is a file, not a folder"):
+        train.train(load_config(CONFIG, [*TINY, f"out_dir={a_file}"]))
+    finished = tmp_path / "finished"  # a committed run: summary.json kept, its checkpoint not
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds a finished run \(summary.json\) and no checkpoint to resume from"):
+        train.train(load_config(CONFIG, [*TINY, f"out_dir={finished}"]), resume=True)
+    assert load_config(CONFIG, ["out_dir=~/runs/x"]).out_dir == str(Path.home() / "runs" / "x")
+    with pytest.raises(ConfigError, match=r"--import my_block\.py: give a module's name, not a file's path"):
+        import_modules(["my_block.py"])
     with pytest.warns(RuntimeWarning, match=r"'warmup_epochs' \(1\) >= 'epochs' \(1\): the whole run is warm-up"):
         train.train(load_config(CONFIG, [*TINY, "warmup_epochs=1", "epochs=1", "data.train_subset=64",
                                          "data.test_subset=32", "batch_size=32", f"out_dir={out}"]))
@@ -153,7 +168,14 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
                           ("runs: {a: 3}\n", "run 'a' must be a mapping of config keys, got 3"),
                           ("runs: {a: {grid: {lr: 3}}}\n", "run 'a': grid key 'lr' must be a non-empty list"),
                           ("runs: {a: {grid: [lr]}}\n", "run 'a': 'grid' must map config keys"),
-                          ("seeds: 0\nruns: {a: {}}\n", "key 'seeds' must be a list of integers, got 0"),
+                          ("seeds: 0\nruns: {a: {}}\n", "key 'seeds' must be a non-empty list of distinct integers"),
+                          ("seeds: []\nruns: {a: {}}\n", "key 'seeds' must be a non-empty list"),
+                          ("seeds: [0, 0]\nruns: {a: {}}\n", "key 'seeds' must be a non-empty list of distinct"),
+                          ("runs: {../../x: {}}\n", r"run '../../x': a run's name is its folder's"),
+                          ("runs: {1: {}}\n", "run 1: a run's name is its folder's"),
+                          ("runs: {a: {seed: 3}}\n", r"run 'a': \['seed'\] are set by the sweep itself"),
+                          ("runs: {a: {grid: {out_dir: [x, y]}}}\n", r"run 'a': \['out_dir'\] are set by the sweep"),
+                          ("overrides: [seed=3]\nruns: {a: {}}\n", r"key 'overrides': \['seed=3'\] set what the sweep"),
                           ("overrides: epochs=1\nruns: {a: {}}\n", "key 'overrides' must be a list"),
                           ("runs: [a]\n", "key 'runs' must map run names"),
                           ("compare: a\nruns: {a: {}}\n", "key 'compare' must be a list of run names, got 'a'"),
@@ -897,6 +919,18 @@ def test_analyze_reports_broken_runs_by_name_and_finishes_the_rest(tmp_path, cap
     assert next(r["run"] for r in report["symmetry"]) == "good_seed0"
     assert {"curves.png", "symmetry.md", "symmetry_by_run.md", "report.json"} <= {p.name for p in
                                                                                  (tmp_path / "fig").iterdir()}
+    import shutil  # a summary.json cut short or holding null: named and left out, the rest analysed
+
+    for name, text in (("good", None), ("cut", '{"epochs": 1, "last'), ("null", "null")):
+        shutil.copytree(runs / "good" / "seed0", tmp_path / "mixed" / name / "seed0")
+        if text is not None:
+            (tmp_path / "mixed" / name / "seed0" / "summary.json").write_text(text)
+    capsys.readouterr()
+    mixed = analyze.main(["--runs", str(tmp_path / "mixed"), "--out", str(tmp_path / "fig_mixed"), "--images", "4"])
+    err = capsys.readouterr().err
+    assert {f["run"] for f in mixed["failed"]} == {str(tmp_path / "mixed" / n / "seed0") for n in ("cut", "null")}
+    assert "summary.json: not a JSON object (Unterminated" in err and "not a JSON object (it holds a NoneType)" in err
+    assert {r["run"] for r in mixed["symmetry"]} == {"good_seed0"}
     single = analyze.main(["--runs", str(runs / "good" / "seed0"), "--out", str(tmp_path / "one"), "--images", "4"])
     assert {r["run"] for r in single["symmetry"]} == {"good_seed0"}
     assert "| good | 1 |" in (tmp_path / "one" / "symmetry_by_run.md").read_text()
