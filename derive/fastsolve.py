@@ -211,6 +211,11 @@ def solve_fast(net: Network, start: dict[str, Tensor], visible: str, *, method: 
         else:
             x, res, iters = _newton(residual, x0, v, tol, max_iter)
     if not bool(torch.isfinite(res).all()) or float(res.max()) > tol:
+        net.check_parameters("the fast layers' fixed point")  # a NaN weight, not the dynamics, is then the cause
+        bad = (~torch.isfinite(v.reshape(batch, -1))).any(-1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"the fast layers' fixed point: the visible state of sample(s) {bad[:8]} is not finite "
+                             "(NaN or inf)")
         worst = int(torch.nan_to_num(res, nan=float("inf")).argmax())
         with torch.no_grad():
             r = (currents(x[worst:worst + 1], v[worst:worst + 1]) - x[worst:worst + 1])[0]

@@ -48,12 +48,12 @@ def block_spec(kind: str, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0, depth: 
     but for the parallelized Mixer) or over the whole token x channel matrix (``"matrix"``, the parallelized-Mixer
     authors'; the parallelized Mixer's default and, with ``bias=False``, their serial ``vanillamixer``)."""
     if kind not in KINDS:
-        raise ValueError(f"block_network: kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"block_spec: kind must be one of {KINDS}, got {kind!r}")
     norm = norm if norm is not None else ("matrix" if kind == "paramixer" else "channel")
     if norm not in ("matrix", "channel"):
-        raise ValueError(f"block_network: norm must be 'matrix' or 'channel', got {norm!r}")
+        raise ValueError(f"block_spec: norm must be 'matrix' or 'channel', got {norm!r}")
     if norm == "matrix" and kind in ("imixer", "limixer"):
-        raise ValueError(f"block_network: a {kind!r} block normalises per token (norm='channel'); 'matrix' is "
+        raise ValueError(f"block_spec: a {kind!r} block normalises per token (norm='channel'); 'matrix' is "
                          "for the mixer and paramixer kinds")
     form = {"symmetric": "tied", "symmetry_breaking": "broken"}.get(form, form)
     tokens_ratio, channels_ratio = ratio_pair(mlp_ratio)
@@ -78,7 +78,7 @@ def block_spec(kind: str, mlp_ratio=(0.5, 4.0), *, h_ratio: float = 1.0, depth: 
         sizes["H"] = f"int(T * {float(h_ratio)!r})"
     else:
         if depth < 3:
-            raise ValueError(f"block_network: an L-layer iMixer needs depth >= 3, got {depth}")
+            raise ValueError(f"block_spec: an L-layer iMixer needs depth >= 3, got {depth}")
         names, widths = [f"x{k}" for k in range(1, depth)], ["T"] + ["H"] * (depth - 2)
         sizes["H"] = f"int(T * {float(h_ratio)!r})"
     layers = {"v": LayerSpec(("S", "C"), ln, 1.0)}

@@ -119,6 +119,9 @@ def verify(net: Network, visible: str = "v", *, eps=(1e-1, 1e-2, 1e-3), v: Tenso
     """Check the adiabatic limit of ``net`` (and, given ``block``, its discrete-time limit) numerically, in
     float64; see the module doc. ``v``: the visible state to start from (default: ``batch`` standard normal draws
     from ``seed``). ``path``: also write the PNG. Returns a ``VerifyReport`` (``print`` it for the table)."""
+    if not isinstance(net, Network):
+        raise TypeError(f"verify: net is a hopfield.Network (derive.block_network(kind, S, C), or a spec's "
+                        f"derive.load_spec(...).build(S, C)), got {type(net).__name__}")
     if visible not in net.layers:
         raise ValueError(f"verify: unknown visible layer {visible!r}; layers are {list(net.layers)}")
     try:

@@ -9,6 +9,7 @@ the network reaches a fixed point.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,42 @@ def _solver_names() -> list[str]:
         return sorted(SOLVERS)
     except ImportError:  # layout changed: let torchdiffeq validate
         return []
+
+
+def _solver_options(method: str) -> set[str] | None:
+    """The options torchdiffeq's solver for ``method`` takes (its constructor's keywords); None if unknown."""
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS
+    except ImportError:  # layout changed: let torchdiffeq validate
+        return None
+    if method not in SOLVERS:
+        return None
+    keys = set()
+    for cls in SOLVERS[method].__mro__:
+        if "__init__" in cls.__dict__:
+            keys |= {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keys - {"self", "func", "y0", "rtol", "atol"}
+
+
+SCIPY_SOLVERS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")  # scipy.integrate.solve_ivp's methods
+
+
+def _check_options(method: str, options, who: str) -> None:
+    """``options`` is a dict of ``method``'s own options (torchdiffeq warns about an unknown one and goes on with
+    its default, so a misspelt ``stepsize`` would pass unnoticed); ValueError naming the key."""
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{who}: options must be a dict of solver options, got {type(options).__name__}")
+    known = _solver_options(method)
+    unknown = sorted(set(options) - known) if known is not None else []
+    if unknown:
+        raise ValueError(f"{who}: {unknown} not among the options of method {method!r}: {sorted(known)}")
+    if method == "scipy_solver" and options.get("solver", "LSODA") not in SCIPY_SOLVERS:
+        raise ValueError(f"{who}: options['solver'] is one of scipy's {SCIPY_SOLVERS}, got {options['solver']!r}")
+    if options.get("step_size") is not None:
+        _check_positive("options['step_size']", options["step_size"], who)
 
 
 ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5", "scipy_solver"}
@@ -264,10 +301,8 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
     dtype = y0[0].dtype if y0[0].is_floating_point() else torch.float64
     rtol = _check_positive("rtol", DEFAULT_RTOL.get(dtype, 1e-7) if rtol is None else rtol)
     atol = _check_positive("atol", rtol / 100 if atol is None else atol)
-    if options is not None and not isinstance(options, Mapping):
-        raise TypeError(f"simulate: options must be a dict of solver options, got {type(options).__name__}")
-    if (options or {}).get("step_size") is not None:
-        _check_positive("options['step_size']", options["step_size"])
+    _check_options(method, options, "simulate")
+    net.check_parameters("simulate")
     t = t.to(device=y0[0].device, dtype=dtype)
     for n, x in zip(names, y0):
         if not torch.isfinite(x).all():
@@ -380,6 +415,8 @@ def relax(net: Network, state: Mapping[str, Tensor], tol: float = 1e-6, *, t_max
     net.check_state(state)
     inputs, clamped = net._check_inputs(inputs, clamped, state)
     _check_method(method)
+    _check_options(method, options, "relax")
+    net.check_parameters("relax")
     _check_positive("tol", tol, "relax")
     if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
         raise ValueError(f"relax: max_nfe must be an int >= 1 or None, got {max_nfe!r}")

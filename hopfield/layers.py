@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .lagrangians import Lagrangian
+from .lagrangians import Lagrangian, _batched_axes
 
 __all__ = ["Layer"]
 
@@ -34,6 +34,12 @@ class Layer:
             raise TypeError(
                 f"Layer lagrangian must be a hopfield.lagrangians.Lagrangian, got {type(self.lagrangian).__name__}"
             )
+        axis = getattr(self.lagrangian, "axis", None)
+        if axis is not None:
+            try:
+                _batched_axes(axis, len(shape) + 1)
+            except ValueError as e:
+                raise ValueError(f"Layer of shape {shape} with {self.lagrangian}: {e}") from None
         tau = self.tau
         if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (math.isfinite(tau) and tau > 0):
             raise ValueError(f"Layer tau must be finite and > 0, got {self.tau!r}")

@@ -71,6 +71,8 @@ class Network(nn.Module):
     def init_state(self, batch: int, *, scale: float = 1.0, generator: torch.Generator | None = None,
                    dtype: torch.dtype | None = None, device=None) -> State:
         """Random state: ``scale`` * N(0, 1) per layer (zeros when scale == 0), on the network's dtype/device."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"init_state: dtype is a floating torch.dtype (torch.float64, ...), got {dtype!r}")
         p = next(self.parameters(), None)
         dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())
         device = device or (p.device if p is not None else None)
@@ -104,6 +106,15 @@ class Network(nn.Module):
         ref = state[next(iter(self.layers))] if ref is None else ref
         for n in self.layers:
             self._check_like(state[n], ref, f"state of layer {n!r}")
+
+    def check_parameters(self, where: str) -> None:
+        """ValueError naming the synapse and parameter that holds a NaN or an infinity: a solver would otherwise
+        report the state blowing up, or a fixed point not found, and point at the dynamics instead."""
+        for syn in self.synapses:
+            for pname, param in syn.named_parameters():
+                if not bool(torch.isfinite(param).all()):
+                    raise ValueError(f"{where}: the parameter {pname!r} of synapse {syn.name!r} is not finite "
+                                     "(NaN or inf)")
 
     def check_tensor(self, x: Tensor, what: str) -> None:
         """``x`` is floating-point, on the network's dtype and device (those of its parameters; anything if it has

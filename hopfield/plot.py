@@ -24,6 +24,10 @@ def save_figure(fig, path, **savefig_kwargs) -> Path:
             raise ValueError(f"cannot save a figure as {str(path)!r}: it is a folder; give a file name (.png)")
         if not path.suffix:
             path = path.with_suffix(".png")
+        formats = fig.canvas.get_supported_filetypes()
+        if path.suffix[1:].lower() not in formats:
+            raise ValueError(f"cannot save a figure as {str(path)!r}: {path.suffix!r} is not an image format "
+                             f"matplotlib writes ({', '.join('.' + f for f in sorted(formats))})")
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # beside it: the rename stays on one file system
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

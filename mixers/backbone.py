@@ -22,9 +22,9 @@ from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ImageGrid", "PatchStem", "TimmClassifierAPI", "blocks_feature_info", "check_sizes", "create_registered",
-           "new_head", "prune_blocks", "register_entrypoints", "run_block", "run_blocks", "split_kwargs",
-           "take_blocks", "timm_data_cfg", "token_maps"]
+__all__ = ["ImageGrid", "PatchStem", "TimmClassifierAPI", "block_indices", "blocks_feature_info", "check_sizes",
+           "create_registered", "new_head", "prune_blocks", "register_entrypoints", "run_block", "run_blocks",
+           "split_kwargs", "take_blocks", "timm_data_cfg", "token_maps"]
 
 _IGNORED_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
@@ -33,6 +33,9 @@ def check_sizes(cfg, ints: tuple[str, ...], ratios: dict[str, Any]) -> None:
     """ValueError naming the config class and field unless each of ``ints`` is a positive integer and each of
     ``ratios`` (name -> a number or a tuple of numbers) is > 0: bad sizes fail here, not deep inside a layer."""
     where = type(cfg).__name__
+    classes = getattr(cfg, "num_classes", 0)
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
+        raise ValueError(f"{where}.num_classes must be an integer >= 0 (0: no head), got {classes!r}")
     for name in ints:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -146,12 +149,26 @@ def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointed: bool = Fals
     return x
 
 
+def block_indices(n_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices`` (the last n blocks if an int, all if None, negative from the end), with a
+    ValueError that says how many blocks there are instead of timm's bare assertion."""
+    if indices is not None:
+        single = isinstance(indices, int) and not isinstance(indices, bool)
+        many = isinstance(indices, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in indices)
+        if not (single and 1 <= indices <= n_blocks) and not (many and indices
+                                                               and all(-n_blocks <= i < n_blocks for i in indices)):
+            raise ValueError(f"block indices {indices!r} do not fit a model of {n_blocks} blocks: an int n takes the "
+                             f"last n (1 to {n_blocks}), a list names blocks 0 to {n_blocks - 1} (or -{n_blocks} to "
+                             "-1 from the end)")
+    return feature_take_indices(n_blocks, indices)
+
+
 def take_blocks(n_blocks: int, indices: int | list[int] | None, output_fmt: str = "NCHW") -> tuple[list[int], int]:
-    """timm's ``feature_take_indices`` (the last n blocks if an int, all if None, negative from the end) after
-    checking ``output_fmt``: the block indices to return and the last of them."""
+    """`block_indices` after checking ``output_fmt``: the block indices to return and the last of them."""
     if output_fmt not in ("NCHW", "NLC"):
         raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-    return feature_take_indices(n_blocks, indices)
+    return block_indices(n_blocks, indices)
 
 
 def token_maps(tokens: list[torch.Tensor], output_fmt: str, grid: tuple[int, int]) -> list[torch.Tensor]:
@@ -168,7 +185,7 @@ def blocks_feature_info(n_blocks: int, channels: int, reduction: int) -> list[di
 
 def prune_blocks(model: nn.Module, indices: int | list[int]) -> list[int]:
     """Drop ``model.blocks`` (and their ``feature_info``) after the last of ``indices``; the kept indices."""
-    take, last = feature_take_indices(len(model.blocks), indices)
+    take, last = block_indices(len(model.blocks), indices)
     model.blocks = model.blocks[: last + 1]
     model.feature_info = model.feature_info[: last + 1]
     return take
@@ -279,7 +296,12 @@ def create_registered(name: str, pretrained: bool, kwargs: dict[str, Any],
             raise ValueError(f"{name}: feature_cls must be 'getter' (features from forward_intermediates), "
                              f"got {feature_cls!r}")
         # as timm's Mixer and ViT: the last 3 blocks unless out_indices says otherwise
-        model = FeatureGetterNet(model, out_indices=3 if out_indices is None else out_indices)
+        out_indices = min(3, len(model.blocks)) if out_indices is None else out_indices
+        try:
+            block_indices(len(model.blocks), out_indices)
+        except ValueError as e:
+            raise ValueError(f"{name}: out_indices: {e}") from None
+        model = FeatureGetterNet(model, out_indices=out_indices)
     elif out_indices is not None:
         raise TypeError(f"{name}: out_indices is given without features_only=True")
     return model

@@ -242,5 +242,83 @@ def test_wrong_inputs_to_simulate_derive_and_models_are_named_by_the_project():
         assert raised_by_project(info.value), traceback.format_exception(info.value)
 
 
+def test_misspelt_options_odd_sizes_and_non_finite_weights_are_named():
+    """What torchdiffeq, scipy, timm or matplotlib would warn about and ignore, or fail on deep inside, or what
+    a solver would misreport as the dynamics blowing up: named by the project."""
+    import matplotlib.pyplot as plt
+    import timm
+
+    import derive
+    import hopfield
+    from hopfield import presets
+    from hopfield.plot import save_figure
+
+    net = presets.imixer_chain(8, 16)
+    state = net.init_state(2)
+    t = torch.linspace(0, 1, 3)
+    cases = [
+        (lambda: hopfield.simulate(net, state, t, method="euler", options={"stepsize": 0.5}),
+         r"simulate: \['stepsize'\] not among the options of method 'euler': \[.*'step_size'"),
+        (lambda: hopfield.simulate(net, state, t, method="dopri5", options={"foo": 1}), r"\['foo'\] not among"),
+        (lambda: hopfield.simulate(net, state, t, method="scipy_solver", options={"solver": "Foo"}),
+         r"options\['solver'\] is one of scipy's"),
+        (lambda: net.relax(state, clamped=("v",), options={"foo": 1}), r"relax: \['foo'\] not among"),
+        (lambda: Layer((4, 4), lag.layernorm(axis=3)), r"Layer of shape \(4, 4\) with layernorm.*axis 3 is out of"),
+        (lambda: net.init_state(2, dtype="float64"), "init_state: dtype is a floating torch.dtype"),
+        (lambda: derive.verify("imixer"), "verify: net is a hopfield.Network"),
+        (lambda: derive.block_spec("foo"), "block_spec: kind must be one of"),
+        (lambda: timm.create_model("vmixer_t4_28", num_classes=-1), "MixerConfig.num_classes must be an integer >= 0"),
+        (lambda: timm.create_model("imixer_t4_28", features_only=True, out_indices=(7,)),
+         r"imixer_t4_28: out_indices: block indices \(7,\) do not fit a model of 4 blocks"),
+        (lambda: timm.create_model("vmixer_t4_28").forward_intermediates(torch.zeros(1, 1, 28, 28), indices=[99]),
+         r"block indices \[99\] do not fit a model of 4 blocks"),
+        (lambda: timm.create_model("imixer_t4_28", h_ratio=0.001), "token chain's hidden layer .* is 0"),
+        (lambda: timm.create_model("imixer_t4_28", embed_dim=1), r"the token MLP \(int\(mlp_ratio\[0\] \* embed_dim"),
+        (lambda: save_figure(plt.figure(), "/tmp/energy.xyz"), "'.xyz' is not an image format matplotlib writes"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message) as info:
+            call()
+        assert raised_by_project(info.value), traceback.format_exception(info.value)
+    assert hopfield.simulate(net, state, t, method="euler", options={"step_size": 0.25}).energy.shape == (3, 2)
+    bad_v = torch.randn(2, 8, 16)
+    bad_v[1, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"the visible state of sample\(s\) \[1\] is not finite"):
+        derive.adiabatic(net)(bad_v)
+    with torch.no_grad():
+        net.synapses[0].weight[0, 0] = math.nan
+    for call, where in ((lambda: hopfield.simulate(net, state, t), "simulate"),
+                        (lambda: net.relax(state, clamped=("v",)), "relax"),
+                        (lambda: derive.adiabatic(net)(torch.randn(2, 8, 16)), "the fast layers' fixed point")):
+        with pytest.raises(ValueError, match=f"{where}: the parameter 'weight' of synapse 'v-x' is not finite"):
+            call()
+
+
+def test_yaml_files_keep_no_key_twice_and_must_be_text(tmp_path):
+    """A key given twice (PyYAML keeps the last, silently) and a file that is not UTF-8 text are errors naming the
+    file; a spec read by plain yaml.safe_load (YAML 1.1: '1e-6' a string) still reads its numbers."""
+    import derive
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(CONFIG.read_text() + "\nepochs: 3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: line \d+: the key 'epochs' is given a second time \(first"):
+        load_config(str(twice))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"epochs: 2\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match=f"config file '{binary}' is not valid YAML: it is not UTF-8 text"):
+        load_config(str(binary))
+    spec_text = SPEC.read_text()
+    layer_twice = tmp_path / "layers_twice.yaml"
+    first = spec_text.index("layers:") + len("layers:\n")
+    line = spec_text[first:spec_text.index("\n", first) + 1]
+    layer_twice.write_text(spec_text[:first] + line + spec_text[first:])
+    with pytest.raises(SpecError, match=rf"'{layer_twice}' is not valid YAML: line \d+: the key 'v' is given"):
+        derive.load_spec(str(layer_twice))
+    plain = yaml.safe_load(spec_text.replace("eps: 1.0e-", "eps: 1e-").replace("tau: 0.01", "tau: 1e-2"))
+    assert any(isinstance(v, str) for L in plain["layers"].values() for v in
+               [*(L["lagrangian"].values() if isinstance(L["lagrangian"], dict) else []), L.get("tau")])
+    assert derive.load_spec(plain).to_dict() == derive.load_spec(str(SPEC)).to_dict()
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
