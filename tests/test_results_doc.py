@@ -29,6 +29,22 @@ def test_finished_sweep_tables_recompute_from_their_run_folders(sweep_file):
     assert not missing, "\n".join(missing)
 
 
+def test_issue_25_rows_recompute_from_the_committed_runs():
+    """The rows of the two spec architectures and their partners in docs/results.md's issue-25 section are lines of
+    the claims sweep's ``--table-only`` output, recomputed from the summaries committed now: a run committed
+    without its table updated fails here."""
+    spec = sweep.load_sweep(str(ROOT / "experiments" / "configs" / "sweep_fashion_claims.yaml"))
+    summaries = sweep._summaries(ROOT / spec["out_dir"], sweep.expand(spec), list(spec["seeds"]))
+    margin = spec.get("equivalence_margin", sweep.EQUIVALENCE_MARGIN)
+    md = "\n".join([sweep.table(summaries)] + [sweep.comparison(summaries, ref, margin) for ref in spec["compare"]])
+    section = DOC.split("## Two architectures designed as network specs", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines()
+            if line.startswith(("| spec_", "| imixer[n_iter=2] |", "| paramixer_untied |"))]
+    assert len(rows) >= 6
+    missing = [line for line in rows if line not in md.splitlines()]
+    assert not missing, "\n".join(missing)
+
+
 # the claims sweep's single-seed rows (issue 24), until its 3-seed tables replace them
 CLAIMS_SEED0 = {
     "iMixer without spectral norm, n_iter 1": "imixer_nosn_n_iter1",
