@@ -281,6 +281,9 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / cfg.lr_base_size
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                     param_group_fn=(lambda m: param_groups(m, cfg)) if cfg.no_weight_decay else None)
+    if cfg.min_lr >= lr and main_proc and ckpt is None:
+        warnings.warn(f"config key 'min_lr' ({cfg.min_lr:g}) >= the learning rate ({lr:g}): the schedule never "
+                      "decays (its floor is at or above its peak)", RuntimeWarning, stacklevel=2)
     if cfg.warmup_epochs >= cfg.epochs and main_proc and ckpt is None:
         warnings.warn(f"config keys 'warmup_epochs' ({cfg.warmup_epochs}) >= 'epochs' ({cfg.epochs}): the whole run "
                       "is warm-up, its learning rate rising all the way and never reaching the peak", RuntimeWarning,

@@ -108,9 +108,10 @@ def test_errors_before_the_run_come_before_its_folder(tmp_path):
     assert load_config(CONFIG, ["out_dir=~/runs/x"]).out_dir == str(Path.home() / "runs" / "x")
     with pytest.raises(ConfigError, match=r"--import my_block\.py: give a module's name, not a file's path"):
         import_modules(["my_block.py"])
-    with pytest.warns(RuntimeWarning, match=r"'warmup_epochs' \(1\) >= 'epochs' \(1\): the whole run is warm-up"):
-        train.train(load_config(CONFIG, [*TINY, "warmup_epochs=1", "epochs=1", "data.train_subset=64",
-                                         "data.test_subset=32", "batch_size=32", f"out_dir={out}"]))
+    with pytest.warns(RuntimeWarning, match=r"'warmup_epochs' \(1\) >= 'epochs' \(1\): the whole run is warm-up"), \
+            pytest.warns(RuntimeWarning, match=r"'min_lr' \(1\) >= the learning rate \(0.001\): the schedule never"):
+        train.train(load_config(CONFIG, [*TINY, "warmup_epochs=1", "epochs=1", "data.train_subset=64", "lr=1e-3",
+                                         "min_lr=1", "data.test_subset=32", "batch_size=32", f"out_dir={out}"]))
 
 
 def test_write_failures_name_the_file_and_keep_the_previous_checkpoint(tmp_path, monkeypatch):
