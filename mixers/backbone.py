@@ -183,11 +183,20 @@ def blocks_feature_info(n_blocks: int, channels: int, reduction: int) -> list[di
     return [dict(module=f"blocks.{i}", num_chs=channels, reduction=reduction) for i in range(n_blocks)]
 
 
-def prune_blocks(model: nn.Module, indices: int | list[int]) -> list[int]:
-    """Drop ``model.blocks`` (and their ``feature_info``) after the last of ``indices``; the kept indices."""
+def prune_blocks(model: nn.Module, indices: int | list[int], prune_norm: bool = False, prune_head: bool = True,
+                 head_norms: tuple[str, ...] = ()) -> list[int]:
+    """timm's ``prune_intermediate_layers``: drop ``model.blocks`` (and their ``feature_info``) after the last of
+    ``indices``, the final ``norm`` if ``prune_norm``, the head (and the ``head_norms`` before it) if
+    ``prune_head``; the kept indices."""
     take, last = block_indices(len(model.blocks), indices)
     model.blocks = model.blocks[: last + 1]
     model.feature_info = model.feature_info[: last + 1]
+    if prune_norm:
+        model.norm = nn.Identity()
+    if prune_head:
+        for name in head_norms:
+            setattr(model, name, nn.Identity())
+        model.reset_classifier(0, "")
     return take
 
 
@@ -257,12 +266,7 @@ class TimmClassifierAPI:
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the norm, the head if asked); the kept indices."""
-        take = prune_blocks(self, indices)
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
+        return prune_blocks(self, indices, prune_norm, prune_head)
 
 
 def timm_data_cfg(num_classes: int, in_chans: int, image_hw: tuple[int, int], crop_pct: float,

@@ -373,13 +373,7 @@ class VisionTransformer(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the norms, the head if asked); the kept indices."""
-        take = prune_blocks(self, indices)
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.fc_norm = nn.Identity()
-            self.reset_classifier(0, "")
-        return take
+        return prune_blocks(self, indices, prune_norm, prune_head, head_norms=("fc_norm",))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
