@@ -28,13 +28,14 @@ __all__ = ["DERIVED_MODEL_NAMES", "SPEC_MODEL_NAMES"]
 
 def _entrypoint(name: str, source: str):
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> DerivedMixer:
-        if pretrained:
-            raise RuntimeError(f"no pretrained weights exist for {name!r}; create it with pretrained=False")
-        try:
-            reference = model_entrypoint(source)(pretrained=False, **kwargs)
-        except (TypeError, ValueError) as e:  # the reference's own message, said of this name
-            raise type(e)(f"{name} (the derived twin of {source}): {e}") from None
-        return from_reference(reference)
+        def build(kw: dict[str, Any]) -> DerivedMixer:  # (features_only, device, dtype: create_registered's)
+            try:
+                reference = model_entrypoint(source)(pretrained=False, **kw)
+            except (TypeError, ValueError) as e:  # the reference's own message, said of this name
+                raise type(e)(f"{name} (the derived twin of {source}): {e}") from None
+            return from_reference(reference)
+
+        return create_registered(name, pretrained, kwargs, build)
 
     entrypoint.__doc__ = f"{name}: the derived twin of {source} (same arguments, same initialisation)."
     return entrypoint

@@ -140,6 +140,23 @@ def test_forward_intermediates_of_imixer_and_derived_imixer_agree_with_checkpoin
     assert len(ref.feature_info) == 2 and isinstance(ref.head, torch.nn.Identity)
 
 
+@pytest.mark.parametrize("name", ["imixer_t4_28", "paramixer_t4_28"])
+def test_derived_twins_build_timm_feature_extractors_equal_to_their_references(name):
+    """``timm.create_model("derived_<name>", features_only=True, out_indices=...)``: a FeatureGetterNet whose
+    maps equal the hand-written model's of the same seed (float32, train-mode power iterations off: eval)."""
+    import derive  # noqa: F401  (registers derived_*)
+
+    torch.manual_seed(0)
+    ref = timm.create_model(name, features_only=True, out_indices=(1, 2)).eval()
+    torch.manual_seed(0)
+    twin = timm.create_model(f"derived_{name}", features_only=True, out_indices=(1, 2)).eval()
+    assert isinstance(twin, FeatureGetterNet) and twin.feature_info.channels() == ref.feature_info.channels()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        for a, b in zip(twin(x), ref(x), strict=True):
+            assert a.shape == b.shape == (3, 128, 7, 7) and rel_err(a, b) <= TOL[torch.float32]
+
+
 def test_feature_options_are_checked():
     with pytest.raises(ValueError, match="feature_cls must be 'getter'"):
         timm.create_model("vmixer_t4_28", features_only=True, feature_cls="hook")
