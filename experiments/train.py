@@ -17,7 +17,7 @@ processes, a signal to any one of them (or a non-finite loss on any one) stops a
 the checkpoint holds every process's RNG state. A checkpoint resumes only the run it came from (same config,
 number of processes and LR schedule; a different ``epochs`` is refused rather than silently keeping the old
 schedule). Checkpoints are read with ``torch.load(weights_only=True)``. Outputs in ``out_dir``: ``checkpoint.pt``,
-``metrics.jsonl``, ``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json`` (with `environment`: versions,
+``metrics.jsonl``, ``metrics.csv``, ``tb/`` (TensorBoard), ``summary.json`` (with ``env``: versions,
 hardware, git commit), ``config.yaml``. A fresh start
 refuses an ``out_dir`` that holds a previous run's checkpoint or summary; ``--overwrite`` deletes them first.
 One process at a time trains into an ``out_dir``: the run holds ``out_dir/.lock`` (flock, POSIX).

@@ -393,15 +393,19 @@ def _check_tol(net: Network, func: _Field, y, dx, tol: float) -> None:
             f"the smallest reachable tol is about {RELAX_TOL_MARGIN * floor:.2g} (or relax in float64)")
 
 
-def relax(net: Network, state: Mapping[str, Tensor], tol: float = 1e-6, *, t_max: float = 1e4,
+DEFAULT_RELAX_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}  # float32: above its rounding floor (eps |x| / tau)
+
+
+def relax(net: Network, state: Mapping[str, Tensor], tol: float | None = None, *, t_max: float = 1e4,
           max_nfe: int | None = 100_000, method: str = "dopri5", rtol: float | None = None,
           atol: float | None = None, options: dict | None = None, inputs: Mapping[str, Tensor] | None = None,
           clamped: Iterable[str] = ()) -> State:
     """Integrate until every unit's |dx/dt| < ``tol`` and return that state (a fixed point to ``tol``).
 
-    ``tol`` must be resolvable in the state's dtype: rounding leaves |dx/dt| ~ eps max|x| / tau in each
-    layer (about 1e-4 for float32 and tau = 0.01), so a ``tol`` within ``RELAX_TOL_MARGIN`` of that raises
-    ``ValueError`` naming the layer, checked at the start and after every horizon. The solver's own error
+    ``tol`` defaults to the state's dtype's (``DEFAULT_RELAX_TOL``: 1e-6 in float64, 1e-3 in float32). It must be
+    resolvable in that dtype: rounding leaves |dx/dt| ~ eps max|x| / tau in each layer (about 1e-4 for float32,
+    |x| ~ 1 and tau = 0.01), so a ``tol`` within ``RELAX_TOL_MARGIN`` (10x) of that raises ``ValueError`` naming
+    the layer and the smallest reachable ``tol``, checked at the start and after every horizon. The solver's own error
     sets a floor under the speed too, so ``rtol`` defaults to min(1e-6, tol / 100), but at least 10 eps of
     the dtype, and ``atol`` to rtol / 100.
 
@@ -417,6 +421,8 @@ def relax(net: Network, state: Mapping[str, Tensor], tol: float = 1e-6, *, t_max
     _check_method(method)
     _check_options(method, options, "relax")
     net.check_parameters("relax")
+    if tol is None:
+        tol = DEFAULT_RELAX_TOL.get(next(iter(state.values())).dtype, 1e-6)
     _check_positive("tol", tol, "relax")
     if max_nfe is not None and (isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1):
         raise ValueError(f"relax: max_nfe must be an int >= 1 or None, got {max_nfe!r}")

@@ -258,8 +258,9 @@ class Network(nn.Module):
 
         return simulate(self, state, t, **kwargs)
 
-    def relax(self, state: Mapping[str, Tensor], tol: float = 1e-6, **kwargs) -> State:
-        """Integrate to a fixed point (max |dx/dt| < tol); see ``hopfield.dynamics.relax``."""
+    def relax(self, state: Mapping[str, Tensor], tol: float | None = None, **kwargs) -> State:
+        """Integrate to a fixed point (max |dx/dt| < tol; by default 1e-6 in float64, 1e-3 in float32); see
+        ``hopfield.dynamics.relax``."""
         from .dynamics import relax
 
         return relax(self, state, tol, **kwargs)

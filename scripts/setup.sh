@@ -31,6 +31,6 @@ fmnist=/usr/share/datasets/fashion-mnist
 if [ ! -d "$fmnist" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "[setup] installing Debian's dataset-fashion-mnist"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-        || echo "[setup] warning: could not install dataset-fashion-mnist; experiments will need --data-root" >&2
+        || echo "[setup] warning: could not install dataset-fashion-mnist; point experiments at a copy with data.root=<folder>" >&2
 fi
 echo "[setup] ready: $("$vpy" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"

@@ -168,6 +168,17 @@ def test_relax_refuses_a_tol_below_the_float32_rounding_floor():
     assert max(d.abs().max() for d in net64.vector_field(fp64).values()) < 1e-6
 
 
+def test_relax_default_tol_follows_the_dtype():
+    """relax(state) with no tol works in float32 as in float64: 1e-3 and 1e-6 (1e-6 is below float32's floor)."""
+    net = presets.imixer_chain(8, 16)
+    state = net.init_state(2, generator=torch.Generator().manual_seed(0))
+    fp = net.relax(state, clamped=("v",))
+    assert max(float(d.detach().abs().max()) for d in net.vector_field(fp, clamped=("v",)).values()) < 1e-3
+    net64 = net.double()
+    fp64 = net64.relax({k: v.double() for k, v in state.items()}, clamped=("v",))
+    assert max(float(d.detach().abs().max()) for d in net64.vector_field(fp64, clamped=("v",)).values()) < 1e-6
+
+
 def test_relax_default_rtol_is_resolvable_in_float32(monkeypatch):
     # a slow float32 layer resolves tol = 5e-6, but the default rtol = tol / 100 = 5e-8 is below eps = 1.2e-7
     import hopfield.dynamics as dyn
