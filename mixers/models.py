@@ -364,11 +364,12 @@ class MixerConfig(ImageGrid):
             raise ValueError(f"global_pool must be 'avg' or '', got {self.global_pool!r}")
         self.check_grid()
         tokens_ratio, channels_ratio = ratio_pair(self.mlp_ratio)
-        widths = {"token MLP (int(mlp_ratio[0] * embed_dim))": int(tokens_ratio * self.embed_dim),
+        tokens_dim = int(tokens_ratio * self.embed_dim)
+        widths = {"token MLP (int(mlp_ratio[0] * embed_dim))": tokens_dim,
                   "channel MLP (int(mlp_ratio[1] * embed_dim))": int(channels_ratio * self.embed_dim)}
         if "h_ratio" in self.block_kwargs:
             widths["token chain's hidden layer (int(token MLP width * block_kwargs.h_ratio))"] = int(
-                widths["token MLP (int(mlp_ratio[0] * embed_dim))"] * self.block_kwargs["h_ratio"])
+                tokens_dim * self.block_kwargs["h_ratio"])
         empty = [f"the {what} is {w}" for what, w in widths.items() if w < 1]
         if empty:
             raise ValueError(f"MixerConfig: {'; '.join(empty)}: every layer needs at least one unit (embed_dim "

@@ -13,18 +13,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "results.md").read_text()
 
 
+def sweep_tables(sweep_file: str) -> tuple[str, dict, dict]:
+    """A sweep's ``--table-only`` tables recomputed from the committed summaries (nothing written), with the
+    summaries and the sweep file."""
+    spec = sweep.load_sweep(str(ROOT / "experiments" / "configs" / sweep_file))
+    summaries = sweep._summaries(ROOT / spec["out_dir"], sweep.expand(spec), list(spec["seeds"]))
+    margin = spec.get("equivalence_margin", sweep.EQUIVALENCE_MARGIN)
+    md = "\n".join([sweep.table(summaries)] + [sweep.comparison(summaries, ref, margin) for ref in spec["compare"]])
+    return md, summaries, spec
+
+
 @pytest.mark.parametrize("sweep_file", ["sweep_fashion.yaml"])
 def test_finished_sweep_tables_recompute_from_their_run_folders(sweep_file):
     """Every line of a finished sweep's tables (its ``--table-only`` output, recomputed here from summary.json
     without writing anything) stands in docs/results.md as it is."""
-    spec = sweep.load_sweep(str(ROOT / "experiments" / "configs" / sweep_file))
-    out, runs = ROOT / spec["out_dir"], sweep.expand(spec)
-    summaries = sweep._summaries(out, runs, list(spec["seeds"]))
+    md, summaries, spec = sweep_tables(sweep_file)
     assert all(len(rows) == len(spec["seeds"]) for rows in summaries.values()), "a run of this sweep is unfinished"
-    margin = spec.get("equivalence_margin", sweep.EQUIVALENCE_MARGIN)
-    md = "\n".join([sweep.table(summaries)] + [sweep.comparison(summaries, ref, margin) for ref in spec["compare"]])
     lines = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(lines) > 3 * len(runs)
+    assert len(lines) > 3 * len(summaries)
     missing = [line for line in lines if line not in DOC]
     assert not missing, "\n".join(missing)
 
@@ -33,10 +39,7 @@ def test_issue_25_rows_recompute_from_the_committed_runs():
     """The rows of the two spec architectures and their partners in docs/results.md's issue-25 section are lines of
     the claims sweep's ``--table-only`` output, recomputed from the summaries committed now: a run committed
     without its table updated fails here."""
-    spec = sweep.load_sweep(str(ROOT / "experiments" / "configs" / "sweep_fashion_claims.yaml"))
-    summaries = sweep._summaries(ROOT / spec["out_dir"], sweep.expand(spec), list(spec["seeds"]))
-    margin = spec.get("equivalence_margin", sweep.EQUIVALENCE_MARGIN)
-    md = "\n".join([sweep.table(summaries)] + [sweep.comparison(summaries, ref, margin) for ref in spec["compare"]])
+    md = sweep_tables("sweep_fashion_claims.yaml")[0]
     section = DOC.split("## Two architectures designed as network specs", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines()
             if line.startswith(("| spec_", "| imixer[n_iter=2] |", "| paramixer_untied |"))]
