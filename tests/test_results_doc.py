@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import sweep
+from experiments import reports, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "results.md").read_text()
@@ -90,3 +90,17 @@ def test_spec_verification_table_equals_its_reports():
         block = re.search(r"reduced field: relative error ([0-9.e+-]+)", report).group(1)
         row = f"| `{name}` | {', '.join(errors)} | {slope} | {block} |"
         assert row in DOC, f"docs/results.md should read\n{row}"
+
+
+def test_claims_symmetry_trajectory_rows_recompute_from_the_committed_metrics():
+    """The untied parallelized Mixer's symmetry-index table in the issue-24 section: its rows are those of
+    ``experiments.analyze``'s symmetry_trajectory.md, recomputed from the committed metrics.jsonl and summary.json
+    of its three seeds (the run name and seed count dropped)."""
+    runs = ROOT / "experiments" / "results" / "sweep_fashion_claims" / "paramixer_untied"
+    md = reports.symmetry_trajectories({"paramixer_untied": [runs / f"seed{s}" for s in (0, 1, 2)]})
+    rows = [line.replace("| paramixer_untied | 3 ", "", 1) for line in md.splitlines()
+            if line.startswith("| paramixer_untied | 3 |")]
+    assert len(rows) == 2
+    section = DOC.split("## The papers' untested claims", 1)[1].split("\n## ", 1)[0]
+    missing = [row for row in rows if row not in section]
+    assert not missing, "docs/results.md should read\n" + "\n".join(missing)
