@@ -16,10 +16,11 @@ finished or killed run whose config differs from the sweep file's is an error, n
 names adds, for each, a table of every other run's last test top-1 minus that run's, paired by seed: a seed fixes
 the order and the augmentations of the training images for every run (``experiments.data.build_loaders``), so each
 difference compares two models trained on the same data stream, with its 95 % CI and the TOST test of equivalence
-within ``equivalence_margin`` points (default 0.5): "no difference" is claimed only where TOST says so. Tables name
-each run's machine (``machine``). "Best" is the maximum test top-1 over the epochs, "last" the final epoch's; the
-comparisons use the last. ``--status`` lists how far every (run, seed) has got
-and the hours of training left at the speeds its runs have shown so far.
+within ``equivalence_margin`` points (default 0.5): "no difference" is claimed only where TOST says so. A ``pairs``
+list of ``[run, reference]`` adds one table of just those differences, the contrasts a claim rests on (an ablation
+arm against its own baseline at the same setting). Tables name each run's machine (``machine``). "Best" is the
+maximum test top-1 over the epochs, "last" the final epoch's; the comparisons use the last. ``--status`` lists how
+far every (run, seed) has got and the hours of training left at the speeds its runs have shown so far.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
 ``flock`` on ``<run dir>/.lock`` (released by the OS when its process exits, killed or not), and a claimed run is
@@ -61,9 +62,10 @@ from .figures import mean_std_cell
 from .runs import CheckpointError, RunFileError, hold_out_dir, median_images_per_s, read_jsonl, read_summary
 from .train import check_model, train
 
-__all__ = ["check_spec", "comparison", "expand", "load_sweep", "machine", "run_sweep", "status", "table", "tost"]
+__all__ = ["check_spec", "comparison", "expand", "load_sweep", "machine", "paired_differences", "run_sweep", "status",
+           "table", "tables", "tost"]
 
-SWEEP_KEYS = ("base", "out_dir", "seeds", "overrides", "runs", "compare", "equivalence_margin")
+SWEEP_KEYS = ("base", "out_dir", "seeds", "overrides", "runs", "compare", "pairs", "equivalence_margin")
 SWEEP_OWNED = ("seed", "out_dir")  # config keys the sweep sets for each (run, seed)
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 EQUIVALENCE_MARGIN = 0.5  # points of test top-1: paired differences within it count as no practical difference
@@ -124,10 +126,18 @@ def check_spec(spec: dict) -> None:
         raise ConfigError(f"key 'equivalence_margin' must be a number of points > 0, got {margin!r}")
     if not is_list(spec.get("compare", []), str):
         raise ConfigError(f"key 'compare' must be a list of run names, got {spec['compare']!r}")
-    names = list(expand(spec)) if spec.get("compare") else []
+    pairs = spec.get("pairs", [])
+    if not (isinstance(pairs, list) and all(is_list(pair, str) and len(pair) == 2 for pair in pairs)):
+        raise ConfigError(f"key 'pairs' must be a list of [run, reference] pairs of run names, got {pairs!r}")
+    names = list(expand(spec)) if spec.get("compare") or pairs else []
     unknown = [c for c in spec.get("compare", []) if c not in names]
     if unknown:
         raise ConfigError(f"key 'compare': {unknown} not among the runs {names}")
+    for pair in pairs:
+        if unknown := [c for c in pair if c not in names]:
+            raise ConfigError(f"key 'pairs': {pair} names {unknown}, not among the runs {names}")
+        if pair[0] == pair[1]:
+            raise ConfigError(f"key 'pairs': {pair} pairs a run with itself")
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:
@@ -250,6 +260,23 @@ def tost(diffs: list[float], margin: float) -> float:
     return float(max(lower, upper))
 
 
+def _difference_row(label: str, rows: list[dict], reference: list[dict], margin: float) -> str:
+    """One markdown row: ``rows``' last test top-1 minus ``reference``'s, paired by seed (see `comparison`)."""
+    ref = {r["seed"]: r for r in reference}
+    pairs = [(r, ref[r["seed"]]) for r in rows if r["seed"] in ref]
+    diffs = [a["last_top1"] - b["last_top1"] for a, b in pairs]
+    if not diffs:
+        return f"| {label} | 0 | – | – | – | – | – |"
+    ci, p = "–", "–"
+    if len(diffs) > 1:
+        lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=scipy.stats.sem(diffs))
+        ci = f"[{lo:+.2f}, {hi:+.2f}]"
+        p = f"{tost(diffs, margin):.3f}"
+    same = sum(machine(a) == machine(b) for a, b in pairs)
+    return (f"| {label} | {len(diffs)} | {mean_std_cell(diffs, '+.2f', '.2f')} | {ci} | "
+            f"{sum(d > 0 for d in diffs)} of {len(diffs)} | {p} | {same} of {len(diffs)} |")
+
+
 def comparison(summaries: dict[str, list[dict]], reference: str, margin: float = EQUIVALENCE_MARGIN) -> str:
     """Markdown: each run's last test top-1 minus ``reference``'s on the same seed, mean +- std over the seeds both
     finished, the 95 % confidence interval of the mean difference (Student's t with n - 1 degrees of freedom, the
@@ -258,29 +285,39 @@ def comparison(summaries: dict[str, list[dict]], reference: str, margin: float =
     0.05: no difference as large as the margin, at 5 %), and on how many seeds both runs ran on the same machine.
     Every row pairs with the same ``reference`` run of each seed, so the rows are not independent of each
     other; the table says so."""
-    ref = {r["seed"]: r for r in summaries[reference]}
     lines = [f"| model | seeds paired | last top-1 − {reference} (points) | 95 % CI | ahead on | "
              f"TOST ±{margin:g} p | same machine |", "|---|---|---|---|---|---|---|"]
-    for name, rows in summaries.items():
-        if name == reference:
-            continue
-        pairs = [(r, ref[r["seed"]]) for r in rows if r["seed"] in ref]
-        diffs = [a["last_top1"] - b["last_top1"] for a, b in pairs]
-        if not diffs:
-            lines.append(f"| {name} | 0 | – | – | – | – | – |")
-            continue
-        ci, p = "–", "–"
-        if len(diffs) > 1:
-            lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=scipy.stats.sem(diffs))
-            ci = f"[{lo:+.2f}, {hi:+.2f}]"
-            p = f"{tost(diffs, margin):.3f}"
-        cell = mean_std_cell(diffs, "+.2f", ".2f")
-        same = sum(machine(a) == machine(b) for a, b in pairs)
-        lines.append(f"| {name} | {len(diffs)} | {cell} | {ci} | {sum(d > 0 for d in diffs)} of {len(diffs)} | "
-                     f"{p} | {same} of {len(diffs)} |")
+    lines += [_difference_row(name, rows, summaries[reference], margin)
+              for name, rows in summaries.items() if name != reference]
     lines.append(f"\nEvery row pairs with the same {reference} run of each seed: the rows share it and are not "
                  "independent of each other.")
     return "\n".join(lines)
+
+
+def paired_differences(summaries: dict[str, list[dict]], pairs: list[list[str]],
+                       margin: float = EQUIVALENCE_MARGIN) -> str:
+    """Markdown: for each ``[run, reference]`` of ``pairs``, the run's last test top-1 minus the reference's,
+    paired by seed, with the columns of `comparison`; names the references that several rows share (those rows
+    are not independent of each other)."""
+    lines = [f"| run − reference | seeds paired | last top-1 difference (points) | 95 % CI | ahead on | "
+             f"TOST ±{margin:g} p | same machine |", "|---|---|---|---|---|---|---|"]
+    lines += [_difference_row(f"{run} − {ref}", summaries[run], summaries[ref], margin) for run, ref in pairs]
+    counts = {ref: sum(r == ref for _, r in pairs) for _, ref in pairs}
+    shared = [f"{ref} ({n} rows)" for ref, n in counts.items() if n > 1]
+    if shared:
+        lines.append(f"\nRows with the same reference pair with the same run of each seed and are not independent of "
+                     f"each other: {', '.join(shared)}.")
+    return "\n".join(lines)
+
+
+def tables(summaries: dict[str, list[dict]], spec: dict) -> str:
+    """A sweep's markdown: the `table` of every run, a `comparison` for each run of its ``compare`` list, and the
+    `paired_differences` of its ``pairs``, if any."""
+    margin = spec.get("equivalence_margin", EQUIVALENCE_MARGIN)
+    parts = [table(summaries)] + [comparison(summaries, ref, margin) for ref in spec.get("compare", [])]
+    if spec.get("pairs"):
+        parts.append(paired_differences(summaries, spec["pairs"], margin))
+    return "\n\n".join(parts)
 
 
 def status(spec: dict) -> str:
@@ -370,8 +407,7 @@ def run_sweep(spec: dict, only: list[str] | None = None, table_only: bool = Fals
                 continue
             break
     summaries = _summaries(out, runs, all_seeds)
-    margin = spec.get("equivalence_margin", EQUIVALENCE_MARGIN)
-    md = "\n\n".join([table(summaries)] + [comparison(summaries, ref, margin) for ref in spec.get("compare", [])])
+    md = tables(summaries, spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(md + "\n")
     print(md)

@@ -18,9 +18,7 @@ def sweep_tables(sweep_file: str) -> tuple[str, dict, dict]:
     summaries and the sweep file."""
     spec = sweep.load_sweep(str(ROOT / "experiments" / "configs" / sweep_file))
     summaries = sweep._summaries(ROOT / spec["out_dir"], sweep.expand(spec), list(spec["seeds"]))
-    margin = spec.get("equivalence_margin", sweep.EQUIVALENCE_MARGIN)
-    md = "\n".join([sweep.table(summaries)] + [sweep.comparison(summaries, ref, margin) for ref in spec["compare"]])
-    return md, summaries, spec
+    return sweep.tables(summaries, spec), summaries, spec
 
 
 @pytest.mark.parametrize("sweep_file", ["sweep_fashion.yaml"])

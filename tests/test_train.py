@@ -182,6 +182,13 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
                           ("compare: a\nruns: {a: {}}\n", "key 'compare' must be a list of run names, got 'a'"),
                           ("compare: [b]\nruns: {a: {grid: {lr: [1, 2]}}}\n",
                            r"key 'compare': \['b'\] not among the runs \['a\[lr=1\]', 'a\[lr=2\]'\]"),
+                          ("pairs: [a, b]\nruns: {a: {}, b: {}}\n",
+                           r"key 'pairs' must be a list of \[run, reference\]"),
+                          ("pairs: [[a, b, a]]\nruns: {a: {}, b: {}}\n", "key 'pairs' must be a list of"),
+                          ("pairs: [[a, c]]\nruns: {a: {}, b: {}}\n",
+                           r"key 'pairs': \['a', 'c'\] names \['c'\], not among the runs \['a', 'b'\]"),
+                          ("pairs: [[a, a]]\nruns: {a: {}, b: {}}\n",
+                           r"key 'pairs': \['a', 'a'\] pairs a run with itself"),
                           ("compares: [a]\nruns: {a: {}}\n", "unknown key 'compares'")):
         f.write_text(text)
         with pytest.raises(ConfigError, match=f"sweep file '{f}'.*{message}"):
@@ -676,6 +683,18 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     assert "| imixer[n_iter=4] | 1 | +1.50 | – | 1 of 1 | – | 0 of 1 |" in md
     assert "| imixer[n_iter=2] | 0 | – | – | – | – | – |" in md and "| mixer | 2 | +" not in md
     assert "Every row pairs with the same mixer run of each seed" in md
+    # pairs: only the named contrasts, labelled run − reference; a reference of several rows is named as shared
+    pairs = sweep.paired_differences(sweep._summaries(tmp_path, runs, [0, 1]), [
+        ["imixer[n_iter=1]", "mixer"], ["imixer[n_iter=4]", "mixer"], ["imixer[n_iter=4]", "imixer[n_iter=1]"],
+        ["imixer[n_iter=2]", "mixer"]])
+    assert pairs.splitlines()[2:6] == [
+        "| imixer[n_iter=1] − mixer | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 | 0.398 | 2 of 2 |",
+        "| imixer[n_iter=4] − mixer | 1 | +1.50 | – | 1 of 1 | – | 0 of 1 |",
+        "| imixer[n_iter=4] − imixer[n_iter=1] | 1 | +2.00 | – | 1 of 1 | – | 0 of 1 |",
+        "| imixer[n_iter=2] − mixer | 0 | – | – | – | – | – |"]
+    assert pairs.endswith("not independent of each other: mixer (3 rows).")
+    assert sweep.run_sweep({**spec, "pairs": [["imixer[n_iter=1]", "mixer"]]}, table_only=True).endswith(
+        "| imixer[n_iter=1] − mixer | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 | 0.398 | 2 of 2 |")
     assert sweep.tost([0.1, 0.2, 0.15], 0.5) < 0.01 and sweep.tost([1.0, 1.2, 1.1], 0.5) > 0.5
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
