@@ -33,6 +33,7 @@ total than one process using all cores (docs/benchmarks.md)::
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import math
@@ -302,7 +303,7 @@ def paired_differences(summaries: dict[str, list[dict]], pairs: list[list[str]],
     lines = [f"| run − reference | seeds paired | last top-1 difference (points) | 95 % CI | ahead on | "
              f"TOST ±{margin:g} p | same machine |", "|---|---|---|---|---|---|---|"]
     lines += [_difference_row(f"{run} − {ref}", summaries[run], summaries[ref], margin) for run, ref in pairs]
-    counts = {ref: sum(r == ref for _, r in pairs) for _, ref in pairs}
+    counts = collections.Counter(ref for _, ref in pairs)
     shared = [f"{ref} ({n} rows)" for ref, n in counts.items() if n > 1]
     if shared:
         lines.append(f"\nRows with the same reference pair with the same run of each seed and are not independent of "
