@@ -264,6 +264,27 @@ def _check_positive(name: str, value, where: str = "simulate") -> float:
     return _real(f"{where}: {name}", value)  # "simulate: rtol must be a finite number > 0, got ..."
 
 
+def _check_times(t, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``t`` (a tensor, or a sequence of numbers) as a 1-D tensor of ``dtype`` (the state's) on ``device``:
+    finite, real and strictly increasing, also after the cast (float32 cannot tell 1 from 1 + 1e-9)."""
+    try:  # Python numbers are float64: a list must not pass through float32 on its way to a float64 state
+        given = t if isinstance(t, Tensor) else torch.as_tensor(t, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"simulate: t must be a 1-D tensor of output times, got {type(t).__name__}") from e
+    if given.ndim != 1 or len(given) < 1 or given.is_complex() or given.dtype == torch.bool:
+        raise ValueError(f"simulate: t must be a 1-D real tensor of strictly increasing output times, got shape "
+                         f"{tuple(given.shape)} and dtype {given.dtype}")
+    if not bool(torch.isfinite(given).all()):
+        raise ValueError(f"simulate: t must hold finite times, got {given.tolist() if len(given) <= 8 else given}")
+    cast = given.to(device=device, dtype=dtype)
+    for times, what in ((given, ""), (cast, f" in {dtype}, the state's dtype (pass a float64 state for finer times)")):
+        if len(times) > 1 and not bool((times[1:] > times[:-1]).all()):
+            i = int((times[1:] <= times[:-1]).nonzero()[0])
+            raise ValueError(f"simulate: t must be strictly increasing{what}; t[{i}] = {float(times[i])!r} and "
+                             f"t[{i + 1}] = {float(times[i + 1])!r}")
+    return cast
+
+
 def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: str = "dopri5",
              rtol: float | None = None, atol: float | None = None, options: dict | None = None,
              adjoint: bool = False, adjoint_options: dict | None = None, inputs: Mapping[str, Tensor] | None = None,
@@ -293,17 +314,14 @@ def simulate(net: Network, state: Mapping[str, Tensor], t: Tensor, *, method: st
                        ("grad", grad)):
         if not isinstance(flag, bool):
             raise TypeError(f"simulate: {name} must be True or False, got {flag!r}")
-    t = torch.as_tensor(t)
-    if t.ndim != 1 or len(t) < 1 or (len(t) > 1 and not bool((t[1:] > t[:-1]).all())):
-        raise ValueError("t must be a 1-D tensor of strictly increasing output times")
     names = list(net.layers)
     y0 = tuple(state[n] for n in names)
     dtype = y0[0].dtype if y0[0].is_floating_point() else torch.float64
+    t = _check_times(t, dtype, y0[0].device)
     rtol = _check_positive("rtol", DEFAULT_RTOL.get(dtype, 1e-7) if rtol is None else rtol)
     atol = _check_positive("atol", rtol / 100 if atol is None else atol)
     _check_options(method, options, "simulate")
     net.check_parameters("simulate")
-    t = t.to(device=y0[0].device, dtype=dtype)
     for n, x in zip(names, y0):
         if not torch.isfinite(x).all():
             raise NonFiniteStateError(n, float(t[0]), initial=True)

@@ -360,8 +360,24 @@ def test_unknown_solver_and_bad_times():
     net = presets.chain([2, 2])
     with pytest.raises(ValueError, match=r"unknown solver 'rk45'.*dopri5"):
         net.simulate(net.init_state(1), torch.linspace(0, 1, 3), method="rk45")
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(ValueError, match=r"strictly increasing; t\[1\] = 1.0 and t\[2\] = 0.5"):
         net.simulate(net.init_state(1), torch.tensor([0.0, 1.0, 0.5]))
+    # distinct in float64, one time in the float32 state's dtype: the cast must not pass silently
+    with pytest.raises(ValueError, match=r"strictly increasing in torch.float32, the state's dtype"):
+        net.simulate(net.init_state(1), torch.tensor([0.0, 1.0, 1.0 + 1e-9], dtype=torch.float64))
+    for bad in (torch.tensor([0.0, float("inf")]), torch.tensor([float("nan")])):
+        with pytest.raises(ValueError, match="finite times"):
+            net.simulate(net.init_state(1), bad)
+    with pytest.raises(ValueError, match=r"1-D real tensor.*shape \(2, 2\)"):
+        net.simulate(net.init_state(1), torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="t must be a 1-D tensor of output times, got str"):
+        net.simulate(net.init_state(1), "0 to 1")
+    # integer times are fine: cast to the state's dtype
+    traj = net.simulate(net.init_state(1), torch.arange(3), method="euler")
+    assert traj.t.dtype == torch.float32 and traj.t.tolist() == [0.0, 1.0, 2.0]
+    # a list of Python floats reaches a float64 state in float64, not through float32
+    traj = net.double().simulate(net.init_state(1, dtype=torch.float64), [0.0, 0.1], method="euler")
+    assert traj.t.dtype == torch.float64 and traj.t.tolist() == [0.0, 0.1]
 
 
 def test_float32_simulation_and_energy_plot(tmp_path):
