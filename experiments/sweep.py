@@ -323,11 +323,11 @@ def tables(summaries: dict[str, list[dict]], spec: dict) -> str:
 
 def status(spec: dict) -> str:
     """Markdown: each (run, seed) with the epochs it has logged, its last test top-1, and the hours left to train
-    it: its remaining epochs times the run's median wall time per epoch over all its seeds' logged epochs (the
-    evaluation included; an epoch stretched by a paused process or a kill moves it little); "?" while none of its
-    seeds has logged one. For unfinished runs, how long ago their checkpoint was written: a run in training
-    writes one every epoch (and every ``checkpoint_minutes``), so a recent one marks a run in progress. Ends with
-    the sum."""
+    it: its remaining epochs times the run's median wall time per epoch (the evaluation included; an epoch
+    stretched by a paused process or a kill moves it little), taken over the epochs of its seed logged last, since
+    the machine's load changes between sessions; "?" while none of its seeds has logged one. For unfinished runs,
+    how long ago their checkpoint was written: a run in training writes one every epoch (and every
+    ``checkpoint_minutes``), so a recent one marks a run in progress. Ends with the sum."""
     out = Path(spec.get("out_dir", "runs/sweep")).expanduser()
     seeds = list(spec.get("seeds", [0]))
     lines = ["| run | seed | epochs | last test top-1 (%) | hours left | checkpoint written |",
@@ -338,8 +338,10 @@ def status(spec: dict) -> str:
         total = cfg.epochs + cfg.cooldown_epochs
         dirs = {seed: _run_dir(out, name, seed) for seed in seeds}
         logs = {seed: read_jsonl(d / "metrics.jsonl") for seed, d in dirs.items()}
-        per_epoch = [b["wall_s"] - a.get("wall_s", 0.0) for h in logs.values() for a, b in zip([{}, *h], h)]
-        per_epoch = statistics.median(per_epoch) if per_epoch else None
+        logged = [seed for seed, h in logs.items() if h]
+        latest = max(logged, key=lambda seed: (dirs[seed] / "metrics.jsonl").stat().st_mtime, default=None)
+        per_epoch = None if latest is None else statistics.median(
+            b["wall_s"] - a.get("wall_s", 0.0) for a, b in zip([{}, *logs[latest]], logs[latest]))
         for seed, h in logs.items():
             done = total if (dirs[seed] / "summary.json").exists() else len(h)
             if done == total:

@@ -712,14 +712,16 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
 
 
 def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
-    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1, 2], "overrides": ["epochs=2"],
+    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1, 2], "overrides": ["epochs=4"],
             "runs": {"a": {}, "b": {"lr": 1e-3}}}
-    # an hour an epoch, but seed 0's second epoch was paused for 3 hours: the median epoch, 1 hour, discounts it
-    for seed, walls in ((0, [3600.0, 18000.0]), (1, [3600.0])):
+    # seed 0, logged a day ago on a busier machine, took 2 hours an epoch; seed 1, logged last, takes an hour an
+    # epoch, but its second epoch was paused for 3 hours: the median epoch of the seed logged last, 1 hour, counts
+    for seed, walls in ((0, [7200.0, 14400.0, 21600.0, 28800.0]), (1, [3600.0, 18000.0, 21600.0])):
         d = tmp_path / "a" / f"seed{seed}"
         d.mkdir(parents=True)
         (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": k + 1, "test_top1": 80.0 + k, "wall_s": w}) + "\n"
                                                 for k, w in enumerate(walls)))
+        os.utime(d / "metrics.jsonl", (time.time() - 86400 * (1 - seed),) * 2)
     (tmp_path / "a" / "seed0" / "summary.json").write_text("{}")
     for seed, minutes in ((0, 1), (1, 10)):  # a finished run's checkpoint is not reported
         ckpt = tmp_path / "a" / f"seed{seed}" / "checkpoint.pt"
@@ -728,10 +730,10 @@ def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     md = sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--status"])
     assert md in capsys.readouterr().out
-    assert "| a | 0 | 2 of 2 | 81.00 | – | – |" in md
-    assert "| a | 1 | 1 of 2 | 80.00 | 1.0 | 10 min ago |" in md and "| a | 2 | 0 of 2 | – | 2.0 | – |" in md
-    assert "| b | 2 | 0 of 2 | – | ? | – |" in md
-    assert md.endswith("3.0 hours of training left, plus 3 runs of unmeasured speed (one process's hours: several "
+    assert "| a | 0 | 4 of 4 | 83.00 | – | – |" in md
+    assert "| a | 1 | 3 of 4 | 82.00 | 1.0 | 10 min ago |" in md and "| a | 2 | 0 of 4 | – | 4.0 | – |" in md
+    assert "| b | 2 | 0 of 4 | – | ? | – |" in md
+    assert md.endswith("5.0 hours of training left, plus 3 runs of unmeasured speed (one process's hours: several "
                        "processes share them)")
     with pytest.raises(SystemExit):
         sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--status", "--table-only"])
