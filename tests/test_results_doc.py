@@ -46,36 +46,48 @@ def test_issue_25_rows_recompute_from_the_committed_runs():
     assert not missing, "\n".join(missing)
 
 
-# the claims sweep's single-seed rows (issue 24), until its 3-seed tables replace them
-CLAIMS_SEED0 = {
-    "iMixer without spectral norm, n_iter 1": "imixer_nosn_n_iter1",
-    "iMixer without spectral norm, n_iter 2": "imixer_nosn_n_iter2",
-    "iMixer without spectral norm, n_iter 4": "imixer_nosn_n_iter4",
-    "iMixer with BatchNorm in its place, n_iter 1": "imixer_bn_n_iter1",
-    "iMixer with BatchNorm in its place, n_iter 2": "imixer_bn_n_iter2",
-    "iMixer with BatchNorm in its place, n_iter 4": "imixer_bn_n_iter4",
-    "iMixer with spectral norm (the paper's), n_iter 1": "imixer_n_iter1",
-    "iMixer with spectral norm (the paper's), n_iter 2": "imixer_n_iter2",
-    "iMixer with spectral norm (the paper's), n_iter 4": "imixer_n_iter4",
-}
+CLAIMS = ROOT / "experiments" / "results" / "sweep_fashion_claims"
+# the iMixer's Table 3 (issue 24): the spectral-norm arm, without it, BatchNorm in its place; n_iter 1, 2, 4
+TABLE3 = [f"imixer{arm}_n_iter{n}" for arm in ("", "_nosn", "_bn") for n in (1, 2, 4)]
+# every model of the claims sweep whose MLPs have two matrices of the parallelized-Mixer family and its baselines
+SYMMETRY = ["mixer", "vanillamixer", "paramixer_untied", "paramixer_untied_tiedinit", "paramixer_broken_lam0",
+            "paramixer_broken_lam0_nodecay", "paramixer_broken_lam1e-4"]
 
 
-def test_claims_rows_equal_their_summary_and_analysis():
-    """Each single-seed row of the claims table: last top-1 from summary.json, each block's certificate bound and
-    measured fixed-point rate from analysis.json; a row is listed once its run has finished."""
-    listed = 0
-    for label, run in CLAIMS_SEED0.items():
-        folder = ROOT / "experiments" / "results" / "sweep_fashion_claims" / run / "seed0"
-        if f"| {label} |" not in DOC:
-            continue
-        summary = json.loads((folder / "summary.json").read_text())
-        blocks = json.loads((folder / "analysis.json").read_text())["fixed_point"]["layers"]
-        bounds = ", ".join(f"{b['certificate']['lipschitz_bound']:.3g}" for b in blocks)
-        rates = ", ".join(f"{b['certificate']['rate']:.2f}" for b in blocks)
-        row = f"| {label} | {summary['last_top1']:.2f} | {bounds} | {rates} |"
-        assert row in DOC, f"docs/results.md should read\n{row}"
-        listed += 1
-    assert listed >= 9
+def claims_section() -> str:
+    return DOC.split("## The papers' untested claims", 1)[1].split("\n## ", 1)[0]
+
+
+def finished_seeds(run: str) -> list[Path]:
+    """The seed folders of a claims-sweep run that have finished: summary.json and analysis.json committed."""
+    return [f for f in sorted((CLAIMS / run).glob("seed*"))
+            if (f / "summary.json").exists() and (f / "analysis.json").exists()]
+
+
+def test_claims_run_table_recomputes_from_the_committed_runs():
+    """The issue-24 section's run table is the claims sweep's ``--table-only`` run table (every model row and the
+    machine legend), recomputed from the summaries committed now: a seed committed without the table updated
+    fails here."""
+    md = sweep_tables("sweep_fashion_claims.yaml")[0]
+    table, legend = md.split("\n\n")[:2]
+    assert legend.startswith("Machines:")
+    rows = table.splitlines()
+    assert len(rows) >= 2 + 18
+    missing = [line for line in [*rows, legend] if line not in claims_section().splitlines()]
+    assert not missing, "\n".join(missing)
+
+
+def test_claims_certificate_table_recomputes_from_the_committed_analyses():
+    """The per-block contraction table of the iMixer's Table 3 is ``reports.certificate_report`` (as
+    ``experiments.analyze`` writes fixed_point_certificate.md) over every finished seed's analysis.json: each
+    block's Lip(F) bound, the seeds certified, the measured fixed-point rate and the last Norm_a."""
+    groups = {run: [json.loads((f / "analysis.json").read_text())["fixed_point"] for f in finished_seeds(run)]
+              for run in TABLE3}
+    assert all(len(seeds) >= 2 for seeds in groups.values())
+    rows = reports.certificate_report(groups).splitlines()
+    assert len(rows) == 2 + 4 * len(TABLE3)
+    missing = [row for row in rows if row not in claims_section().splitlines()]
+    assert not missing, "docs/results.md should read\n" + "\n".join(missing)
 
 
 def test_spec_verification_table_equals_its_reports():
@@ -93,16 +105,12 @@ def test_spec_verification_table_equals_its_reports():
 
 
 def test_claims_symmetry_trajectory_rows_recompute_from_the_committed_metrics():
-    """The untied parallelized Mixer's symmetry-index table in the issue-24 section: its rows are those of
-    ``experiments.analyze``'s symmetry_trajectory.md, recomputed from the committed metrics.jsonl and summary.json
-    of its three seeds (the run name and seed count dropped)."""
-    runs = ROOT / "experiments" / "results" / "sweep_fashion_claims" / "paramixer_untied"
-    md = reports.symmetry_trajectories({"paramixer_untied": [runs / f"seed{s}" for s in (0, 1, 2)]})
-    rows = [line.replace("| paramixer_untied | 3 ", "", 1) for line in md.splitlines()
-            if line.startswith("| paramixer_untied | 3 |")]
-    assert len(rows) == 2
-    section = DOC.split("## The papers' untested claims", 1)[1].split("\n## ", 1)[0]
-    missing = [row for row in rows if row not in section]
+    """The symmetry-index table of the issue-24 section is ``reports.symmetry_trajectories`` (as
+    ``experiments.analyze`` writes symmetry_trajectory.md) over every finished seed of the Mixer family, recomputed
+    from the committed metrics.jsonl and summary.json."""
+    rows = reports.symmetry_trajectories({run: finished_seeds(run) for run in SYMMETRY}).splitlines()
+    assert len(rows) == 2 + 2 * len(SYMMETRY)
+    missing = [row for row in rows if row not in claims_section().splitlines()]
     assert not missing, "docs/results.md should read\n" + "\n".join(missing)
 
 
@@ -111,8 +119,7 @@ def test_claims_paired_differences_recompute_from_the_committed_runs():
     holds lines of the sweep's ``--table-only`` output, recomputed from the committed summaries: a run committed
     without the table updated (a seed more, a difference changed) fails here."""
     md = sweep_tables("sweep_fashion_claims.yaml")[0].splitlines()
-    section = DOC.split("## The papers' untested claims", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ") and " − " in line.split("|")[1]]
+    rows = [line for line in claims_section().splitlines() if line.startswith("| ") and " − " in line.split("|")[1]]
     assert len(rows) >= 16
     missing = [line for line in rows if line not in md]
     assert not missing, "\n".join(missing)
