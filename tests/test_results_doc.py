@@ -49,7 +49,7 @@ def test_issue_25_rows_recompute_from_the_committed_runs():
 CLAIMS = ROOT / "experiments" / "results" / "sweep_fashion_claims"
 # the iMixer's Table 3 (issue 24): the spectral-norm arm, without it, BatchNorm in its place; n_iter 1, 2, 4
 TABLE3 = [f"imixer{arm}_n_iter{n}" for arm in ("", "_nosn", "_bn") for n in (1, 2, 4)]
-# every model of the claims sweep whose MLPs have two matrices of the parallelized-Mixer family and its baselines
+# the runs the symmetry claims are about: the parallelized Mixers and their two serial baselines
 SYMMETRY = ["mixer", "vanillamixer", "paramixer_untied", "paramixer_untied_tiedinit", "paramixer_broken_lam0",
             "paramixer_broken_lam0_nodecay", "paramixer_broken_lam1e-4"]
 
