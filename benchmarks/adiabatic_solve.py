@@ -127,7 +127,7 @@ def main(argv=None) -> str:
     table = "\n".join(rows)
     cmd = "OMP_NUM_THREADS=2 .venv/bin/python benchmarks/adiabatic_solve.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-docs")
-    from experiments.train import cpu_name
+    from experiments.runs import cpu_name
 
     head = (f"{MARK}\n\n`{cmd.strip()}` ({date.today()}, {cpu_name() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}, batch {args.batch}; "

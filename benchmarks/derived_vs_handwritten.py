@@ -44,7 +44,7 @@ from timm.models.mlp_mixer import MlpMixer  # noqa: E402
 
 import derive  # noqa: E402
 import mixers  # noqa: E402  (registers imixer_s16_224 & co. with timm)
-from experiments.train import cpu_name  # noqa: E402
+from experiments.runs import cpu_name  # noqa: E402
 
 TARGET = 1.05  # derived / hand-written time
 RTOL = 1e-5  # max |derived - hand-written| / max |hand-written|

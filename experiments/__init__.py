@@ -9,8 +9,9 @@ Entry points (``python -m experiments.<name> --help``):
 - `verify_specs`: ``derive.verify`` on every network spec of a folder.
 - `rank_collapse_init`: rank collapse of freshly initialised ViTs.
 
-Modules: `config` (``TrainConfig``), `data` (transforms, subsets, loaders), `datafiles` (datasets read from disk,
-checked), `runs` (a run's folder: lock, atomic writes, checkpoint, logs, environment), `analysis` (fixed points,
-energy, curves, rank collapse), `symmetry` (the weight-symmetry index), `reports` (cross-run reports), `figures`
-(plot and table helpers).
+Modules: `config` (``TrainConfig``), `build` (a run's model, weight-decay groups and device, checked before it
+starts), `data` (transforms, subsets, loaders), `datafiles` (datasets read from disk, checked), `runs` (a run's
+folder: lock, atomic writes, checkpoint and resuming, logs, environment), `analysis` (fixed points, energy, curves,
+rank collapse), `symmetry` (the weight-symmetry index), `reports` (cross-run reports: a sweep's tables, paired
+differences with TOST, symmetry trajectories, certificates), `figures` (plot and table helpers).
 """

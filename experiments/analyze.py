@@ -41,11 +41,11 @@ from derive import DerivedMixer
 from mixers import VisionTransformer
 
 from . import analysis, reports, symmetry
+from .build import build_model
 from .config import ConfigError, add_import_argument, import_modules, load_config
 from .data import build_datasets
 from .datafiles import CorruptDatasetError, DatasetNotFoundError
 from .runs import CheckpointError, RunFileError, atomic_write, load_checkpoint, read_summary
-from .train import build_model
 
 __all__ = ["IMAGES", "analyse_run", "find_runs", "load_run", "main", "run_record"]
 

@@ -1,7 +1,7 @@
 """A run's folder: one process at a time (:func:`hold_out_dir`, an flock that forked workers do not keep), files
 written atomically (:func:`atomic_write`; a failure is a :class:`RunWriteError` naming the file and why), the
-checkpoint (:func:`save_checkpoint`, :func:`load_checkpoint` with ``weights_only=True``), the metrics logs, and
-the environment that produced the run (:func:`environment`)."""
+checkpoint (:func:`save_checkpoint`, :func:`load_checkpoint` with ``weights_only=True``, :func:`restore_checkpoint`
+into the run it continues), the metrics logs, and the environment that produced the run (:func:`environment`)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 
 __all__ = ["CHECKPOINT_KEYS", "CheckpointError", "RunBusyError", "RunFileError", "RunWriteError", "atomic_write",
-           "cpu_has_bf16_kernels", "cpu_name", "environment", "hold_out_dir", "load_checkpoint", "log_metrics",
-           "median_images_per_s", "read_jsonl", "read_summary", "rewrite_logs", "rng_state", "save_checkpoint",
-           "set_rng_state"]
+           "check_resumable", "cpu_has_bf16_kernels", "cpu_name", "environment", "hold_out_dir", "load_checkpoint",
+           "log_metrics", "median_images_per_s", "read_jsonl", "read_summary", "restore_checkpoint", "rewrite_logs",
+           "rng_state", "save_checkpoint", "set_rng_state"]
 
 
 class RunBusyError(ConfigError):
@@ -103,6 +103,46 @@ def load_checkpoint(path: Path) -> dict:
     if wrong:
         raise CheckpointError(f"checkpoint {str(path)!r}: {wrong} are not mappings: not written by experiments.train")
     return ckpt
+
+
+def restore_checkpoint(ckpt: dict, ckpt_path: Path, cfg: TrainConfig, rank: int, world: int, model, optimizer,
+                       scheduler, scaler) -> tuple:
+    """Load a checkpoint into the run's model, optimizer, scheduler and scaler; returns (start epoch, start step,
+    best, wall seconds so far, this process's RNG state and partial-epoch counters). CheckpointError naming the file
+    if it does not continue this run or is damaged."""
+    start_epoch, start_step, best, wall_before, resumed = 0, 0, None, 0.0, {}
+    check_resumable(ckpt, ckpt_path, scheduler, world, cfg.epochs)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit model {cfg.model!r}: {e}") from e
+    try:
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
+        # this process's RNG and partial-epoch counters (one entry per process since multi-process stops)
+        resumed = ckpt["ranks"][rank] if "ranks" in ckpt else {
+            k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted", "epoch_seen",
+                                        "epoch_time_s")}
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has a damaged training state: {e!r}") from e
+    return start_epoch, start_step, best, wall_before, resumed
+
+
+def check_resumable(ckpt: dict, path: Path, scheduler, world: int, epochs: int) -> None:
+    """A checkpoint continues only the run it came from: same number of processes and same LR schedule (the
+    scheduler's state would otherwise silently keep the old run's length)."""
+    if ckpt.get("world_size", world) != world:
+        raise CheckpointError(f"checkpoint {str(path)!r} was written by {ckpt['world_size']} processes; resume it "
+                              f"with the same number (this run has {world}) or use another out_dir")
+    fresh = scheduler.state_dict()
+    differ = sorted(k for k, v in fresh.items() if k != "metric" and ckpt["scheduler"].get(k, v) != v)
+    if differ:
+        was = f"epochs={ckpt['epochs']}" if "epochs" in ckpt else "another length"
+        raise CheckpointError(f"checkpoint {str(path)!r} was written for a different LR schedule ({was}; this "
+                              f"config has epochs={epochs}; scheduler fields {differ} differ): resume with the "
+                              "checkpoint's epochs, or start a new run in another out_dir")
 
 
 def rng_state() -> dict:

@@ -33,22 +33,18 @@ total than one process using all cores (docs/benchmarks.md)::
 from __future__ import annotations
 
 import argparse
-import collections
 import itertools
 import json
-import math
 import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import scipy.stats
-
 from derive import yamlio
 
 from .analyze import IMAGES, run_record
+from .build import check_model
 from .config import (
     OPERATIONAL_KEYS,
     ConfigError,
@@ -59,17 +55,15 @@ from .config import (
     read_yaml_mapping,
 )
 from .datafiles import CorruptDatasetError, DatasetNotFoundError
-from .figures import mean_std_cell
+from .reports import EQUIVALENCE_MARGIN, tables
 from .runs import CheckpointError, RunFileError, hold_out_dir, median_images_per_s, read_jsonl, read_summary
-from .train import check_model, train
+from .train import train
 
-__all__ = ["check_spec", "comparison", "expand", "load_sweep", "machine", "paired_differences", "run_sweep", "status",
-           "table", "tables", "tost"]
+__all__ = ["check_spec", "expand", "load_sweep", "run_sweep", "status"]
 
 SWEEP_KEYS = ("base", "out_dir", "seeds", "overrides", "runs", "compare", "pairs", "equivalence_margin")
 SWEEP_OWNED = ("seed", "out_dir")  # config keys the sweep sets for each (run, seed)
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
-EQUIVALENCE_MARGIN = 0.5  # points of test top-1: paired differences within it count as no practical difference
 
 
 def load_sweep(path: str) -> dict:
@@ -202,123 +196,6 @@ def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]
 
 def _run_dir(out: Path, name: str, seed: int) -> Path:
     return out / name.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "") / f"seed{seed}"
-
-
-def machine(summary: dict) -> str:
-    """What a run ran on, from its summary's ``env``: CPU or GPU model, CPU capability and bf16 kernels where
-    recorded, torch version (runs that differ here may differ in their last digits, or in speed)."""
-    env = summary.get("env") or {}
-    parts = [env.get("hardware", "?")]
-    if env.get("cpu_capability"):
-        parts.append(env["cpu_capability"] + (", bf16 kernels" if env.get("cpu_bf16_kernels") else ""))
-    parts.append(f"torch {env.get('torch', '?')}")
-    return ", ".join(parts)
-
-
-def _machine_letters(summaries: dict[str, list[dict]]) -> dict[str, str]:
-    """Machine description -> a letter (A, B, ...), in order of first appearance."""
-    letters: dict[str, str] = {}
-    for rows in summaries.values():
-        for r in rows:
-            letters.setdefault(machine(r), chr(ord("A") + len(letters)))
-    return letters
-
-
-def table(summaries: dict[str, list[dict]]) -> str:
-    """Markdown: run, seeds, best test top-1 (the maximum over epochs) and last (the final epoch's), each mean +- std
-    over seeds, parameters, images/s (each seed's median epoch, averaged over seeds), and the machine of each
-    seed, as letters explained under the table."""
-    letters = _machine_letters(summaries)
-    lines = ["| model | seeds | best top-1 (%) | last top-1 (%) | params | images/s | machine per seed |",
-             "|---|---|---|---|---|---|---|"]
-    for name, rows in summaries.items():
-        if not rows:
-            lines.append(f"| {name} | 0 | – | – | – | – | – |")
-            continue
-        params = rows[0]["params"]
-        ips = sum(r["images_per_s"] for r in rows) / len(rows)
-        where = " ".join(letters[machine(r)] for r in rows)
-        lines.append(f"| {name} | {len(rows)} | {mean_std_cell([r['best_top1'] for r in rows])} | "
-                     f"{mean_std_cell([r['last_top1'] for r in rows])} | {params:,} | {ips:.0f} | {where} |")
-    if letters:
-        lines.append("\nMachines: " + "; ".join(f"{v} = {k}" for k, v in letters.items()) + ".")
-    return "\n".join(lines)
-
-
-def tost(diffs: list[float], margin: float) -> float:
-    """The p-value of the paired two one-sided tests (TOST) of equivalence within +-``margin``: the larger of the
-    one-sided p-values of H0 mean <= -margin and H0 mean >= +margin (Student's t, n - 1 dof). Below 0.05 the
-    90 % CI of the mean lies inside (-margin, +margin): the difference is smaller than the margin at 5 %. NaN
-    with fewer than 2 pairs; with no spread at all, 0 if the mean lies inside the margin and 1 if not."""
-    n = len(diffs)
-    if n < 2:
-        return math.nan
-    se = scipy.stats.sem(diffs)
-    if not se > 0:
-        return 0.0 if abs(np.mean(diffs)) < margin else 1.0
-    lower = scipy.stats.t.sf((np.mean(diffs) + margin) / se, n - 1)
-    upper = scipy.stats.t.cdf((np.mean(diffs) - margin) / se, n - 1)
-    return float(max(lower, upper))
-
-
-def _difference_row(label: str, rows: list[dict], reference: list[dict], margin: float) -> str:
-    """One markdown row: ``rows``' last test top-1 minus ``reference``'s, paired by seed (see `comparison`)."""
-    ref = {r["seed"]: r for r in reference}
-    pairs = [(r, ref[r["seed"]]) for r in rows if r["seed"] in ref]
-    diffs = [a["last_top1"] - b["last_top1"] for a, b in pairs]
-    if not diffs:
-        return f"| {label} | 0 | – | – | – | – | – |"
-    ci, p = "–", "–"
-    if len(diffs) > 1:
-        lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=scipy.stats.sem(diffs))
-        ci = f"[{lo:+.2f}, {hi:+.2f}]"
-        p = f"{tost(diffs, margin):.3f}"
-    same = sum(machine(a) == machine(b) for a, b in pairs)
-    return (f"| {label} | {len(diffs)} | {mean_std_cell(diffs, '+.2f', '.2f')} | {ci} | "
-            f"{sum(d > 0 for d in diffs)} of {len(diffs)} | {p} | {same} of {len(diffs)} |")
-
-
-def comparison(summaries: dict[str, list[dict]], reference: str, margin: float = EQUIVALENCE_MARGIN) -> str:
-    """Markdown: each run's last test top-1 minus ``reference``'s on the same seed, mean +- std over the seeds both
-    finished, the 95 % confidence interval of the mean difference (Student's t with n - 1 degrees of freedom, the
-    paired t-test's: it excludes 0 where that test rejects "no difference" at 5 %), on how many of those seeds
-    the run is ahead (ties count as not ahead), the TOST p-value of equivalence within +-``margin`` points (below
-    0.05: no difference as large as the margin, at 5 %), and on how many seeds both runs ran on the same machine.
-    Every row pairs with the same ``reference`` run of each seed, so the rows are not independent of each
-    other; the table says so."""
-    lines = [f"| model | seeds paired | last top-1 − {reference} (points) | 95 % CI | ahead on | "
-             f"TOST ±{margin:g} p | same machine |", "|---|---|---|---|---|---|---|"]
-    lines += [_difference_row(name, rows, summaries[reference], margin)
-              for name, rows in summaries.items() if name != reference]
-    lines.append(f"\nEvery row pairs with the same {reference} run of each seed: the rows share it and are not "
-                 "independent of each other.")
-    return "\n".join(lines)
-
-
-def paired_differences(summaries: dict[str, list[dict]], pairs: list[list[str]],
-                       margin: float = EQUIVALENCE_MARGIN) -> str:
-    """Markdown: for each ``[run, reference]`` of ``pairs``, the run's last test top-1 minus the reference's,
-    paired by seed, with the columns of `comparison`; names the references that several rows share (those rows
-    are not independent of each other)."""
-    lines = [f"| run − reference | seeds paired | last top-1 difference (points) | 95 % CI | ahead on | "
-             f"TOST ±{margin:g} p | same machine |", "|---|---|---|---|---|---|---|"]
-    lines += [_difference_row(f"{run} − {ref}", summaries[run], summaries[ref], margin) for run, ref in pairs]
-    counts = collections.Counter(ref for _, ref in pairs)
-    shared = [f"{ref} ({n} rows)" for ref, n in counts.items() if n > 1]
-    if shared:
-        lines.append(f"\nRows with the same reference pair with the same run of each seed and are not independent of "
-                     f"each other: {', '.join(shared)}.")
-    return "\n".join(lines)
-
-
-def tables(summaries: dict[str, list[dict]], spec: dict) -> str:
-    """A sweep's markdown: the `table` of every run, a `comparison` for each run of its ``compare`` list, and the
-    `paired_differences` of its ``pairs``, if any."""
-    margin = spec.get("equivalence_margin", EQUIVALENCE_MARGIN)
-    parts = [table(summaries)] + [comparison(summaries, ref, margin) for ref in spec.get("compare", [])]
-    if spec.get("pairs"):
-        parts.append(paired_differences(summaries, spec["pairs"], margin))
-    return "\n\n".join(parts)
 
 
 def status(spec: dict) -> str:

@@ -26,7 +26,6 @@ One process at a time trains into an ``out_dir``: the run holds ``out_dir/.lock`
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import random
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from .build import build_model, check_model, check_run, device_and_precision, param_groups
 from .config import (
     RESUME_IGNORED,
     ConfigError,
@@ -54,7 +54,7 @@ from .config import (
     load_config,
     plain_config,
 )
-from .data import build_datasets, build_loaders, dataset_info, split_size
+from .data import build_datasets, build_loaders
 from .datafiles import CorruptDatasetError, DatasetNotFoundError
 from .runs import (
     CheckpointError,
@@ -62,7 +62,6 @@ from .runs import (
     RunFileError,
     RunWriteError,
     atomic_write,
-    cpu_has_bf16_kernels,
     cpu_name,
     environment,
     hold_out_dir,
@@ -70,6 +69,7 @@ from .runs import (
     log_metrics,
     median_images_per_s,
     read_jsonl,
+    restore_checkpoint,
     rewrite_logs,
     rng_state,
     save_checkpoint,
@@ -83,56 +83,10 @@ __all__ = ["CheckpointError", "ConfigError", "RunBusyError", "RunFileError", "Ru
            "save_checkpoint", "train"]
 
 
-def check_model(cfg: TrainConfig) -> None:
-    """Build the config's model on the meta device (no memory, no data): a wrong name or ``model_kwargs`` raises
-    ConfigError now rather than hours into a sweep."""
-    info = dataset_info(cfg.data)
-    with torch.device("meta"):
-        model = build_model(cfg, info.num_classes or 10, info.in_chans, info.img_size)
-    names = [n for n, _ in model.named_parameters()]
-    unmatched = [p for p in cfg.no_weight_decay if not any(fnmatch.fnmatch(n, p) for n in names)]
-    if unmatched:
-        raise ConfigError(f"config key 'no_weight_decay': {unmatched} match no parameter of {cfg.model!r} (names "
-                          f"such as {names[:3]})")
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """timm's weight-decay groups (``param_groups_weight_decay``: no decay for biases, 1-D parameters and the
-    model's ``no_weight_decay()``) with ``cfg.no_weight_decay``'s patterns exempt too."""
-    from timm.optim import param_groups_weight_decay
-
-    exempt = set(getattr(model, "no_weight_decay", lambda: ())()) | set(cfg.no_weight_decay)
-    return param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=exempt)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002
     torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------- pieces
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
-    import timm
-
-    import derive  # noqa: F401 -- registers derived_* models
-    import mixers  # noqa: F401 -- registers vmixer_*, imixer_*, limixer_*, paramixer_*
-
-    if not timm.is_model(cfg.model):
-        raise ConfigError(f"config key 'model': unknown model {cfg.model!r}")
-    owned = {"num_classes": "the dataset", "in_chans": "the dataset", "img_size": "the dataset (data.img_size)",
-             "drop_path_rate": "config key 'drop_path'"}
-    clash = [k for k in cfg.model_kwargs if k in owned]
-    if clash:
-        raise ConfigError("; ".join(f"config key 'model_kwargs.{k}': set by {owned[k]}, not in model_kwargs"
-                                    for k in clash))
-    kwargs = dict(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **cfg.model_kwargs)
-    if cfg.drop_path:
-        kwargs["drop_path_rate"] = cfg.drop_path
-    try:
-        return timm.create_model(cfg.model, **kwargs)
-    except (TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: an inf or huge size (int(inf))
-        raise ConfigError(f"config key 'model_kwargs' does not fit {cfg.model!r}: {e}") from e
 
 
 class _Stop:
@@ -176,32 +130,6 @@ def evaluate(model, loader, device, autocast) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def check_run(cfg: TrainConfig) -> None:
-    """What can be checked before a run's folder is made: the model and ``model_kwargs`` (``check_model``), the
-    device, and the batch size against the training images; ConfigError naming the key."""
-    check_model(cfg)
-    if cfg.device != "auto":
-        try:
-            device = torch.device(cfg.device)
-        except (RuntimeError, ValueError):
-            raise ConfigError(f"config key 'device': {cfg.device!r} is not a device (auto, cpu, cuda, cuda:N, mps)"
-                              ) from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"config key 'device': {cfg.device!r}, but this machine has no CUDA GPU (use auto or "
-                              "cpu)")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"config key 'device': {cfg.device!r}, but this machine has "
-                              f"{torch.cuda.device_count()} GPU(s)")
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise ConfigError(f"config key 'device': {cfg.device!r} is not supported here (auto, cpu, cuda, mps)")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError(f"config key 'device': {cfg.device!r}, but MPS is not available here")
-    images = cfg.data.train_subset or split_size(cfg.data, "train")
-    if images is not None and cfg.batch_size > images:
-        raise ConfigError(f"config key 'batch_size': {cfg.batch_size} exceeds the {images} training images "
-                          f"({'data.train_subset' if cfg.data.train_subset else 'the split'}): no batch would be full")
-
-
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run (or continue) a training run; returns the summary (also written to out_dir/summary.json).
 
@@ -246,7 +174,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main_proc = rank == 0
-    device, use_amp = _device_and_precision(cfg, main_proc)
+    device, use_amp = device_and_precision(cfg, main_proc)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
@@ -313,7 +241,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     # training breaks the symmetry, or the weights never had it (Karakida, Ota & Taki 2024)
     symmetry_init = symmetry_scalars(model) if ckpt is None else ckpt.get("symmetry_init", {})
     if ckpt is not None:
-        start_epoch, start_step, best, wall_before, resumed = _restore(
+        start_epoch, start_step, best, wall_before, resumed = restore_checkpoint(
             ckpt, ckpt_path, cfg, rank, world, model, optimizer, scheduler, scaler)
     # metrics of the epochs the checkpoint has seen (a kill between logging and saving leaves one extra line)
     history = [h for h in read_jsonl(out / "metrics.jsonl") if h["epoch"] <= start_epoch] if ckpt else []
@@ -501,49 +429,6 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict:
     return summary
 
 
-def _device_and_precision(cfg: TrainConfig, main_proc: bool) -> tuple[torch.device, bool]:
-    """The run's device (``auto``: this process's GPU under torchrun, else the CPU) and whether bf16 autocast is on;
-    a warning where bf16 would run on a CPU without bf16 kernels."""
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    if use_amp and device.type == "cpu" and main_proc and not cpu_has_bf16_kernels():
-        warnings.warn(f"config key 'amp' is 'bf16', but this CPU ({cpu_name()}, "
-                      f"{torch.backends.cpu.get_cpu_capability()}) has no oneDNN bf16 kernels: bf16 autocast runs "
-                      "several times slower than float32 here (docs/benchmarks.md); amp=off trains faster",
-                      RuntimeWarning, stacklevel=2)
-    return device, use_amp
-
-
-def _restore(ckpt: dict, ckpt_path: Path, cfg: TrainConfig, rank: int, world: int, model, optimizer, scheduler,
-             scaler) -> tuple:
-    """Load a checkpoint into the run's model, optimizer, scheduler and scaler; returns (start epoch, start step,
-    best, wall seconds so far, this process's RNG state and partial-epoch counters). CheckpointError naming the file
-    if it does not continue this run or is damaged."""
-    start_epoch, start_step, best, wall_before, resumed = 0, 0, None, 0.0, {}
-    _check_resumable(ckpt, ckpt_path, scheduler, world, cfg.epochs)
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} does not fit model {cfg.model!r}: {e}") from e
-    try:
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step, best, wall_before = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["wall_s"]
-        # this process's RNG and partial-epoch counters (one entry per process since multi-process stops)
-        resumed = ckpt["ranks"][rank] if "ranks" in ckpt else {
-            k: ckpt.get(k, 0) for k in ("rng", "epoch_loss_sum", "epoch_correct", "epoch_counted", "epoch_seen",
-                                        "epoch_time_s")}
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has a damaged training state: {e!r}") from e
-    return start_epoch, start_step, best, wall_before, resumed
-
-
 def _ranks_identical(model: nn.Module) -> bool:
     """Whether every process ends with bit-identical weights and buffers (DDP keeps them in step): each compares
     its own tensors element by element with process 0's."""
@@ -555,21 +440,6 @@ def _ranks_identical(model: nn.Module) -> bool:
     flag = torch.tensor(float(same), device=next(iter(model.state_dict().values())).device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _check_resumable(ckpt: dict, path: Path, scheduler, world: int, epochs: int) -> None:
-    """A checkpoint continues only the run it came from: same number of processes and same LR schedule (the
-    scheduler's state would otherwise silently keep the old run's length)."""
-    if ckpt.get("world_size", world) != world:
-        raise CheckpointError(f"checkpoint {str(path)!r} was written by {ckpt['world_size']} processes; resume it "
-                              f"with the same number (this run has {world}) or use another out_dir")
-    fresh = scheduler.state_dict()
-    differ = sorted(k for k, v in fresh.items() if k != "metric" and ckpt["scheduler"].get(k, v) != v)
-    if differ:
-        was = f"epochs={ckpt['epochs']}" if "epochs" in ckpt else "another length"
-        raise CheckpointError(f"checkpoint {str(path)!r} was written for a different LR schedule ({was}; this "
-                              f"config has epochs={epochs}; scheduler fields {differ} differ): resume with the "
-                              "checkpoint's epochs, or start a new run in another out_dir")
 
 
 def _bar(cfg: TrainConfig, main_proc: bool, total: int, epoch: int, epochs: int):

@@ -17,7 +17,7 @@ shopt -s nullglob
 for ckpt in "$out"/*/seed*/checkpoint.pt; do
     run="$(dirname "$ckpt")"
     [ -f "$run/summary.json" ] && continue
-    # a training process holds the run's flock (experiments.train.hold_out_dir): its checkpoint is not final
+    # a training process holds the run's flock (experiments.runs.hold_out_dir): its checkpoint is not final
     if ! flock -n "$run/.lock" true; then
         echo "carry_sweep: '$run' is still training; stop its sweep first (SIGTERM writes its checkpoint)" >&2
         exit 1

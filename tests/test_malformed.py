@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from derive import NetworkSpec, SpecError
+from experiments.build import check_run
 from experiments.config import ConfigError, load_config
-from experiments.train import check_run
 from hopfield import DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
 

@@ -18,7 +18,7 @@ def sweep_tables(sweep_file: str) -> tuple[str, dict, dict]:
     summaries and the sweep file."""
     spec = sweep.load_sweep(str(ROOT / "experiments" / "configs" / sweep_file))
     summaries = sweep._summaries(ROOT / spec["out_dir"], sweep.expand(spec), list(spec["seeds"]))
-    return sweep.tables(summaries, spec), summaries, spec
+    return reports.tables(summaries, spec), summaries, spec
 
 
 @pytest.mark.parametrize("sweep_file", ["sweep_fashion.yaml"])

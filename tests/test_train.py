@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from experiments import analyze, runs, sweep, train
+from experiments import analyze, build, reports, runs, sweep, train
 from experiments.config import import_modules
 from experiments.runs import load_checkpoint
 from experiments.train import CheckpointError, ConfigError, RunFileError, load_config
@@ -443,7 +443,7 @@ def test_bf16_autocast_trains_a_derived_imixer_on_cpu(tmp_path, monkeypatch):
     cfg = load_config(CONFIG, [*TINY, "model=derived_imixer_t4_28", "model_kwargs={embed_dim: 32, num_blocks: 2, "
                                "h_ratio: 2, n_iter: 2}", "epochs=1", "data.train_subset=256",
                                "data.test_subset=128", "batch_size=64", "amp=bf16", f"out_dir={tmp_path}"])
-    for module in (train, runs):  # the training loop's warning, and the environment the summary records
+    for module in (build, runs):  # the run's device warning, and the environment the summary records
         monkeypatch.setattr(module, "cpu_has_bf16_kernels", lambda: False)
     with pytest.warns(RuntimeWarning, match="config key 'amp' is 'bf16'.*no oneDNN bf16 kernels"):
         summary = train.train(cfg)
@@ -684,7 +684,7 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     assert "| imixer[n_iter=2] | 0 | – | – | – | – | – |" in md and "| mixer | 2 | +" not in md
     assert "Every row pairs with the same mixer run of each seed" in md
     # pairs: only the named contrasts, labelled run − reference; a reference of several rows is named as shared
-    pairs = sweep.paired_differences(sweep._summaries(tmp_path, runs, [0, 1]), [
+    pairs = reports.paired_differences(sweep._summaries(tmp_path, runs, [0, 1]), [
         ["imixer[n_iter=1]", "mixer"], ["imixer[n_iter=4]", "mixer"], ["imixer[n_iter=4]", "imixer[n_iter=1]"],
         ["imixer[n_iter=2]", "mixer"]])
     assert pairs.splitlines()[2:6] == [
@@ -695,7 +695,7 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     assert pairs.endswith("not independent of each other: mixer (3 rows).")
     assert sweep.run_sweep({**spec, "pairs": [["imixer[n_iter=1]", "mixer"]]}, table_only=True).endswith(
         "| imixer[n_iter=1] − mixer | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 | 0.398 | 2 of 2 |")
-    assert sweep.tost([0.1, 0.2, 0.15], 0.5) < 0.01 and sweep.tost([1.0, 1.2, 1.1], 0.5) > 0.5
+    assert reports.tost([0.1, 0.2, 0.15], 0.5) < 0.01 and reports.tost([1.0, 1.2, 1.1], 0.5) > 0.5
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
     with pytest.raises(ConfigError, match=r"--seeds \[7\]: not in this sweep's seeds \[0, 1\]"):
