@@ -21,7 +21,7 @@ def sweep_tables(sweep_file: str) -> tuple[str, dict, dict]:
     return reports.tables(summaries, spec), summaries, spec
 
 
-@pytest.mark.parametrize("sweep_file", ["sweep_fashion.yaml"])
+@pytest.mark.parametrize("sweep_file", ["sweep_fashion.yaml", "sweep_fashion_claims.yaml"])
 def test_finished_sweep_tables_recompute_from_their_run_folders(sweep_file):
     """Every line of a finished sweep's tables (its ``--table-only`` output, recomputed here from summary.json
     without writing anything) stands in docs/results.md as it is."""
