@@ -6,6 +6,8 @@
 - `symmetry_trajectories`: the weight-symmetry index corr(W1^T, W2) of every run at initialisation (summary.json's
   ``symmetry_init``) and after every epoch (metrics.jsonl's ``sym_corr_*``), mean +- std over seeds: whether
   training breaks the symmetry by itself (Karakida, Ota & Taki 2024), or the weights never had it.
+- `epoch_table`: one run's training and test top-1 after each epoch, one row per run: how a run got where it ended
+  (whether it left chance and fell back, say), which a table of final accuracies hides.
 - `certificate_report`: per iMixer block, ``DerivedBlock.certificate``'s bound on Lip(F) and the measured rate of
   the trained fixed-point iteration (``analysis.fixed_point_convergence``), mean +- std over seeds: whether the
   trained token mixer contracts, with and without spectral normalisation (iMixer Table 3).
@@ -25,7 +27,7 @@ from .analysis import read_metrics
 from .figures import mean_std, mean_std_cell, pyplot, save_figure
 from .runs import read_summary
 
-__all__ = ["EQUIVALENCE_MARGIN", "certificate_report", "comparison", "machine", "paired_differences",
+__all__ = ["EQUIVALENCE_MARGIN", "certificate_report", "comparison", "epoch_table", "machine", "paired_differences",
            "symmetry_trajectories", "symmetry_trajectory", "table", "tables", "tost"]
 
 MLPS = ("tokens", "channels")
@@ -81,16 +83,18 @@ def symmetry_trajectories(groups: Mapping[str, Sequence[Path]], *, path=None,
     if path is not None and curves:
         plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        colours = {}
+        # one colour per run (tab20: the default cycle repeats after 10 runs), then a new line style every 20
+        names = list(dict.fromkeys(name for name, _ in curves))
+        style = {name: (plt.get_cmap("tab20")(k % 20), ("-", "--", ":")[k // 20 % 3]) for k, name in enumerate(names)}
         for (name, m), stats in curves.items():
             ax = axes[MLPS.index(m)]
             xs = list(stats)
             mean = [stats[e][0] for e in xs]
             sd = [stats[e][1] for e in xs]
-            (line,) = ax.plot(xs, mean, marker="o", ms=2, lw=1.2, color=colours.get(name), label=name)
-            colours.setdefault(name, line.get_color())
+            colour, ls = style[name]
+            ax.plot(xs, mean, marker="o", ms=2, lw=1.2, color=colour, ls=ls, label=name)
             ax.fill_between(xs, [a - b for a, b in zip(mean, sd)], [a + b for a, b in zip(mean, sd)],
-                            color=line.get_color(), alpha=0.2)
+                            color=colour, alpha=0.2)
         for ax, m in zip(axes, MLPS):
             ax.axhline(1.0, color="grey", lw=0.6, ls=":")
             ax.axhline(0.0, color="grey", lw=0.6, ls=":")
@@ -98,6 +102,21 @@ def symmetry_trajectories(groups: Mapping[str, Sequence[Path]], *, path=None,
         axes[0].set_ylabel("corr (1 = tied, 0 = independent)")
         axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         save_figure(fig, path)
+    return "\n".join(lines)
+
+
+def epoch_table(runs: Mapping[str, Path], keys: Sequence[str] = ("train_top1", "test_top1")) -> str:
+    """Markdown: per run folder (``{"label": path}``), each of ``keys`` of its metrics.jsonl after every logged
+    epoch, joined by arrows (one decimal; "–" where an epoch did not log it, e.g. training top-1 under mixup)."""
+    keys = list(keys)
+    names = {"train_top1": "train top-1 (%)", "test_top1": "test top-1 (%)", "train_loss": "train loss",
+             "test_loss": "test loss"}
+    lines = ["| run | epochs | " + " | ".join(f"{names.get(k, k)}, epoch 1 → last" for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for label, run in runs.items():
+        records = read_metrics(Path(run) / "metrics.jsonl")
+        cells = [" → ".join("–" if r.get(k) is None else f"{r[k]:.1f}" for r in records) for k in keys]
+        lines.append(f"| {label} | {len(records)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

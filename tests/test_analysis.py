@@ -324,3 +324,18 @@ def test_rank_collapse_report_averages_seeds_per_run(tmp_path):
     assert_png(tmp_path / "rc.png")
     with pytest.raises(ValueError, match="'mha' have different depths"):
         rank_collapse_report({"mha": [a, {k: v[:2] for k, v in b.items()}]})
+
+
+def test_epoch_table_writes_each_epoch_in_order_and_marks_what_was_not_logged(tmp_path):
+    """``reports.epoch_table``: one row per run, every logged epoch's value in order, "–" where an epoch did not
+    log the key (training top-1 under mixup is None)."""
+    from experiments import reports
+
+    run = tmp_path / "r"
+    run.mkdir()
+    records = [{"epoch": 1, "train_top1": 12.34, "test_top1": 40.0}, {"epoch": 2, "train_top1": None,
+                                                                       "test_top1": 9.96}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = reports.epoch_table({"short run": run}).splitlines()
+    assert lines[0] == "| run | epochs | train top-1 (%), epoch 1 → last | test top-1 (%), epoch 1 → last |"
+    assert lines[2] == "| short run | 2 | 12.3 → – | 40.0 → 10.0 |"
