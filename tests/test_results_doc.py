@@ -22,7 +22,7 @@ def sweep_tables(sweep_file: str) -> tuple[str, dict, dict]:
 
 
 @pytest.mark.parametrize("sweep_file", ["sweep_fashion.yaml", "sweep_fashion_claims.yaml",
-                                        "sweep_vit_noskip_lr.yaml"])
+                                        "sweep_vit_noskip_lr.yaml", "sweep_vit_convex_lr.yaml"])
 def test_finished_sweep_tables_recompute_from_their_run_folders(sweep_file):
     """Every line of a finished sweep's tables (its ``--table-only`` output, recomputed here from summary.json
     without writing anything) stands in docs/results.md as it is."""
@@ -126,13 +126,25 @@ def test_claims_paired_differences_recompute_from_the_committed_runs():
     assert not missing, "\n".join(missing)
 
 
-def test_vit_noskip_lr_epoch_table_recomputes_from_the_committed_metrics():
-    """The ViT section's record of why the no-skip stacks train at lr 2e-4 shows each run's top-1 after every epoch:
-    ``reports.epoch_table`` of the committed run folders of sweep_vit_noskip_lr, every row as it is."""
-    spec = sweep.load_sweep(str(ROOT / "experiments" / "configs" / "sweep_vit_noskip_lr.yaml"))
+# the ViT section's learning-rate records: sweep file, the paragraph's opening words, runs outside the sweep
+LR_RECORDS = [
+    ("sweep_vit_noskip_lr.yaml", "**No-skip stacks need a smaller learning rate.**", {}),
+    ("sweep_vit_convex_lr.yaml", "**The convex skip needs a smaller learning rate too.**",
+     {"vit_convex[alpha_h=0.0], full recipe, lr 1e-3 (stopped)":
+      ROOT / "experiments" / "results" / "vit_convex_lr1e-3_stopped" / "seed0"}),
+]
+
+
+@pytest.mark.parametrize(("sweep_file", "opening", "extra"), LR_RECORDS)
+def test_vit_lr_record_epoch_tables_recompute_from_the_committed_metrics(sweep_file, opening, extra):
+    """The ViT section's records of why the no-skip and convex-skip ViTs train at lr 2e-4 show each run's top-1
+    after every epoch: ``reports.epoch_table`` of the committed run folders (the sweep's, and a run stopped before
+    it), every row as it is, in the paragraph that cites them."""
+    spec = sweep.load_sweep(str(ROOT / "experiments" / "configs" / sweep_file))
     out = ROOT / spec["out_dir"]
-    rows = reports.epoch_table({name: out / name / "seed0" for name in sweep.expand(spec)}).splitlines()
-    assert len(rows) == 2 + 6
-    section = DOC.split("**No-skip stacks need a smaller learning rate.**", 1)[1]
+    runs = {**extra, **{name: sweep._run_dir(out, name, 0) for name in sweep.expand(spec)}}
+    rows = reports.epoch_table(runs).splitlines()
+    assert len(rows) == 2 + len(runs)
+    section = DOC.split(opening, 1)[1].split("\n**", 1)[0]
     missing = [line for line in rows if line not in section.splitlines()]
     assert not missing, "\n".join(missing)
