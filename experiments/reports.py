@@ -8,6 +8,9 @@
   training breaks the symmetry by itself (Karakida, Ota & Taki 2024), or the weights never had it.
 - `epoch_table`: one run's training and test top-1 after each epoch, one row per run: how a run got where it ended
   (whether it left chance and fell back, say), which a table of final accuracies hides.
+- `seed_pairs`: seed by seed, "run / reference" of the last test top-1 and of the last block's token uniformity
+  (``rank_collapse``, of the run's analysis): whether a mean difference comes from every seed or from one, and whether
+  accuracy tracks collapse seed by seed.
 - `certificate_report`: per iMixer block, ``DerivedBlock.certificate``'s bound on Lip(F) and the measured rate of
   the trained fixed-point iteration (``analysis.fixed_point_convergence``), mean +- std over seeds: whether the
   trained token mixer contracts, with and without spectral normalisation (iMixer Table 3).
@@ -28,7 +31,7 @@ from .figures import mean_std, mean_std_cell, pyplot, save_figure
 from .runs import read_summary
 
 __all__ = ["EQUIVALENCE_MARGIN", "certificate_report", "comparison", "epoch_table", "machine", "paired_differences",
-           "symmetry_trajectories", "symmetry_trajectory", "table", "tables", "tost"]
+           "seed_pairs", "symmetry_trajectories", "symmetry_trajectory", "table", "tables", "tost"]
 
 MLPS = ("tokens", "channels")
 EQUIVALENCE_MARGIN = 0.5  # points of test top-1: paired differences within it count as no practical difference
@@ -117,6 +120,31 @@ def epoch_table(runs: Mapping[str, Path], keys: Sequence[str] = ("train_top1", "
         records = read_metrics(Path(run) / "metrics.jsonl")
         cells = [" → ".join("–" if r.get(k) is None else f"{r[k]:.1f}" for r in records) for k in keys]
         lines.append(f"| {label} | {len(records)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_pairs(summaries: dict[str, list[dict]], pairs: Sequence[Sequence[str]]) -> str:
+    """Markdown: for each ``[run, reference]`` of ``pairs``, one row per measure with "run / reference" on every
+    seed: the last test top-1 and, where both runs' summaries carry their analysis's ``rank_collapse`` (the sweep
+    adds it from analysis.json), the last block's mean token cosine and distance from rank 1 ||X - 1x^T||/||X||.
+    "–" where one of the two has not finished that seed. A mean over 3 seeds can hide that one seed made the
+    difference; this shows it."""
+    by_seed = {name: {r["seed"]: r for r in rows} for name, rows in summaries.items()}
+    seeds = sorted({s for run, ref in pairs for s in by_seed[run] if s in by_seed[ref]})
+    lines = ["| run / reference | measure | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    measures = (("last top-1 (%)", lambda r: r.get("last_top1"), ".2f"),
+                ("last-block cosine", lambda r: (r.get("rank_collapse") or {}).get("cosine", [None])[-1], ".3f"),
+                ("last-block ‖X − 1xᵀ‖/‖X‖", lambda r: (r.get("rank_collapse") or {}).get("residual", [None])[-1],
+                 ".3g"))
+    for run, ref in pairs:
+        both = {s: (by_seed[run][s], by_seed[ref][s]) for s in seeds if s in by_seed[run] and s in by_seed[ref]}
+        for label, read, fmt in measures:
+            values = {s: (read(a), read(b)) for s, (a, b) in both.items()}
+            if not values or any(v is None for pair in values.values() for v in pair):
+                continue
+            cells = [f"{values[s][0]:{fmt}} / {values[s][1]:{fmt}}" if s in values else "–" for s in seeds]
+            lines.append(f"| {run} / {ref} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -257,9 +285,9 @@ def paired_differences(summaries: dict[str, list[dict]], pairs: list[list[str]],
 
 def tables(summaries: dict[str, list[dict]], spec: dict) -> str:
     """A sweep's markdown: the `table` of every run, a `comparison` for each run of its ``compare`` list, and the
-    `paired_differences` of its ``pairs``, if any."""
+    `paired_differences` and `seed_pairs` of its ``pairs``, if any."""
     margin = spec.get("equivalence_margin", EQUIVALENCE_MARGIN)
     parts = [table(summaries)] + [comparison(summaries, ref, margin) for ref in spec.get("compare", [])]
     if spec.get("pairs"):
-        parts.append(paired_differences(summaries, spec["pairs"], margin))
+        parts += [paired_differences(summaries, spec["pairs"], margin), seed_pairs(summaries, spec["pairs"])]
     return "\n\n".join(parts)

@@ -18,9 +18,11 @@ the order and the augmentations of the training images for every run (``experime
 difference compares two models trained on the same data stream, with its 95 % CI and the TOST test of equivalence
 within ``equivalence_margin`` points (default 0.5): "no difference" is claimed only where TOST says so. A ``pairs``
 list of ``[run, reference]`` adds one table of just those differences, the contrasts a claim rests on (an ablation
-arm against its own baseline at the same setting). Tables name each run's machine (``machine``). "Best" is the
-maximum test top-1 over the epochs, "last" the final epoch's; the comparisons use the last. ``--status`` lists how
-far every (run, seed) has got and the hours of training left at the speeds its runs have shown so far.
+arm against its own baseline at the same setting), and one of the same pairs seed by seed (``reports.seed_pairs``:
+top-1, and the last block's token uniformity where the runs' analysis.json records it). Tables name each run's
+machine (``machine``). "Best" is the maximum test top-1 over the epochs, "last" the final epoch's; the comparisons
+use the last. ``--status`` lists how far every (run, seed) has got and the hours of training left at the speeds its
+runs have shown so far.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
 ``flock`` on ``<run dir>/.lock`` (released by the OS when its process exits, killed or not), and a claimed run is
@@ -189,6 +191,10 @@ def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]
                 row = {**read_summary(d), "seed": seed}
                 if (d / "metrics.jsonl").exists():  # the same median for summaries written when it was the mean
                     row["images_per_s"] = median_images_per_s(read_jsonl(d / "metrics.jsonl"))
+                if (d / "analysis.json").exists():  # token uniformity by depth, for `seed_pairs` (ViT runs)
+                    rank = json.loads((d / "analysis.json").read_text()).get("rank_collapse")
+                    if rank:
+                        row["rank_collapse"] = rank
                 rows.append(row)
         found[name] = rows
     return found

@@ -339,3 +339,27 @@ def test_epoch_table_writes_each_epoch_in_order_and_marks_what_was_not_logged(tm
     lines = reports.epoch_table({"short run": run}).splitlines()
     assert lines[0] == "| run | epochs | train top-1 (%), epoch 1 → last | test top-1 (%), epoch 1 → last |"
     assert lines[2] == "| short run | 2 | 12.3 → – | 40.0 → 10.0 |"
+
+
+def test_seed_pairs_puts_run_over_reference_seed_by_seed():
+    """``reports.seed_pairs``: per pair and seed "run / reference" of the last top-1 and of the last block's
+    cosine and residual (the last entry of ``rank_collapse``); seeds only one of the two finished get "–", and the
+    rank-collapse rows are left out where a run has none."""
+    from experiments import reports
+
+    def row(seed, top1, cosine=None):
+        r = {"seed": seed, "last_top1": top1}
+        if cosine is not None:
+            r["rank_collapse"] = {"layer": [0, 1, 2], "cosine": [0.1, 0.5, cosine], "residual": [0.9, 0.5, 1 - cosine]}
+        return r
+
+    summaries = {"mha": [row(0, 86.125, 0.25), row(1, 85.0, 0.5)],
+                 "vit": [row(0, 85.5, 0.75), row(1, 86.0, 0.125), row(2, 84.0, 0.3)],
+                 "plain": [row(0, 70.0)]}
+    lines = reports.seed_pairs(summaries, [["mha", "vit"], ["plain", "vit"]]).splitlines()
+    assert lines[0] == "| run / reference | measure | seed 0 | seed 1 |"
+    assert lines[2] == "| mha / vit | last top-1 (%) | 86.12 / 85.50 | 85.00 / 86.00 |"
+    assert lines[3] == "| mha / vit | last-block cosine | 0.250 / 0.750 | 0.500 / 0.125 |"
+    assert lines[4] == "| mha / vit | last-block ‖X − 1xᵀ‖/‖X‖ | 0.75 / 0.25 | 0.5 / 0.875 |"
+    assert lines[5] == "| plain / vit | last top-1 (%) | 70.00 / 85.50 | – |"
+    assert len(lines) == 6

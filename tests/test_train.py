@@ -693,8 +693,11 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
         "| imixer[n_iter=4] − imixer[n_iter=1] | 1 | +2.00 | – | 1 of 1 | – | 0 of 1 |",
         "| imixer[n_iter=2] − mixer | 0 | – | – | – | – | – |"]
     assert pairs.endswith("not independent of each other: mixer (3 rows).")
+    # a sweep's pairs: their paired differences, then the same pairs seed by seed (run / reference)
     assert sweep.run_sweep({**spec, "pairs": [["imixer[n_iter=1]", "mixer"]]}, table_only=True).endswith(
-        "| imixer[n_iter=1] − mixer | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 | 0.398 | 2 of 2 |")
+        "| imixer[n_iter=1] − mixer | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 | 0.398 | 2 of 2 |\n\n"
+        "| run / reference | measure | seed 0 | seed 1 |\n|---|---|---|---|\n"
+        "| imixer[n_iter=1] / mixer | last top-1 (%) | 90.00 / 89.00 | 90.50 / 91.00 |")
     assert reports.tost([0.1, 0.2, 0.15], 0.5) < 0.01 and reports.tost([1.0, 1.2, 1.1], 0.5) > 0.5
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
