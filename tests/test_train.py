@@ -698,6 +698,14 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
         "| imixer[n_iter=1] − mixer | 2 | +0.25 ± 1.06 | [-9.28, +9.78] | 1 of 2 | 0.398 | 2 of 2 |\n\n"
         "| run / reference | measure | seed 0 | seed 1 |\n|---|---|---|---|\n"
         "| imixer[n_iter=1] / mixer | last top-1 (%) | 90.00 / 89.00 | 90.50 / 91.00 |")
+    # with the runs' analysis.json recording rank_collapse (ViT runs), the last block's uniformity joins the rows
+    for name, seed, cos in [("mixer", 0, 0.5), ("mixer", 1, 0.25), ("imixer[n_iter=1]", 0, 0.75),
+                            ("imixer[n_iter=1]", 1, 1.0)]:
+        (sweep._run_dir(tmp_path, name, seed) / "analysis.json").write_text(json.dumps(
+            {"rank_collapse": {"layer": [0, 1], "cosine": [0.1, cos], "residual": [0.9, 1e-7 if cos == 1 else 0.5]}}))
+    assert sweep.run_sweep({**spec, "pairs": [["imixer[n_iter=1]", "mixer"]]}, table_only=True).endswith(
+        "| imixer[n_iter=1] / mixer | last-block cosine | 0.750 / 0.500 | 1.000 / 0.250 |\n"
+        "| imixer[n_iter=1] / mixer | last-block ‖X − 1xᵀ‖/‖X‖ | 0.5 / 0.5 | 1e-07 / 0.5 |")
     assert reports.tost([0.1, 0.2, 0.15], 0.5) < 0.01 and reports.tost([1.0, 1.2, 1.1], 0.5) > 0.5
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
