@@ -15,7 +15,7 @@ analyses, named on stdout and in report.json's ``not_analysed``; its training cu
 - ``energy_<run>.png``: the energy of the derived symmetric network along its continuous flow, started from a
   real test image's tokens, for symmetric parallelized-Mixer runs;
 - ``symmetry.md``: the weight-symmetry index of every MLP of every Mixer-type run; ``symmetry_by_run.md``: the
-  same as mean +- std over the seeds of each run;
+  same as mean +- std over the seeds of each run (when there is a Mixer-type run);
 - ``symmetry_breaking.png``, ``symmetry_breaking.md``: last test top-1 and mean corr(W1^T, feedback) of the
   symmetry-breaking parallelized-Mixer runs against lambda, with the other parallelized and serial Mixer runs as
   references, mean +- std over seeds (when there is a run with form "broken");
@@ -235,8 +235,9 @@ def main(argv=None) -> dict:
             corr = statistics.mean(r["corr"] for r in record["symmetry"])
             report["symmetry_breaking"].setdefault(group, []).append(
                 {"form": model["form"], "lam": model["lam"], "top1": top1, "corr": corr})
-    (args.out / "symmetry.md").write_text(symmetry.symmetry_table(report["symmetry"]) + "\n")
-    (args.out / "symmetry_by_run.md").write_text(symmetry.symmetry_report(by_run) + "\n")
+    if report["symmetry"]:  # (ViT runs have no two-matrix MLPs to index)
+        (args.out / "symmetry.md").write_text(symmetry.symmetry_table(report["symmetry"]) + "\n")
+        (args.out / "symmetry_by_run.md").write_text(symmetry.symmetry_report(by_run) + "\n")
     if any(s["form"] == "broken" for seeds in report["symmetry_breaking"].values() for s in seeds):
         md = symmetry.symmetry_breaking(report["symmetry_breaking"], path=args.out / "symmetry_breaking.png")
         (args.out / "symmetry_breaking.md").write_text(md + "\n")
@@ -253,7 +254,7 @@ def main(argv=None) -> dict:
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     analysed = len(runs) - len(report["not_analysed"]) - len(report["failed"])
     curved = sum(map(len, curves.values()))
-    print(f"wrote {args.out}: curves.png ({curved} runs), symmetry.md, symmetry_by_run.md, report.json and "
+    print(f"wrote {args.out}: curves.png ({curved} runs), report.json, the tables and the "
           f"per-run figures ({analysed} runs analysed, {len(report['not_analysed'])} without weights, "
           f"{len(report['failed'])} failed" + (": " + ", ".join(f["run"] for f in report["failed"]) if
                                                 report["failed"] else "") + ")")

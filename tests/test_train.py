@@ -876,6 +876,9 @@ def test_analyze_makes_figures_and_tables_from_finished_runs(tmp_path, capsys):
     assert "| broken | broken | 0.001 | 1 |" in sb and "| sym | symmetric | ∞ | 1 |" in sb
     assert {"symmetry_breaking.png", "symmetry_breaking.md"} <= names
     assert {"rank_collapse.png", "rank_collapse.md"} <= names and len(report["rank_collapse"]["vit"]) == 2
+    analyze.main(["--runs", str(runs / "vit"), "--out", str(tmp_path / "fig_vit"), "--images", "4"])
+    vit_only = {p.name for p in (tmp_path / "fig_vit").iterdir()}
+    assert "rank_collapse.md" in vit_only and "symmetry.md" not in vit_only  # no empty symmetry tables for ViTs
     assert "| vit | 2 | 2 |" in (tmp_path / "fig" / "rank_collapse.md").read_text()
     # the symmetry index at initialisation and after each epoch; the trained iMixer blocks' certificates
     assert {"symmetry_trajectory.png", "symmetry_trajectory.md", "fixed_point_certificate.md"} <= names
