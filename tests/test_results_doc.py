@@ -148,3 +148,42 @@ def test_vit_lr_record_epoch_tables_recompute_from_the_committed_metrics(sweep_f
     section = DOC.split(opening, 1)[1].split("\n**", 1)[0]
     missing = [line for line in rows if line not in section.splitlines()]
     assert not missing, "\n".join(missing)
+
+
+def vit_section() -> str:
+    start = DOC.index("## ViT-Tiny with and without MHA")
+    return DOC[start:DOC.index("**No-skip stacks need a smaller learning rate.**", start)]
+
+
+def vit_rank_collapse() -> dict[str, list[dict]]:
+    """The ViT sweep's committed rank_collapse records, grouped by run folder as ``experiments.analyze`` groups them."""
+    groups = {}
+    for path in sorted((ROOT / "experiments" / "results" / "sweep_vit_fashion").glob("*/seed*/analysis.json")):
+        rank = json.loads(path.read_text()).get("rank_collapse")
+        if rank:
+            groups.setdefault(path.parent.parent.name, []).append(rank)
+    return groups
+
+
+def test_vit_sweep_tables_recompute_from_the_committed_runs():
+    """The ViT section's tables are the ViT sweep's ``--table-only`` output on the run folders committed now (run
+    table, paired differences, the pairs seed by seed), every line of it, in that section."""
+    md, summaries, spec = sweep_tables("sweep_vit_fashion.yaml")
+    lines = [line for line in md.splitlines() if line.startswith(("|", "Machines:"))]
+    assert len(lines) >= 2 + len(summaries) + 1 + 2 + len(spec["pairs"])
+    missing = [line for line in lines if line not in vit_section()]
+    assert not missing, "\n".join(missing)
+
+
+def test_vit_rank_collapse_table_recomputes_from_the_committed_analyses():
+    """The ViT section's rank-collapse table is ``rank_collapse_report`` of the committed analysis.json files, and
+    so is docs/figures/sweep_vit_fashion/rank_collapse.md, which ``experiments.analyze`` wrote from them."""
+    from experiments.analysis import rank_collapse_report
+
+    groups = vit_rank_collapse()
+    rows = rank_collapse_report(groups).splitlines()
+    assert len(rows) == 2 + len(groups) and len(groups) >= 4
+    missing = [row for row in rows if row not in vit_section()]
+    assert not missing, "\n".join(missing)
+    figure_table = (ROOT / "docs" / "figures" / "sweep_vit_fashion" / "rank_collapse.md").read_text().splitlines()
+    assert figure_table == rows
