@@ -236,9 +236,10 @@ def read_jsonl(path) -> list[dict]:
     return out
 
 
-def read_summary(run: Path) -> dict:
-    """A run folder's summary.json as a dict; RunFileError naming the file when it is not a JSON object."""
-    path = Path(run) / "summary.json"
+def read_summary(run: Path, name: str = "summary.json") -> dict:
+    """A run folder's summary.json (or another JSON record of it: ``name="analysis.json"``) as a dict; RunFileError
+    naming the file when it is not a JSON object."""
+    path = Path(run) / name
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -192,7 +192,7 @@ def _summaries(out: Path, runs: dict, seeds: list[int]) -> dict[str, list[dict]]
                 if (d / "metrics.jsonl").exists():  # the same median for summaries written when it was the mean
                     row["images_per_s"] = median_images_per_s(read_jsonl(d / "metrics.jsonl"))
                 if (d / "analysis.json").exists():  # token uniformity by depth, for `seed_pairs` (ViT runs)
-                    rank = json.loads((d / "analysis.json").read_text()).get("rank_collapse")
+                    rank = read_summary(d, "analysis.json").get("rank_collapse")
                     if rank:
                         row["rank_collapse"] = rank
                 rows.append(row)

@@ -706,6 +706,9 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
     assert sweep.run_sweep({**spec, "pairs": [["imixer[n_iter=1]", "mixer"]]}, table_only=True).endswith(
         "| imixer[n_iter=1] / mixer | last-block cosine | 0.750 / 0.500 | 1.000 / 0.250 |\n"
         "| imixer[n_iter=1] / mixer | last-block ‖X − 1xᵀ‖/‖X‖ | 0.5 / 0.5 | 1e-07 / 0.5 |")
+    (sweep._run_dir(tmp_path, "mixer", 0) / "analysis.json").write_text('{"rank_collapse": ')  # cut short: named
+    with pytest.raises(RunFileError, match=r"mixer/seed0/analysis\.json: not a JSON object"):
+        sweep.run_sweep(spec, table_only=True)
     assert reports.tost([0.1, 0.2, 0.15], 0.5) < 0.01 and reports.tost([1.0, 1.2, 1.1], 0.5) > 0.5
     with pytest.raises(ConfigError, match="not in this sweep"):
         sweep.run_sweep(spec, only=["nope"])
