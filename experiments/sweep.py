@@ -22,7 +22,7 @@ arm against its own baseline at the same setting), and one of the same pairs see
 top-1, and the last block's token uniformity where the runs' analysis.json records it). Tables name each run's
 machine (``machine``). "Best" is the maximum test top-1 over the epochs, "last" the final epoch's; the comparisons
 use the last. ``--status`` lists how far every (run, seed) has got and the hours of training left at the speeds its
-runs have shown so far.
+runs have shown so far, naming the machines those ran on against this one.
 
 Several processes may run the same sweep at once and share its runs: each (run, seed) is claimed with an exclusive
 ``flock`` on ``<run dir>/.lock`` (released by the OS when its process exits, killed or not), and a claimed run is
@@ -35,6 +35,7 @@ total than one process using all cores (docs/benchmarks.md)::
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import re
@@ -42,6 +43,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from derive import yamlio
 
@@ -57,8 +60,17 @@ from .config import (
     read_yaml_mapping,
 )
 from .datafiles import CorruptDatasetError, DatasetNotFoundError
-from .reports import EQUIVALENCE_MARGIN, tables
-from .runs import CheckpointError, RunFileError, hold_out_dir, median_images_per_s, read_jsonl, read_summary
+from .reports import EQUIVALENCE_MARGIN, machine, tables
+from .runs import (
+    CheckpointError,
+    RunFileError,
+    cpu_has_bf16_kernels,
+    environment,
+    hold_out_dir,
+    median_images_per_s,
+    read_jsonl,
+    read_summary,
+)
 from .train import train
 
 __all__ = ["check_spec", "expand", "load_sweep", "run_sweep", "status"]
@@ -210,14 +222,18 @@ def status(spec: dict) -> str:
     stretched by a paused process or a kill moves it little), taken over the epochs of its seed logged last, since
     the machine's load changes between sessions; "?" while none of its seeds has logged one. For unfinished runs,
     how long ago their checkpoint was written: a run in training writes one every epoch (and every
-    ``checkpoint_minutes``), so a recent one marks a run in progress. Ends with the sum."""
+    ``checkpoint_minutes``), so a recent one marks a run in progress. Ends with the sum, the machines the finished
+    runs ran on against this one (their speeds need not hold on another), and a warning where the sweep asks for
+    bf16 autocast on a CPU without bf16 kernels, where it trains at a fraction of float32's speed."""
     out = Path(spec.get("out_dir", "runs/sweep")).expanduser()
     seeds = list(spec.get("seeds", [0]))
     lines = ["| run | seed | epochs | last test top-1 (%) | hours left | checkpoint written |",
              "|---|---|---|---|---|---|"]
     left, unmeasured, now = 0.0, 0, time.time()
+    finished_on, bf16 = collections.Counter(), False
     for name, overrides in expand(spec).items():
         cfg = load_config(spec.get("base"), list(spec.get("overrides", [])) + overrides)
+        bf16 |= cfg.amp == "bf16"
         total = cfg.epochs + cfg.cooldown_epochs
         dirs = {seed: _run_dir(out, name, seed) for seed in seeds}
         logs = {seed: read_jsonl(d / "metrics.jsonl") for seed, d in dirs.items()}
@@ -227,6 +243,8 @@ def status(spec: dict) -> str:
             b["wall_s"] - a.get("wall_s", 0.0) for a, b in zip([{}, *logs[latest]], logs[latest]))
         for seed, h in logs.items():
             done = total if (dirs[seed] / "summary.json").exists() else len(h)
+            if done == total and (env := read_summary(dirs[seed]).get("env")):
+                finished_on[machine({"env": env})] += 1
             if done == total:
                 hours = "–"
             elif per_epoch is None:
@@ -244,6 +262,19 @@ def status(spec: dict) -> str:
     lines.append(f"\n{left:.1f} hours of training left" + (f", plus {unmeasured} runs of unmeasured speed"
                                                           if unmeasured else "") +
                  " (one process's hours: several processes share them)")
+    gpu = torch.cuda.is_available()
+    here = machine({"env": environment("cuda" if gpu else "cpu")})
+    if finished_on:
+        ran_on = "; ".join(f"{m} ({n} run{'s' * (n > 1)})" for m, n in finished_on.most_common())
+        lines.append(f"Finished runs ran on: {ran_on}. This machine: {here}" +
+                     ("." if here in finished_on else ", which none of them ran on: the hours above are their "
+                                                      "speeds, not this machine's."))
+    else:
+        lines.append(f"This machine: {here}.")
+    if bf16 and not gpu and not cpu_has_bf16_kernels():
+        lines.append("warning: the sweep asks for amp=bf16, and this CPU has no oneDNN bf16 kernels: bf16 autocast "
+                     "trains at 0.1-0.2x float32's speed here (docs/benchmarks.md); run the sweep on a CPU with bf16 "
+                     "kernels, or change its amp for every seed (runs of one comparison should share a precision).")
     return "\n".join(lines)
 
 

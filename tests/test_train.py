@@ -725,8 +725,8 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
         sweep.main(["--sweep", str(sweep_file), "--table-only"])
 
 
-def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
-    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1, 2], "overrides": ["epochs=4"],
+def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys, monkeypatch):
+    spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1, 2], "overrides": ["epochs=4", "amp=off"],
             "runs": {"a": {}, "b": {"lr": 1e-3}}}
     # seed 0, logged a day ago on a busier machine, took 2 hours an epoch; seed 1, logged last, takes an hour an
     # epoch, but its second epoch was paused for 3 hours: the median epoch of the seed logged last, 1 hour, counts
@@ -736,7 +736,8 @@ def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
         (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": k + 1, "test_top1": 80.0 + k, "wall_s": w}) + "\n"
                                                 for k, w in enumerate(walls)))
         os.utime(d / "metrics.jsonl", (time.time() - 86400 * (1 - seed),) * 2)
-    (tmp_path / "a" / "seed0" / "summary.json").write_text("{}")
+    other = {"hardware": "Other CPU", "cpu_capability": "AVX512", "cpu_bf16_kernels": True, "torch": "9.9"}
+    (tmp_path / "a" / "seed0" / "summary.json").write_text(json.dumps({"env": other}))
     for seed, minutes in ((0, 1), (1, 10)):  # a finished run's checkpoint is not reported
         ckpt = tmp_path / "a" / f"seed{seed}" / "checkpoint.pt"
         ckpt.write_bytes(b"")
@@ -747,8 +748,22 @@ def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys):
     assert "| a | 0 | 4 of 4 | 83.00 | – | – |" in md
     assert "| a | 1 | 3 of 4 | 82.00 | 1.0 | 10 min ago |" in md and "| a | 2 | 0 of 4 | – | 4.0 | – |" in md
     assert "| b | 2 | 0 of 4 | – | ? | – |" in md
-    assert md.endswith("5.0 hours of training left, plus 3 runs of unmeasured speed (one process's hours: several "
-                       "processes share them)")
+    assert ("\n5.0 hours of training left, plus 3 runs of unmeasured speed (one process's hours: several processes "
+            "share them)\n") in md
+    # the hours are the speeds of the machine the runs ran on; where that is not this one, the status says so
+    here = reports.machine({"env": runs.environment("cuda" if torch.cuda.is_available() else "cpu")})
+    assert md.endswith(f"Finished runs ran on: Other CPU, AVX512, bf16 kernels, torch 9.9 (1 run). This machine: "
+                       f"{here}, which none of them ran on: the hours above are their speeds, not this machine's.")
+    assert "amp=bf16" not in md
+    (tmp_path / "a" / "seed0" / "summary.json").write_text(json.dumps({"env": runs.environment()}))
+    assert sweep.status(spec).endswith(f"Finished runs ran on: {here} (1 run). This machine: {here}.")
+    # bf16 autocast asked for on a CPU without bf16 kernels: a warning that the hours do not hold
+    spec["runs"]["b"]["amp"] = "bf16"
+    monkeypatch.setattr(sweep, "cpu_has_bf16_kernels", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "\nwarning: the sweep asks for amp=bf16, and this CPU has no oneDNN bf16 kernels" in sweep.status(spec)
+    monkeypatch.setattr(sweep, "cpu_has_bf16_kernels", lambda: True)
+    assert "warning" not in sweep.status(spec)
     with pytest.raises(SystemExit):
         sweep.main(["--sweep", str(tmp_path / "s.yaml"), "--status", "--table-only"])
     assert "not allowed with argument" in capsys.readouterr().err
