@@ -305,7 +305,7 @@ def cpu_name() -> str:
 
 def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN has bf16 kernels for this CPU (AVX-512, native with AVX512_BF16 or AMX). Without them, on
-    AVX2-only CPUs, bf16 autocast falls back to slow reference code: 0.10–0.13× float32's speed
+    AVX2-only CPUs, bf16 autocast falls back to slow reference code: 0.07–0.13× float32's speed
     (docs/benchmarks.md)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -273,7 +273,7 @@ def status(spec: dict) -> str:
         lines.append(f"This machine: {here}.")
     if bf16 and not gpu and not cpu_has_bf16_kernels():
         lines.append("warning: the sweep asks for amp=bf16, and this CPU has no oneDNN bf16 kernels: bf16 autocast "
-                     "trains at 0.1-0.2x float32's speed here (docs/benchmarks.md); run the sweep on a CPU with bf16 "
+                     "trains at 0.07-0.13x float32's speed here (docs/benchmarks.md); run the sweep on a CPU with bf16 "
                      "kernels, or change its amp for every seed (runs of one comparison should share a precision).")
     return "\n".join(lines)
 
