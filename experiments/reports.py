@@ -187,20 +187,28 @@ def machine(summary: dict) -> str:
     return ", ".join(parts)
 
 
-def _machine_letters(summaries: dict[str, list[dict]]) -> dict[str, str]:
-    """Machine description -> a letter (A, B, ...), in order of first appearance."""
+def _setup(summary: dict, with_precision: bool) -> str:
+    """`machine`, and the run's precision (bf16 autocast or float32) where the runs of a table differ in it."""
+    return machine(summary) + (f", {summary.get('precision', '?')}" if with_precision else "")
+
+
+def _machine_letters(summaries: dict[str, list[dict]]) -> tuple[dict[str, str], bool]:
+    """Machine description -> a letter (A, B, ...), in order of first appearance, and whether the runs differ in
+    precision: then the description names it too, so that runs of one machine in two precisions get two letters
+    instead of passing for alike."""
+    rows = [r for group in summaries.values() for r in group]
+    mixed = len({r.get("precision") for r in rows}) > 1
     letters: dict[str, str] = {}
-    for rows in summaries.values():
-        for r in rows:
-            letters.setdefault(machine(r), chr(ord("A") + len(letters)))
-    return letters
+    for r in rows:
+        letters.setdefault(_setup(r, mixed), chr(ord("A") + len(letters)))
+    return letters, mixed
 
 
 def table(summaries: dict[str, list[dict]]) -> str:
     """Markdown: run, seeds, best test top-1 (the maximum over epochs) and last (the final epoch's), each mean +- std
     over seeds, parameters, images/s (each seed's median epoch, averaged over seeds), and the machine of each
-    seed, as letters explained under the table."""
-    letters = _machine_letters(summaries)
+    seed, as letters explained under the table (with the precision, where the runs differ in it)."""
+    letters, mixed = _machine_letters(summaries)
     lines = ["| model | seeds | best top-1 (%) | last top-1 (%) | params | images/s | machine per seed |",
              "|---|---|---|---|---|---|---|"]
     for name, rows in summaries.items():
@@ -209,7 +217,7 @@ def table(summaries: dict[str, list[dict]]) -> str:
             continue
         params = rows[0]["params"]
         ips = sum(r["images_per_s"] for r in rows) / len(rows)
-        where = " ".join(letters[machine(r)] for r in rows)
+        where = " ".join(letters[_setup(r, mixed)] for r in rows)
         lines.append(f"| {name} | {len(rows)} | {mean_std_cell([r['best_top1'] for r in rows])} | "
                      f"{mean_std_cell([r['last_top1'] for r in rows])} | {params:,} | {ips:.0f} | {where} |")
     if letters:
@@ -242,10 +250,11 @@ def _difference_row(label: str, rows: list[dict], reference: list[dict], margin:
         return f"| {label} | 0 | – | – | – | – | – |"
     ci, p = "–", "–"
     if len(diffs) > 1:
-        lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=scipy.stats.sem(diffs))
+        mean, se = np.mean(diffs), scipy.stats.sem(diffs)  # no spread (the same difference on every seed):
+        lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=mean, scale=se) if se > 0 else (mean, mean)
         ci = f"[{lo:+.2f}, {hi:+.2f}]"
         p = f"{tost(diffs, margin):.3f}"
-    same = sum(machine(a) == machine(b) for a, b in pairs)
+    same = sum(machine(a) == machine(b) and a.get("precision") == b.get("precision") for a, b in pairs)
     return (f"| {label} | {len(diffs)} | {mean_std_cell(diffs, '+.2f', '.2f')} | {ci} | "
             f"{sum(d > 0 for d in diffs)} of {len(diffs)} | {p} | {same} of {len(diffs)} |")
 
@@ -255,7 +264,8 @@ def comparison(summaries: dict[str, list[dict]], reference: str, margin: float =
     finished, the 95 % confidence interval of the mean difference (Student's t with n - 1 degrees of freedom, the
     paired t-test's: it excludes 0 where that test rejects "no difference" at 5 %), on how many of those seeds
     the run is ahead (ties count as not ahead), the TOST p-value of equivalence within +-``margin`` points (below
-    0.05: no difference as large as the margin, at 5 %), and on how many seeds both runs ran on the same machine.
+    0.05: no difference as large as the margin, at 5 %), and on how many seeds both runs ran on the same machine
+    in the same precision.
     Every row pairs with the same ``reference`` run of each seed, so the rows are not independent of each
     other; the table says so."""
     lines = [f"| model | seeds paired | last top-1 − {reference} (points) | 95 % CI | ahead on | "

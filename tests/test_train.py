@@ -725,6 +725,30 @@ def test_sweep_expands_grids_and_tables_mean_std(tmp_path):
         sweep.main(["--sweep", str(sweep_file), "--table-only"])
 
 
+def test_sweep_tables_name_the_precision_where_runs_differ_in_it():
+    """Runs of one machine in bf16 autocast and in float32 get two machine letters, and a pair of them does not
+    count as run on the same machine; runs of one precision keep the plain machine description."""
+    env = {"hardware": "AMD EPYC", "cpu_capability": "AVX2", "torch": "2.14.1"}
+
+    def row(seed, last, precision):
+        return {"seed": seed, "best_top1": last, "last_top1": last, "params": 10, "images_per_s": 1.0, "env": env,
+                "precision": precision}
+
+    summaries = {"a": [row(0, 80.0, "bf16 autocast"), row(1, 81.0, "float32")],
+                 "b": [row(0, 79.0, "bf16 autocast"), row(1, 80.0, "bf16 autocast")]}
+    md = reports.table(summaries)
+    assert "| a | 2 | 80.50 ± 0.71 | 80.50 ± 0.71 | 10 | 1 | A B |" in md and "| b | 2 |" in md and "| A A |" in md
+    assert md.endswith("Machines: A = AMD EPYC, AVX2, torch 2.14.1, bf16 autocast; "
+                       "B = AMD EPYC, AVX2, torch 2.14.1, float32.")
+    # the same difference on both seeds: no spread, so the CI is that difference (not NaN) and TOST's p is 1
+    # outside the margin
+    assert "| a − b | 2 | +1.00 ± 0.00 | [+1.00, +1.00] | 2 of 2 | 1.000 | 1 of 2 |" in reports.paired_differences(
+        summaries, [["a", "b"]])
+    summaries["a"][1]["precision"] = "bf16 autocast"
+    assert reports.table(summaries).endswith("Machines: A = AMD EPYC, AVX2, torch 2.14.1.")
+    assert "| 2 of 2 | 1.000 | 2 of 2 |" in reports.paired_differences(summaries, [["a", "b"]])
+
+
 def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys, monkeypatch):
     spec = {"base": CONFIG, "out_dir": str(tmp_path), "seeds": [0, 1, 2], "overrides": ["epochs=4", "amp=off"],
             "runs": {"a": {}, "b": {"lr": 1e-3}}}
