@@ -243,7 +243,7 @@ def status(spec: dict) -> str:
             b["wall_s"] - a.get("wall_s", 0.0) for a, b in zip([{}, *logs[latest]], logs[latest]))
         for seed, h in logs.items():
             done = total if (dirs[seed] / "summary.json").exists() else len(h)
-            if done == total and (env := read_summary(dirs[seed]).get("env")):
+            if (dirs[seed] / "summary.json").exists() and (env := read_summary(dirs[seed]).get("env")):
                 finished_on[machine({"env": env})] += 1
             if done == total:
                 hours = "–"
