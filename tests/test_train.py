@@ -781,6 +781,11 @@ def test_sweep_status_counts_epochs_and_hours_left(tmp_path, capsys, monkeypatch
     assert "amp=bf16" not in md
     (tmp_path / "a" / "seed0" / "summary.json").write_text(json.dumps({"env": runs.environment()}))
     assert sweep.status(spec).endswith(f"Finished runs ran on: {here} (1 run). This machine: {here}.")
+    # a run killed after logging its last epoch, before its summary: counted done, no machine to read
+    (tmp_path / "b" / "seed0").mkdir(parents=True)
+    (tmp_path / "b" / "seed0" / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": k + 1, "test_top1": 70.0, "wall_s": 60.0 * (k + 1)}) + "\n" for k in range(4)))
+    assert "| b | 0 | 4 of 4 | 70.00 | – | – |" in sweep.status(spec)
     # bf16 autocast asked for on a CPU without bf16 kernels: a warning that the hours do not hold
     spec["runs"]["b"]["amp"] = "bf16"
     monkeypatch.setattr(sweep, "cpu_has_bf16_kernels", lambda: False)
