@@ -254,7 +254,7 @@ def _difference_row(label: str, rows: list[dict], reference: list[dict], margin:
         lo, hi = scipy.stats.t.interval(0.95, len(diffs) - 1, loc=mean, scale=se) if se > 0 else (mean, mean)
         ci = f"[{lo:+.2f}, {hi:+.2f}]"
         p = f"{tost(diffs, margin):.3f}"
-    same = sum(machine(a) == machine(b) and a.get("precision") == b.get("precision") for a, b in pairs)
+    same = sum(_setup(a, True) == _setup(b, True) for a, b in pairs)
     return (f"| {label} | {len(diffs)} | {mean_std_cell(diffs, '+.2f', '.2f')} | {ci} | "
             f"{sum(d > 0 for d in diffs)} of {len(diffs)} | {p} | {same} of {len(diffs)} |")
 
