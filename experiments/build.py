@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, colon_hint
 from .data import dataset_info, split_size
 from .runs import cpu_has_bf16_kernels, cpu_name
 
@@ -32,6 +32,10 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int
 
     if not timm.is_model(cfg.model):
         raise ConfigError(f"config key 'model': unknown model {cfg.model!r}")
+    nulls = [k for k, v in cfg.model_kwargs.items() if v is None]
+    if nulls:  # timm.create_model drops a keyword argument whose value is None: it would do nothing, silently
+        raise ConfigError("; ".join(f"config key 'model_kwargs.{k}' is null, which timm's create_model drops "
+                                    f"without a word: give it a value or remove it{colon_hint(k)}" for k in nulls))
     owned = {"num_classes": "the dataset", "in_chans": "the dataset", "img_size": "the dataset (data.img_size)",
              "drop_path_rate": "config key 'drop_path'"}
     clash = [k for k in cfg.model_kwargs if k in owned]

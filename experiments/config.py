@@ -23,7 +23,8 @@ from derive import yamlio
 from .data import DataConfig, validate_config
 
 __all__ = ["AMP_MODES", "OPERATIONAL_KEYS", "RESUME_IGNORED", "SCHEDULERS", "ConfigError", "TrainConfig",
-           "add_import_argument", "config_diff", "import_modules", "load_config", "plain_config", "read_yaml_mapping"]
+           "add_import_argument", "colon_hint", "config_diff", "import_modules", "load_config", "plain_config",
+           "read_yaml_mapping"]
 
 AMP_MODES = ("auto", "bf16", "off")
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")  # timm's, stepped per update (not "plateau")
@@ -100,6 +101,16 @@ def _coerce(value, hint, key: str):
     raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
 
 
+def colon_hint(key) -> str:
+    """For a mapping key such as ``'n_iter:4'`` (YAML's ``{n_iter:4}``: a colon with no space after it is part of
+    a plain scalar, so the pair is one key with a null value) a sentence saying so, else ``''``."""
+    if not (isinstance(key, str) and ":" in key):
+        return ""
+    name, _, value = key.partition(":")
+    return (f" (YAML reads {key!r} as one key with no value: write '{name}: {value}', with a space after the "
+            "colon)")
+
+
 def _merge(obj, values: dict, where: str):
     """Dataclass ``obj`` with ``values`` applied; unknown keys and wrong types raise ConfigError naming them."""
     names = {f.name: f for f in dataclasses.fields(obj)}
@@ -107,7 +118,8 @@ def _merge(obj, values: dict, where: str):
     updates = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {where + str(key)!r}; valid keys: {sorted(names)}")
+            raise ConfigError(f"unknown config key {where + str(key)!r}; valid keys: {sorted(names)}"
+                              f"{colon_hint(key) if value is None else ''}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

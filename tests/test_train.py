@@ -78,6 +78,20 @@ def test_config_errors_name_the_key(tmp_path):
     for kwargs in ("{wings: 2}", "{n_iter: -1}", "{h_ratio: -1}", "{embed_dim: 0}"):
         with pytest.raises(ConfigError, match="config key 'model_kwargs' does not fit 'derived_imixer_t4_28'"):
             train.check_model(load_config(CONFIG, [f"model_kwargs={kwargs}"]))
+    # timm.create_model drops a null keyword argument: YAML's {n_iter:4} (no space after the colon) is the key
+    # 'n_iter:4' with a null value, which trained the default n_iter without a word before the check
+    for override, message in (("model_kwargs={n_iter:4}", "config key 'model_kwargs.n_iter:4' is null, which "
+                               "timm's create_model drops without a word: give it a value or remove it (YAML reads "
+                               "'n_iter:4' as one key with no value: write 'n_iter: 4', with a space after the colon)"),
+                              ("model_kwargs.n_iter=", "config key 'model_kwargs.n_iter' is null, which timm's")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train.check_model(load_config(CONFIG, [override]))
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'data.name:cifar10'; valid keys: ['aa'")
+                       + ".*" + re.escape("(YAML reads 'name:cifar10' as one key with no value: write 'name: "
+                                          "cifar10', with a space after the colon)")):
+        load_config(CONFIG, ["data={name:cifar10}"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.nam'; valid keys: \[[^(]*\]$"):
+        load_config(CONFIG, ["data={nam: cifar10}"])  # no hint where the key has no colon
 
 
 def test_errors_before_the_run_come_before_its_folder(tmp_path):
