@@ -19,7 +19,7 @@ import torchdiffeq
 from torch import Tensor, nn
 
 from .adaptive import ADAPTIVE_OWN, integrate_dopri5
-from .lagrangians import _real
+from .lagrangians.base import _real
 from .network import Network, State
 from .stepping import FIXED_METHODS, integrate_fixed
 

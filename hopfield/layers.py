@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .lagrangians import Lagrangian, _batched_axes
+from .lagrangians.base import Lagrangian, _batched_axes
 
 __all__ = ["Layer"]
 

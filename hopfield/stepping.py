@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .lagrangians import _fast_dot
+from .lagrangians.base import _fast_dot
 from .synapses import DenseSynapse, _along, _contract, _dot
 
 __all__ = ["FIXED_METHODS", "integrate_fixed"]

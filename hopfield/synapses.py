@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .lagrangians import _fast_dot as _dot  # per-sample <a, b> without a state-sized temporary
+from .lagrangians.base import _fast_dot as _dot  # per-sample <a, b> without a state-sized temporary
 from .layers import Layer
 
 __all__ = ["Affine", "DenseSynapse", "Synapse"]

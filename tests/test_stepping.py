@@ -236,7 +236,7 @@ def test_fixed_step_divergence_names_the_first_non_finite_state(method, grid):
 @pytest.mark.parametrize("shape", [(3, 7, 50), (2, 4000), (5, 3, 16), (6, 40, 5), (20, 300)], ids=str)
 def test_chunked_dot_products_equal_vecdot(shape, monkeypatch):
     """The energy's dot products in pieces (rows in blocks, long rows in column blocks too) equal linalg.vecdot."""
-    from hopfield import lagrangians as lags
+    from hopfield.lagrangians import base as lags
 
     monkeypatch.setattr(lags, "_DOT_CHUNK", 64)
     g = torch.Generator().manual_seed(1)
