@@ -5,7 +5,8 @@ Config values without a declared type (``model_kwargs``, a network spec's Lagran
 model as strings. `safe_load` reads ``1e-3``, ``-2E+4`` and ``.5e1`` as floats, and refuses a mapping that gives
 one key twice (PyYAML keeps the last silently: a second ``epochs:`` at the end of a config, or two layers of one
 name in a spec, would win unnoticed); everything else is PyYAML's. `load_file` reads a file with it, and `number`
-reads an exponent float that plain PyYAML left as a string (data loaded by ``yaml.safe_load`` elsewhere).
+reads an exponent float that plain PyYAML left as a string (data loaded by ``yaml.safe_load`` elsewhere). A date
+such as ``2024-01-01`` stays a string (YAML 1.2 has no implicit timestamps).
 """
 
 from __future__ import annotations
@@ -38,11 +39,16 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+# YAML 1.2 has no implicit timestamps: 2024-01-01 is a string, not a datetime.date that no config key takes and JSON
+# (a sweep's overrides, a run's summary) cannot hold
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
 
 
 def safe_load(text: str):
-    """``yaml.safe_load(text)``, except that ``1e-3`` is the float 0.001 (YAML 1.2), not a string, and a key given
-    twice in one mapping is a ``yaml.YAMLError``."""
+    """``yaml.safe_load(text)``, except that ``1e-3`` is the float 0.001 (YAML 1.2), not a string, ``2024-01-01`` a
+    string, not a date, and a key given twice in one mapping is a ``yaml.YAMLError``."""
     return yaml.load(text, Loader=_Loader)
 
 

@@ -130,6 +130,12 @@ def check_spec(spec: dict) -> None:
         for key, values in grid.items():
             if not (isinstance(values, list) and values):
                 raise ConfigError(f"run {name!r}: grid key {key!r} must be a non-empty list of values, got {values!r}")
+            dumped = [_dump(name, key, v) for v in values]
+            if len(set(dumped)) < len(dumped):  # the second would be the first run again, silently dropped
+                raise ConfigError(f"run {name!r}: grid key {key!r} lists a value twice: {values!r}")
+        for key, value in (body or {}).items():
+            if key != "grid":
+                _dump(name, key, value)
     margin = spec.get("equivalence_margin", EQUIVALENCE_MARGIN)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
         raise ConfigError(f"key 'equivalence_margin' must be a number of points > 0, got {margin!r}")
@@ -138,7 +144,14 @@ def check_spec(spec: dict) -> None:
     pairs = spec.get("pairs", [])
     if not (isinstance(pairs, list) and all(is_list(pair, str) and len(pair) == 2 for pair in pairs)):
         raise ConfigError(f"key 'pairs' must be a list of [run, reference] pairs of run names, got {pairs!r}")
-    names = list(expand(spec)) if spec.get("compare") or pairs else []
+    names = list(expand(spec))
+    folders: dict[str, str] = {}
+    for label in names:  # "imixer[n_iter=2]" trains in imixer_n_iter2/: a run named so would share its folder
+        folder = _run_dir(Path(), label, 0).parent.name
+        if folder in folders:
+            raise ConfigError(f"runs {folders[folder]!r} and {label!r} would train into one folder, {folder!r}: "
+                              "rename one of them")
+        folders[folder] = label
     unknown = [c for c in spec.get("compare", []) if c not in names]
     if unknown:
         raise ConfigError(f"key 'compare': {unknown} not among the runs {names}")
@@ -147,6 +160,16 @@ def check_spec(spec: dict) -> None:
             raise ConfigError(f"key 'pairs': {pair} names {unknown}, not among the runs {names}")
         if pair[0] == pair[1]:
             raise ConfigError(f"key 'pairs': {pair} pairs a run with itself")
+
+
+def _dump(run: str, key: str, value) -> str:
+    """``value`` as JSON text (how an override carries it); ConfigError naming the run and key where YAML gave
+    something JSON cannot hold (a ``!!binary`` or ``!!set``)."""
+    try:
+        return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError):
+        raise ConfigError(f"run {run!r}: config key {key!r} has a value that is not plain data (numbers, strings, "
+                          f"lists, mappings): {value!r}") from None
 
 
 def _flatten(d: dict, prefix: str = "") -> list[str]:

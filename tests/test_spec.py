@@ -265,3 +265,7 @@ def test_yaml_reads_exponent_numbers_without_a_dot(tmp_path):
     assert yaml.safe_load("eps: 1e-6") == {"eps": "1e-6"}  # what plain PyYAML gives
     cfg = load_config(None, ["model_kwargs.lam=1e-3", "model_kwargs.tag='1e-3'", "model_kwargs.shift=-2E+4"])
     assert cfg.model_kwargs == {"lam": 0.001, "tag": "1e-3", "shift": -2e4}
+    # YAML 1.2 has no implicit timestamps: a date is a string (a datetime.date broke the sweep's JSON overrides)
+    assert yaml.safe_load("d: 2024-01-01")["d"].__class__.__name__ == "date"  # what plain PyYAML gives
+    cfg = load_config(None, ["model_kwargs.tag=2024-01-01", "model_kwargs.at=2001-12-14 21:59:43.10 -5"])
+    assert cfg.model_kwargs == {"tag": "2024-01-01", "at": "2001-12-14 21:59:43.10 -5"}

@@ -203,7 +203,17 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
                            r"key 'pairs': \['a', 'c'\] names \['c'\], not among the runs \['a', 'b'\]"),
                           ("pairs: [[a, a]]\nruns: {a: {}, b: {}}\n",
                            r"key 'pairs': \['a', 'a'\] pairs a run with itself"),
-                          ("compares: [a]\nruns: {a: {}}\n", "unknown key 'compares'")):
+                          ("compares: [a]\nruns: {a: {}}\n", "unknown key 'compares'"),
+                          # the second value would be the first run again, silently dropped
+                          ("runs: {a: {grid: {lr: [0.1, 0.1]}}}\n",
+                           r"run 'a': grid key 'lr' lists a value twice: \[0.1, 0.1\]"),
+                          # a[n_iter=2] trains in a_n_iter2/, the folder of a run named a_n_iter2
+                          ("runs: {a: {grid: {model_kwargs.n_iter: [2]}}, a_n_iter2: {}}\n",
+                           r"runs 'a\[n_iter=2\]' and 'a_n_iter2' would train into one folder, 'a_n_iter2'"),
+                          ("runs: {a: {lr: !!binary aGk=}}\n",
+                           r"run 'a': config key 'lr' has a value that is not plain data .*: b'hi'"),
+                          ("runs: {a: {grid: {lr: [!!set {1: null}]}}}\n",
+                           r"run 'a': config key 'lr' has a value that is not plain data .*: \[?\{1\}")):
         f.write_text(text)
         with pytest.raises(ConfigError, match=f"sweep file '{f}'.*{message}"):
             sweep.load_sweep(str(f))
