@@ -154,7 +154,7 @@ def read_yaml_mapping(path: str, what: str) -> dict:
     """The mapping a YAML file holds; ConfigError naming ``what`` and the file if it is missing or not one."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} does not exist")
+        raise ConfigError(f"{what} {str(p)!r} " + ("is a folder, not a YAML file" if p.is_dir() else "does not exist"))
     try:
         raw = yamlio.load_file(p) or {}
     except yaml.YAMLError as e:

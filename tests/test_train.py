@@ -51,6 +51,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(CONFIG, ["amp=1"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=f"config file '{tmp_path}' is a folder, not a YAML file"):
+        load_config(str(tmp_path))
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
