@@ -5,6 +5,7 @@ offending config key, spec entry, layer or synapse. Never a raw traceback from t
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import re
 import traceback
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from derive import NetworkSpec, SpecError
@@ -96,6 +97,68 @@ def test_malformed_overrides_fail_with_a_config_error(tmp_path, items, raw_text)
     except ConfigError as e:
         assert re.search(r"config key '[\w.]+'|override ['\"]", str(e)), str(e)
         assert raised_by_project(e), traceback.format_exception(e)
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+SWEEP = {"base": str(CONFIG), "out_dir": "OUT", "seeds": [0, 1], "overrides": ["epochs=1"], "equivalence_margin": 1.0,
+         "pairs": [["b", "a"]], "compare": ["a"],
+         "runs": {"a": {"model": "vmixer_t4_28", "model_kwargs": {"embed_dim": 32, "num_blocks": 2}},
+                  "b": {"model": "vmixer_t4_28", "lr": 1.0e-3},
+                  "c": {"model": "imixer_t4_28", "grid": {"model_kwargs.n_iter": [1, 2]}}}}
+SWEEP_PATHS = ["base", "out_dir", "seeds", "overrides", "equivalence_margin", "pairs", "compare", "runs", "runs.a",
+               "runs.a.model", "runs.a.model_kwargs", "runs.a.model_kwargs.embed_dim", "runs.b.lr", "runs.b.epochs",
+               "runs.c.grid", ("runs", "c", "grid", "model_kwargs.n_iter"), "runs.a.bogus", "runs.a_n_iter1", "bogus"]
+# a sweep file's junk also holds dates (which YAML 1.1 turns into datetime.date, and JSON cannot carry)
+sweep_junk = st.one_of(junk, st.dates(), st.lists(st.one_of(st.integers(-1, 2), st.dates()), max_size=3))
+
+
+@st.composite
+def sweeps(draw):
+    """A valid sweep file with one to three entries set to junk, sometimes as YAML text cut short."""
+    spec = copy.deepcopy(SWEEP)
+    for path in draw(st.lists(st.sampled_from(SWEEP_PATHS), min_size=1, max_size=3, unique=True)):
+        *parents, leaf = path.split(".") if isinstance(path, str) else path
+        node = spec
+        for key in parents:
+            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+        node[leaf] = draw(sweep_junk)
+    text = yaml.safe_dump(spec)
+    if draw(st.booleans()):
+        text = text[:draw(st.integers(0, len(text)))]
+    return text
+
+
+def _sweep_with(path: str, value) -> str:
+    spec = copy.deepcopy(SWEEP)
+    *parents, leaf = path.split(".")
+    node = spec
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return yaml.safe_dump(spec)
+
+
+@SETTINGS
+@given(sweeps())
+@example(_sweep_with("runs.b.lr", datetime.date(2024, 1, 1)))  # a raw TypeError from json once
+@example(_sweep_with("runs.a_n_iter1", None))  # shares the folder of c[n_iter=1]
+@example(_sweep_with("runs.c.grid", {"model_kwargs.n_iter": [2, 2]}))
+def test_malformed_sweep_files_fail_with_a_config_error_naming_the_file_or_key(tmp_path, text):
+    """What a sweep does before it trains anything (read the file, expand its runs, check every run's config and
+    model) fails with a ConfigError from the project naming the sweep file or the config key, and makes nothing."""
+    from experiments import sweep
+
+    path, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    path.write_text(text.replace("OUT", str(out)))
+    try:
+        spec = sweep.load_sweep(str(path))
+        for overrides in sweep.expand(spec).values():
+            check_run(load_config(spec.get("base"), [*spec.get("overrides", []), *overrides, f"out_dir={out}"]))
+    except ConfigError as e:
+        msg = str(e)
+        assert str(path) in msg or re.search(r"config key '[^']+'|config file '[^']+'", msg), msg
+        assert raised_by_project(e), traceback.format_exception(e)
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------- specs
