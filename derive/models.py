@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from hopfield import Network
 from mixers.backbone import PatchStem, TimmClassifierAPI, blocks_feature_info, check_sizes, timm_data_cfg
-from mixers.models import check_rates, ratio_pair
+from mixers.blocks import ratio_pair
+from mixers.models import check_rates
 
 from .discrete import DerivedBlock, DiscreteConfig
 from .spec import LayerSpec, NetworkSpec, SynapseSpec, load_spec
