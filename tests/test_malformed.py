@@ -51,27 +51,34 @@ CONFIG_KEYS = [*BASE, "model_kwargs.n_iter", "model_kwargs.h_ratio", "model_kwar
                "amp", "device", "opt", "sched", "lr", "epochs", "batch_size", "warmup_epochs", "bogus", "data.bogus"]
 
 
+def with_junk(draw, tree: dict, paths: list, values) -> str:
+    """``tree``'s YAML text with one to three of ``paths`` (dotted, or a tuple where a key holds a dot) set to a value
+    drawn from ``values``, sometimes cut short."""
+    tree = copy.deepcopy(tree)
+    for path in draw(st.lists(st.sampled_from(paths), min_size=1, max_size=3, unique=True)):
+        set_entry(tree, path, draw(values))
+    text = yaml.safe_dump(tree)
+    if draw(st.booleans()):
+        text = text[:draw(st.integers(0, len(text)))]
+    return text
+
+
+def set_entry(tree: dict, path, value) -> None:
+    *parents, leaf = path.split(".") if isinstance(path, str) else path
+    for key in parents:
+        tree = tree.setdefault(key, {}) if isinstance(tree.get(key, {}), dict) else {}
+    tree[leaf] = value
+
+
 @st.composite
 def configs(draw):
     """A valid config with one to three keys set to junk, sometimes as YAML text cut short."""
-    cfg = copy.deepcopy(BASE)
-    keys = draw(st.lists(st.sampled_from(CONFIG_KEYS), min_size=1, max_size=3, unique=True))
-    for key in keys:
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
-        node[leaf] = draw(junk)
-    text = yaml.safe_dump(cfg)
-    if draw(st.booleans()):
-        text = text[:draw(st.integers(0, len(text)))]
-    return keys, text
+    return with_junk(draw, BASE, CONFIG_KEYS, junk)
 
 
 @SETTINGS
 @given(configs())
-def test_malformed_configs_fail_with_a_config_error_naming_the_key(tmp_path, case):
-    _, text = case
+def test_malformed_configs_fail_with_a_config_error_naming_the_key(tmp_path, text):
     path = tmp_path / "cfg.yaml"
     path.write_text(text)
     try:
@@ -115,26 +122,12 @@ sweep_junk = st.one_of(junk, st.dates(), st.lists(st.one_of(st.integers(-1, 2), 
 @st.composite
 def sweeps(draw):
     """A valid sweep file with one to three entries set to junk, sometimes as YAML text cut short."""
-    spec = copy.deepcopy(SWEEP)
-    for path in draw(st.lists(st.sampled_from(SWEEP_PATHS), min_size=1, max_size=3, unique=True)):
-        *parents, leaf = path.split(".") if isinstance(path, str) else path
-        node = spec
-        for key in parents:
-            node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
-        node[leaf] = draw(sweep_junk)
-    text = yaml.safe_dump(spec)
-    if draw(st.booleans()):
-        text = text[:draw(st.integers(0, len(text)))]
-    return text
+    return with_junk(draw, SWEEP, SWEEP_PATHS, sweep_junk)
 
 
 def _sweep_with(path: str, value) -> str:
     spec = copy.deepcopy(SWEEP)
-    *parents, leaf = path.split(".")
-    node = spec
-    for key in parents:
-        node = node[key]
-    node[leaf] = value
+    set_entry(spec, path, value)
     return yaml.safe_dump(spec)
 
 
