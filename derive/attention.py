@@ -218,6 +218,11 @@ class DerivedViT(nn.Module):
 
 def from_reference_vit(model: nn.Module) -> DerivedViT:
     """A ``mixers.VisionTransformer`` (residual skips, no dropout inside blocks) as the equivalent derived ViT."""
+    import mixers
+
+    if not isinstance(model, mixers.VisionTransformer):
+        raise TypeError(f"from_reference_vit expects a mixers.VisionTransformer (timm.create_model('hvit_t4_28'), "
+                        f"...), got {type(model).__name__}")
     cfg = model.cfg
     if cfg.skip != "residual":
         raise ValueError(f"from_reference_vit: skip {cfg.skip!r} has no derived counterpart (only 'residual')")

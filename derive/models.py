@@ -395,10 +395,17 @@ def from_timm(model: nn.Module) -> DerivedMixer:
     return _twin(derived, model, _model_map(derived), False, "from_timm")
 
 
+def _expect_derived(derived, where: str) -> None:
+    if not isinstance(derived, DerivedMixer):
+        raise TypeError(f"{where} expects a derived model (derive.DerivedMixer: from_timm(...), from_reference(...) "
+                        f"or timm.create_model('derived_...')), got {type(derived).__name__}")
+
+
 def to_timm(derived: DerivedMixer) -> nn.Module:
     """The timm MlpMixer equal to a derived ``mixer`` model (the inverse of ``from_timm``)."""
     from timm.models.mlp_mixer import MlpMixer
 
+    _expect_derived(derived, "to_timm")
     cfg = derived.cfg
     if cfg.block != "mixer":
         raise ValueError(f"to_timm: only block='mixer' has a timm twin, this model's block is {cfg.block!r}; "
@@ -418,6 +425,13 @@ def from_reference(model: nn.Module) -> DerivedMixer:
     same weights) is the derived block's ``steps`` (Euler steps); ``n_iter`` of a derived block counts fixed-point
     iterations.
     """
+    import mixers
+
+    if not isinstance(model, mixers.MlpMixer):
+        timm_mixer = hasattr(model, "stem") and not hasattr(model, "cfg")
+        raise TypeError(f"from_reference expects a mixers.MlpMixer (timm.create_model('imixer_t4_28'), ...), got "
+                        f"{type(model).__module__}.{type(model).__qualname__}"
+                        + (": for timm's own Mixer use from_timm" if timm_mixer else ""))
     rcfg = model.cfg
     if isinstance(rcfg.img_size, (tuple, list)):
         if len(set(rcfg.img_size)) != 1:
@@ -439,6 +453,7 @@ def to_reference(derived: DerivedMixer) -> nn.Module:
     """The hand-written ``mixers.MlpMixer`` equal to a derived model, in the same train/eval mode."""
     import mixers
 
+    _expect_derived(derived, "to_reference")
     cfg = derived.cfg
     kw = dict(cfg.block_kwargs)
     if cfg.block in ("mixer", "paramixer"):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import math
+import numbers
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -224,6 +225,10 @@ class NetworkSpec:
     def resolve_sizes(self, seq_len: int, dim: int) -> dict[str, int]:
         """``S``, ``C`` and every named size, each once the sizes it names are known: the order they are written
         in does not matter (a stored config.yaml lists them sorted by name), a cycle is an error."""
+        for name, n in (("seq_len", seq_len), ("dim", dim)):  # int() would floor 4.5 to 4 without a word
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise SpecError(f"{name} ({'S, the tokens' if name == 'seq_len' else 'C, the channels'}) must be an "
+                                f"integer >= 1, got {n!r}")
         env = {"S": int(seq_len), "C": int(dim)}
         pending = dict(self.sizes)
         needs = {n: _size_names(e) for n, e in pending.items()}

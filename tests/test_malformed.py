@@ -291,6 +291,18 @@ def test_wrong_inputs_to_simulate_derive_and_models_are_named_by_the_project():
          r"the state of the visible layer 'v' is torch.float64 on cpu, but the network computes in torch.float32"),
         (lambda: timm.create_model("derived_imixer_t4_28", foo=1),
          r"derived_imixer_t4_28 \(the derived twin of imixer_t4_28\): imixer_t4_28\(\) got an unexpected keyword"),
+        # int() floored a fractional size without a word
+        (lambda: derive.derived_block("imixer", 8, 4.5), r"dim \(C, the channels\) must be an integer >= 1, got 4.5"),
+        (lambda: derive.block_network("mixer", True, 4), r"seq_len \(S, the tokens\) must be an integer >= 1, got Tru"),
+        # a block, or the other family's model, where a model goes: a torch AttributeError ('no attribute cfg') before
+        (lambda: derive.to_timm(derive.derived_block("mixer", 8, 4)),
+         r"to_timm expects a derived model \(derive.DerivedMixer: .*\), got DerivedBlock"),
+        (lambda: derive.to_reference(derive.derived_block("mixer", 8, 4)), "to_reference expects a derived model"),
+        (lambda: derive.from_reference(timm.create_model("mixer_s16_224", num_classes=2)),
+         r"from_reference expects a mixers.MlpMixer .*got timm.models.mlp_mixer.MlpMixer: for timm's own Mixer use "
+         "from_timm"),
+        (lambda: derive.from_reference_vit(timm.create_model("vmixer_t4_28")),
+         r"from_reference_vit expects a mixers.VisionTransformer .*got MlpMixer"),
     ]
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message) as info:
