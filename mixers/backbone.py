@@ -46,6 +46,15 @@ def check_sizes(cfg, ints: tuple[str, ...], ratios: dict[str, Any]) -> None:
             raise ValueError(f"{where}.{name} must be > 0, got {v!r}")
 
 
+def check_dropout(cfg, names: tuple[str, ...]) -> None:
+    """ValueError naming the config class and field unless each of ``names`` (dropout and stochastic-depth rates) is
+    a number in [0, 1): a rate of 1 zeroes every activation it touches, silently."""
+    for name in names:
+        v = getattr(cfg, name, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be in [0, 1), got {v!r}")
+
+
 class ImageGrid:
     """The patch grid of a config with ``img_size`` (an int or (H, W)) and ``patch_size`` fields."""
 

@@ -22,6 +22,7 @@ from .backbone import (
     PatchStem,
     TimmClassifierAPI,
     blocks_feature_info,
+    check_dropout,
     check_sizes,
     create_registered,
     register_entrypoints,
@@ -39,12 +40,10 @@ BLOCK_TYPES = ("mixer", "imixer", "limixer", "paramixer")
 
 def check_rates(cfg) -> None:
     """ValueError naming the config class and field unless every dropout rate lies in [0, 1), ``lam`` is a finite
-    number >= 0 and ``block_kwargs``' ``n_iter``, when given, an integer >= 0."""
+    number >= 0, ``block_kwargs``' ``n_iter``, when given, an integer >= 0 and an L-layer iMixer's ``depth`` one >= 3.
+    """
     where = type(cfg).__name__
-    for name in ("drop_rate", "proj_drop_rate", "drop_path_rate"):
-        v = getattr(cfg, name, 0.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-            raise ValueError(f"{where}.{name} must be in [0, 1), got {v!r}")
+    check_dropout(cfg, ("drop_rate", "proj_drop_rate", "drop_path_rate"))
     lam = cfg.lam
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"{where}.lam (the weight of the symmetry-breaking penalty) must be a finite number >= 0, "
@@ -52,6 +51,11 @@ def check_rates(cfg) -> None:
     n_iter = cfg.block_kwargs.get("n_iter")
     if n_iter is not None and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):
         raise ValueError(f"{where}.block_kwargs.n_iter must be an integer >= 0, got {n_iter!r}")
+    depth = cfg.block_kwargs.get("depth")
+    if cfg.block == "limixer" and depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
+                                                         or depth < 3):
+        raise ValueError(f"{where}.block_kwargs.depth (the layers of the L-layer iMixer's token chain, the visible "
+                         f"one included) must be an integer >= 3, got {depth!r}")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .backbone import (
     ImageGrid,
     PatchStem,
     blocks_feature_info,
+    check_dropout,
     check_sizes,
     create_registered,
     new_head,
@@ -197,6 +198,7 @@ class ViTConfig(ImageGrid):
 
     def __post_init__(self) -> None:
         check_sizes(self, ("in_chans", "patch_size", "depth", "embed_dim", "num_heads"), {"mlp_ratio": self.mlp_ratio})
+        check_dropout(self, ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"))
         if self.global_pool not in ("token", "avg", ""):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:

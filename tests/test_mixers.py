@@ -608,6 +608,19 @@ def test_model_configs_name_the_bad_field():
                 continue
             with pytest.raises(ValueError, match=message):
                 timm.create_model(name, **kw)
+    # ViT's rates too (unchecked once: drop_rate=1.0 built a model whose head input is all zeros in training)
+    for name in ("hvit_t4_28", "mhavit_t4_28"):
+        for field in ("drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+            with pytest.raises(ValueError, match=rf"ViTConfig.{field} must be in \[0, 1\), got 1.0"):
+                timm.create_model(name, **{field: 1.0})
+    # the L-layer iMixer's depth: the error names the option, not the widths of the LiMlp it builds
+    for name in ("limixer_t4_28", "derived_limixer_t4_28"):
+        for depth in (2, 2.5, True):
+            with pytest.raises(ValueError, match=rf"MixerConfig.block_kwargs.depth \(the layers of the L-layer "
+                                                 rf"iMixer's token chain, the visible one included\) must be an "
+                                                 rf"integer >= 3, got {depth}"):
+                timm.create_model(name, depth=depth)
+    assert timm.create_model("limixer_t4_28", depth=3).blocks[0].mlp_tokens.depth == 3
 
 
 @pytest.mark.parametrize("name", ["vmixer_t4_28", "imixer_t4_28", "derived_imixer_t4_28", "derived_paramixer_t4_28",
