@@ -15,6 +15,7 @@ import torch
 
 from . import lagrangians as lag
 from .lagrangians import Lagrangian
+from .lagrangians.base import _real
 from .layers import Layer
 from .network import Network
 from .synapses import DenseSynapse
@@ -65,7 +66,8 @@ def mixing(tokens: int = 196, channels: int = 512, hidden: int | None = None, *,
     """
     if axis not in (-1, -2):
         raise ValueError(f"mixing: axis must be -2 (tokens) or -1 (channels), got {axis}")
-    hidden = hidden or (channels // 2 if axis == -2 else 4 * channels)
+    if hidden is None:
+        hidden = channels // 2 if axis == -2 else 4 * channels
     sizes = [tokens, hidden] if axis == -2 else [channels, hidden]
     other = (channels,) if axis == -2 else (tokens,)
     return chain(sizes, other=other, axis=axis, names=["v", "h"], taus=taus, symmetric=symmetric, bias=bias,
@@ -79,9 +81,14 @@ def spectral_rescale(net: Network, coeff: float, skip: int = 1) -> Network:
     the energy is unbounded below and the state diverges. The iMixer bounds it the same way (spectral
     normalisation of its F block, coeff 0.9).
     """
+    coeff = _real("spectral_rescale(coeff)", coeff)
     with torch.no_grad():
         for syn in list(net.synapses)[skip:]:
-            syn.weight.mul_(coeff / torch.linalg.matrix_norm(syn.weight, ord=2))
+            norm = torch.linalg.matrix_norm(syn.weight, ord=2)
+            if not (torch.isfinite(norm) and norm > 0):  # 0: the division would fill the weight with NaN
+                raise ValueError(f"spectral_rescale: synapse {syn.name!r} has a weight of spectral norm {float(norm)}; "
+                                 "only a finite, non-zero weight can be scaled to a given norm")
+            syn.weight.mul_(coeff / norm)
     return net
 
 
@@ -117,8 +124,8 @@ def imixer_chain(tokens: int = 196, channels: int = 512, internal: int | None = 
     hidden = internal (h_ratio 1) by default; tau_v >> tau_x >> tau_h; the x - h weight starts at
     spectral norm ``coeff`` as the iMixer's F block.
     """
-    internal = internal or channels // 2
-    hidden = hidden or internal
+    internal = channels // 2 if internal is None else internal  # (0 is an error of Layer's, not the default)
+    hidden = internal if hidden is None else hidden
     hid = hidden_lagrangian or lag.gelu()
     net = chain([tokens, internal, hidden], other=(channels,), axis=-2, names=["v", "x", "h"], taus=taus,
                 symmetric=symmetric, bias=bias, lagrangians=[lag.layernorm(axis=norm_axis), hid, hid])
@@ -130,8 +137,8 @@ def star(tokens: int = 196, channels: int = 512, token_hidden: int | None = None
          taus=(1.0, 0.01, 0.01), symmetric: bool = True, bias: bool = False) -> Network:
     """The star s - v - c behind the parallelized Mixer (Karakida, Ota, Taki 2024): a token hidden layer
     s (token_hidden, C) and a channel hidden layer c (S, channel_hidden), both coupled only to v."""
-    token_hidden = token_hidden or channels // 2
-    channel_hidden = channel_hidden or 4 * channels
+    token_hidden = channels // 2 if token_hidden is None else token_hidden
+    channel_hidden = 4 * channels if channel_hidden is None else channel_hidden
     hid = hidden_lagrangian or lag.gelu()
     tau_v, tau_s, tau_c = taus
     layers = {

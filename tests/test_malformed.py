@@ -303,6 +303,15 @@ def test_wrong_inputs_to_simulate_derive_and_models_are_named_by_the_project():
          "from_timm"),
         (lambda: derive.from_reference_vit(timm.create_model("vmixer_t4_28")),
          r"from_reference_vit expects a mixers.VisionTransformer .*got MlpMixer"),
+        # a size of 0 fell back to the default (``0 or default``), a negative coeff flipped the weights' sign and a
+        # zero weight became NaN
+        (lambda: presets.star(8, 4, token_hidden=0), r"Layer shape must be .* positive ints, got \(0, 4\)"),
+        (lambda: presets.imixer_chain(8, 4, hidden=0), r"Layer shape must be .* positive ints, got \(0, 4\)"),
+        (lambda: presets.mixing(8, 4, hidden=0), r"Layer shape must be .* positive ints, got \(0, 4\)"),
+        (lambda: presets.imixer_chain(8, 4, coeff=-0.9), r"spectral_rescale\(coeff\) must be a finite number > 0"),
+        (lambda: presets.spectral_rescale(presets.chain([4, 3, 2], symmetric=False).requires_grad_(False)
+                                          .apply(lambda m: [p.zero_() for p in m.parameters(recurse=False)]), 0.9),
+         r"spectral_rescale: synapse '.*' has a weight of spectral norm 0.0; only a finite, non-zero weight"),
     ]
     for call, message in cases:
         with pytest.raises((ValueError, TypeError), match=message) as info:
