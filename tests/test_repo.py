@@ -38,3 +38,29 @@ def test_readme_python_examples_run_as_written(tmp_path, monkeypatch):
                 speed = ns["net"].vector_field(ns["fixed_point"], clamped=("v",))
             assert max(float(d.abs().max()) for d in speed.values()) < 1e-3
     assert (tmp_path / "energy.png").stat().st_size > 0
+
+
+def test_docs_name_tests_and_files_that_exist():
+    """Each check a document cites (``tests/test_x.py::test_y``, or ``::test_y`` in the test file named last before
+    it) is a test of that file, and each cited path of the repository exists: a renamed test or moved module would
+    otherwise leave an equation next to a check that is not there."""
+    import ast
+    import re
+
+    tests = {str(f.relative_to(ROOT)): {n.name for n in ast.walk(ast.parse(f.read_text()))
+                                        if isinstance(n, ast.FunctionDef)} for f in (ROOT / "tests").glob("test_*.py")}
+    broken, cited = [], 0
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text, current = doc.read_text(), None
+        for m in re.finditer(r"(tests/test_\w+\.py)(?:::(test_\w+))?|::(test_\w+)", text):
+            current, name = m.group(1) or current, m.group(2) or m.group(3)
+            if name is None or name == "test_name":  # a file alone; the docs' placeholder `tests/...::test_name`
+                continue
+            cited += 1
+            if current not in tests or name not in tests[current]:
+                broken.append(f"{doc.name}: {current}::{name}")
+        for m in re.finditer(r"`((?:hopfield|derive|experiments|mixers|benchmarks|scripts|tests|docs)/[\w/.-]+)`",
+                             text):
+            if not (ROOT / m.group(1)).exists():
+                broken.append(f"{doc.name}: {m.group(1)}")
+    assert cited >= 50 and not broken, broken
