@@ -161,7 +161,8 @@ SPEC_PATHS = ["visible", "splitting", "groups", "kind", "sizes", "sizes.T", "siz
               "layers.s.lagrangian.name", "layers.v.lagrangian.axis", "layers.new", "synapses", "synapses.0",
               "synapses.1.layers", "synapses.2.axis", "synapses.0.form", "synapses.1.bias", "synapses.2.affine",
               "synapses.0.bogus", "bogus"]
-ENTRY = re.compile(r"\b(visible|splitting|groups|kind|sizes|affines|layers|synapses|spec)\b")
+# what a spec error names: an entry of the spec, or an argument of build (the model's tokens and channels)
+ENTRY = re.compile(r"\b(visible|splitting|groups|kind|sizes|affines|layers|synapses|spec|seq_len|dim)\b")
 
 
 def set_path(data, path: str, value, delete: bool):
