@@ -17,22 +17,10 @@ from .attention import (
     score_tau,
     vit_block_network,
 )
+from .convert import from_reference, from_timm, load_reference_block, to_reference, to_timm
 from .discrete import AxisBatchNorm, DerivedBlock, DiscreteConfig, SolveCertificate, discretize
 from .fastsolve import SlowManifoldError
-from .models import (
-    KINDS,
-    DerivedMixer,
-    DerivedMixerConfig,
-    block_network,
-    block_spec,
-    derived_block,
-    from_reference,
-    from_timm,
-    load_reference_block,
-    spec_block,
-    to_reference,
-    to_timm,
-)
+from .models import KINDS, DerivedMixer, DerivedMixerConfig, block_network, block_spec, derived_block, spec_block
 from .reduced import Branch, ReducedField, adiabatic
 from .registry import DERIVED_MODEL_NAMES, SPEC_MODEL_NAMES
 from .spec import LayerSpec, NetworkSpec, SpecError, SynapseSpec, load_spec, register_spec

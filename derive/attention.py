@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from hopfield import Affine, AttentionCoupling, DenseSynapse, Layer, Network
 from hopfield import lagrangians as lag
 
-from .models import _copy
+from .convert import _copy
 
 __all__ = ["DerivedViT", "DerivedViTBlock", "euler_alpha", "from_reference_vit", "load_reference_vit_block",
            "score_memory", "score_tau", "vit_block_network"]

@@ -20,7 +20,8 @@ import mixers
 from mixers.backbone import create_registered, register_entrypoints, split_kwargs
 from mixers.models import SIZES
 
-from .models import DerivedMixer, DerivedMixerConfig, from_reference, spec_block
+from .convert import from_reference
+from .models import DerivedMixer, DerivedMixerConfig, spec_block
 from .spec import load_spec
 
 __all__ = ["DERIVED_MODEL_NAMES", "SPEC_MODEL_NAMES"]

@@ -24,7 +24,7 @@ def assert_same(derived, ref, x, dtype, buffers=True):
         out_d, out_r = derived(x), ref(x)
         assert rel_err(out_d, out_r) <= TOL[dtype], (train, rel_err(out_d, out_r))
     if buffers:  # the spectral-norm state and the BatchNorm statistics moved identically
-        for key_d, key_r in derive.models._block_map(derived):
+        for key_d, key_r in derive.convert._block_map(derived):
             if key_d.startswith(("spectral.", "batch_norm.")):
                 b_d, b_r = derived.state_dict()[key_d], ref.state_dict()[key_r]
                 assert (b_d - b_r).abs().max() <= 10 * TOL[dtype], key_d
@@ -83,7 +83,7 @@ def test_imixer_block_under_bf16_autocast_matches_handwritten_and_keeps_float32_
     assert rel_err(out_d.float(), out_r.float()) <= 2e-2
     out_d.float().square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters() if p.requires_grad)
-    for key_d, key_r in derive.models._block_map(block):
+    for key_d, key_r in derive.convert._block_map(block):
         if key_d.startswith("spectral."):
             b_d, b_r = block.state_dict()[key_d], ref.state_dict()[key_r]
             assert b_d.dtype == torch.float32 and (b_d - b_r).abs().max() <= 1e-5, key_d
